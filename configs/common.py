@@ -1,0 +1,134 @@
+"""Shared defaults: every field any config file or command line may set.
+
+Each model's config file starts from `base()` and changes what it needs.
+Every field is typed (no `None` defaults), so `--config.x.y=...` can override
+any of them and a typo or a wrong type is an error that names the field.
+"""
+
+from __future__ import annotations
+
+from ml_collections import ConfigDict
+
+# The course's training profile (images per class, CIFAR-10 class order) and
+# its balanced test set; tfds `cifar10` is drawn to these counts.
+COURSE_TRAIN_PROFILE = (4435, 4189, 3065, 4191, 4513, 3717, 3513, 3249, 2685,
+                        2023)
+COURSE_TEST_PER_CLASS = 487
+
+# Model sizes by name. `seed` is the course's own ViT, kept for comparison.
+VARIANTS = {
+    # name: (patch_size, hidden_dim, depth, num_heads, mlp_ratio)
+    'seed': (8, 384, 6, 6, 4.0),
+    'Ti/4': (4, 192, 9, 3, 4.0),
+    'S/4': (4, 384, 9, 6, 4.0),
+    'micro/4': (4, 128, 6, 4, 3.0),
+    'nano/4': (4, 32, 2, 2, 2.0),  # tests only
+}
+
+
+def base() -> ConfigDict:
+  """The full set of fields, with the defaults of the main GPU recipe."""
+  c = ConfigDict()
+  c.seed = 0
+
+  # Data section.
+  c.data = ConfigDict()
+  c.data.source = 'folder'  # 'folder': course layout under root; 'tfds'
+  c.data.root = './data'
+  c.data.train_dir = 'CIFAR10_imbalanced/CIFAR10_unbalance'
+  c.data.test_dir = 'CIFAR10_balanced/CIFAR10_balance'
+  c.data.cache_dir = '~/.cache/vitjax'  # decoded arrays, keyed by file list
+  c.data.train_profile = COURSE_TRAIN_PROFILE  # source='tfds' only
+  c.data.test_per_class = COURSE_TEST_PER_CLASS  # source='tfds' only
+  c.data.val_fraction = 0.1  # stratified, seeded, from the training folders
+  c.data.sampling = 'natural'  # 'natural' | 'balanced' | 'sqrt'
+  c.data.pipeline = 'tf'  # 'tf' (tf.data on the host) | 'device' (JAX)
+  c.data.log_sampled_images = 4096  # class counts of the first N sampled
+
+  # Augmentation section (crop and flip are the course's).
+  c.aug = ConfigDict()
+  c.aug.crop_padding = 4  # 0 disables the random crop
+  c.aug.flip = True
+  c.aug.randaugment_layers = 2  # 0 disables RandAugment
+  c.aug.randaugment_magnitude = 9.0  # 0..10
+  c.aug.mixup_alpha = 0.8  # 0 disables mixup
+  c.aug.cutmix_alpha = 1.0  # 0 disables cutmix
+  c.aug.mix_prob = 1.0  # share of batches mixed (mixup or cutmix, 50/50)
+  c.aug.label_smoothing = 0.1
+
+  # Model section: the sizes of VARIANTS['S/4'] (see apply_variant).
+  c.model = ConfigDict()
+  c.model.name = 'vit'
+  c.model.patch_size = 4
+  c.model.hidden_dim = 384
+  c.model.depth = 9
+  c.model.num_heads = 6
+  c.model.mlp_ratio = 4.0
+  c.model.stem = 'conv'  # 'patch' (strided conv) | 'conv' (3x3 convs first)
+  c.model.dropout = 0.0
+  c.model.attention_dropout = 0.0
+  c.model.drop_path = 0.1
+  c.model.dtype = 'float32'  # compute dtype; parameters stay float32
+
+  # Loss section: a base loss, optional class weights, optional delay.
+  c.loss = ConfigDict()
+  c.loss.name = 'ce'  # 'ce' | 'focal' | 'logit_adjusted'
+  c.loss.class_weights = 'none'  # 'none' | 'inverse' | 'effective'
+  c.loss.effective_beta = 0.9999  # Cui et al. 2019
+  c.loss.reweight_from_epoch = 0.0  # > 0: deferred re-weighting (DRW)
+  c.loss.focal_gamma = 2.0
+  c.loss.logit_adjust_tau = 1.0
+
+  # Optimizer section (AdamW, warmup then cosine).
+  c.optim = ConfigDict()
+  c.optim.lr = 1e-3  # peak, at batch_size 512; scaled linearly
+  c.optim.lr_base_batch = 512
+  c.optim.min_lr = 1e-5
+  c.optim.warmup_epochs = 5.0
+  c.optim.weight_decay = 0.05
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.999
+  c.optim.grad_clip_norm = 1.0  # 0 disables
+  c.optim.ema_decay = 0.0  # 0 disables the EMA of the weights
+
+  # Training section.
+  c.train = ConfigDict()
+  c.train.batch_size = 512  # global, over all devices and hosts
+  c.train.epochs = 200.0  # an epoch = the training split's size in images
+  c.train.time_budget_minutes = 0.0  # > 0: size the schedule to fit this
+  c.train.log_every_steps = 50
+  c.train.eval_every_epochs = 5.0  # validation, latest and best checkpoints
+  c.train.keep_checkpoints = 2  # latest ones kept (plus the best)
+  c.train.distributed = False  # True: jax.distributed.initialize() first
+
+  # Evaluation section.
+  c.eval = ConfigDict()
+  c.eval.batch_size = 512
+  c.eval.checkpoint = 'best'  # 'best' | 'latest' | a step number
+  c.eval.use_ema = True  # evaluate the EMA weights when they exist
+  c.eval.speed_batch = 256  # batch for the images/s measurement
+  return c
+
+
+def apply_variant(c: ConfigDict, name: str) -> ConfigDict:
+  """Writes a named size into c.model's size fields (see VARIANTS).
+
+  Variants are chosen by config argument, before command-line overrides,
+  so `--config.model.depth=6` still wins over the variant's depth.
+  """
+  if name not in VARIANTS:
+    raise ValueError(f'model variant {name!r}: expected one of '
+                     f'{sorted(VARIANTS)}.')
+  p, d, depth, heads, mlp = VARIANTS[name]
+  c.model.patch_size, c.model.hidden_dim, c.model.depth = p, d, depth
+  c.model.num_heads, c.model.mlp_ratio = heads, mlp
+  return c
+
+
+def parse_arg(arg: str | None, presets: dict) -> str:
+  """Checks a config argument (`file.py:name`) against the known presets."""
+  arg = arg or ''
+  if arg not in presets:
+    raise ValueError(f'config argument {arg!r}: expected one of '
+                     f'{sorted(k or "<none>" for k in presets)}.')
+  return arg

@@ -1,0 +1,48 @@
+"""ViT on the course's imbalanced CIFAR-10.
+
+Default (the GPU recipe):
+  python -m vitjax.main --config=configs/vit.py --workdir=checkpoints/vit
+Presets, as config arguments (`configs/vit.py:cpu`):
+  cpu    the 20-minute 2-core CPU sprint (time budget in the config);
+  seed   the course's own model (patch 8, dim 384, 6x6, 10.7M parameters);
+  smoke  a seconds-long run for tests and CI.
+Expected results: see README.md ("Results"), where each figure comes with
+the command that produced it.
+"""
+
+from configs import common
+
+PRESETS = ('', 'cpu', 'seed', 'smoke')
+
+
+def get_config(arg=None):
+  preset = common.parse_arg(arg, PRESETS)
+  c = common.base()
+  if preset == 'cpu':
+    common.apply_variant(c, 'micro/4')
+    c.model.dtype = 'bfloat16'
+    c.model.drop_path = 0.0
+    c.aug.randaugment_layers = 0
+    c.aug.mixup_alpha = 0.0
+    c.aug.cutmix_alpha = 0.0
+    c.train.batch_size = 128
+    c.train.time_budget_minutes = 20.0
+    c.train.epochs = 30.0
+    c.train.eval_every_epochs = 2.0
+    c.optim.warmup_epochs = 1.0
+    c.optim.lr = 2e-3
+  elif preset == 'seed':
+    common.apply_variant(c, 'seed')
+    c.model.stem = 'patch'
+  elif preset == 'smoke':
+    common.apply_variant(c, 'nano/4')
+    c.model.stem = 'patch'
+    c.model.drop_path = 0.0
+    c.train.batch_size = 32
+    c.train.epochs = 0.01
+    c.train.log_every_steps = 2
+    c.train.eval_every_epochs = 0.005
+    c.eval.batch_size = 250
+    c.eval.speed_batch = 32
+    c.data.log_sampled_images = 64
+  return c

@@ -1,0 +1,75 @@
+"""Cost of a model: parameters, MACs per image, measured speed.
+
+MACs follow the fvcore / paper convention (TOKEN_SPARSITY.md §3): matmuls
+and convolutions only; LayerNorm, softmax and GELU are not counted.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+
+
+def param_count(params: Any) -> int:
+  return int(sum(np.size(p) for p in jax.tree.leaves(params)))
+
+
+def block_macs(tokens: float, dim: int, mlp_ratio: float) -> float:
+  """One pre-LN block on `tokens` tokens: qkv + out + MLP + attention."""
+  mlp = int(dim * mlp_ratio)
+  return 4 * tokens * dim * dim + 2 * tokens * dim * mlp + 2 * tokens**2 * dim
+
+
+def vit_macs(model, image_size: int = 32,
+             tokens_per_block: Sequence[float] | None = None) -> float:
+  """MACs per image of a ViT-family model.
+
+  `tokens_per_block` (cls included) lets sparse models count what each
+  block really processed; by default every block sees all tokens.
+  """
+  c, p = model.hidden_dim, model.patch_size
+  patches = (image_size // p) ** 2
+  pixels = image_size * image_size
+  macs = 0.0
+  in_ch = 3
+  if model.stem == 'conv':
+    width = c // 4
+    macs += pixels * 9 * (3 * width + width * width)
+    in_ch = width
+  macs += patches * p * p * in_ch * c
+  if tokens_per_block is None:
+    tokens_per_block = [patches + 1] * model.depth
+  macs += sum(block_macs(n, c, model.mlp_ratio) for n in tokens_per_block)
+  return macs + c * model.num_classes
+
+
+def xla_flops(fn: Callable, *args) -> float:
+  """FLOPs XLA counts for fn(*args) (2 per MAC, plus elementwise work)."""
+  cost = jax.jit(fn).lower(*args).compile().cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0]
+  return float(cost.get('flops', float('nan'))) if cost else float('nan')
+
+
+def images_per_second(fn: Callable, *args, batch: int, repeats: int = 5,
+                      min_seconds: float = 0.5) -> float:
+  """Median throughput of an already jitted fn(*args) over `repeats` runs.
+
+  Each run loops long enough (min_seconds) to average out timer noise.
+  """
+  jax.block_until_ready(fn(*args))  # compile and warm up
+  rates = []
+  for _ in range(repeats):
+    n, start = 0, time.perf_counter()
+    while True:
+      jax.block_until_ready(fn(*args))
+      n += 1
+      elapsed = time.perf_counter() - start
+      if elapsed >= min_seconds:
+        break
+    rates.append(n * batch / elapsed)
+  return statistics.median(rates)

@@ -1,0 +1,53 @@
+"""What each sampling mode draws, shared by both input engines.
+
+Every batch is a pure function of (seed, step): the engines compute the
+indices of step s from scratch, so a resumed run sees exactly the batches an
+uninterrupted one would, and no iterator state needs checkpointing.
+
+- natural: shuffled epochs without replacement (a fresh permutation of the
+  training split per epoch; position p of the run is example perm_e(p % n)
+  with e = p // n).
+- balanced: with replacement, every class equally likely; inside a class,
+  every image equally likely (the course's WeightedRandomSampler, 1/n_c).
+- sqrt: with replacement, class c drawn with probability ~ sqrt(n_c).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+MODES = ('natural', 'balanced', 'sqrt')
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Index tables an engine needs to draw batches in one sampling mode."""
+  mode: str
+  num_examples: int
+  class_probs: np.ndarray  # float32 [C]: chance a draw is of class c
+  class_counts: np.ndarray  # int32 [C]
+  class_starts: np.ndarray  # int32 [C]: where class c begins in by_class
+  by_class: np.ndarray  # int32 [n]: example indices grouped by class
+
+
+def class_probabilities(counts: np.ndarray, mode: str) -> np.ndarray:
+  counts = np.asarray(counts, np.float64)
+  if mode == 'natural':
+    p = counts
+  elif mode == 'balanced':
+    p = (counts > 0).astype(np.float64)
+  elif mode == 'sqrt':
+    p = np.sqrt(counts)
+  else:
+    raise ValueError(f'data.sampling={mode!r}: expected one of {MODES}.')
+  return (p / p.sum()).astype(np.float32)
+
+
+def make_plan(labels: np.ndarray, num_classes: int, mode: str) -> Plan:
+  counts = np.bincount(labels, minlength=num_classes).astype(np.int32)
+  by_class = np.argsort(labels, kind='stable').astype(np.int32)
+  starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32)
+  return Plan(mode, len(labels), class_probabilities(counts, mode), counts,
+              starts, by_class)

@@ -1,0 +1,33 @@
+"""Model registry: config.model.name -> a linen Module class."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import flax.linen as nn
+
+from vitjax.models.bf16_dot import Bf16Dot
+from vitjax.models.vit import ViT
+
+MODELS: dict[str, type[nn.Module]] = {'vit': ViT}
+
+
+def create(model_cfg, num_classes: int, **overrides) -> nn.Module:
+  """Builds config.model (a flat dict of the class's fields) into a Module.
+
+  `overrides` set fields that are not config (e.g. int8 dot_general_cls).
+  """
+  kwargs = dict(model_cfg)
+  name = kwargs.pop('name')
+  if name not in MODELS:
+    raise ValueError(f'model.name={name!r}: expected one of {sorted(MODELS)}.')
+  cls = MODELS[name]
+  fields = {f.name for f in dataclasses.fields(cls)} - {'parent', 'name'}
+  unknown = sorted(set(kwargs) - fields)
+  if unknown:
+    raise ValueError(f'config.model has fields {unknown} that {cls.__name__} '
+                     f'does not take (it takes {sorted(fields)}).')
+  if kwargs.get('dtype') == 'bfloat16':
+    # Fast bf16 matmuls with float32 accumulation (see bf16_dot.py).
+    overrides.setdefault('dot_general_cls', Bf16Dot)
+  return cls(num_classes=num_classes, **kwargs, **overrides)

@@ -1,0 +1,190 @@
+"""Vision Transformer (pre-LayerNorm) in pure Flax linen.
+
+The building blocks here (`PatchEmbed`, `EncoderBlock`, `ViT`) are shared by
+DynamicViT and A-ViT, which run the same blocks with their own token logic.
+Parameter names are kept stable (`embed`, `block_<i>`, `encoder_norm`, `head`)
+so that a ViT checkpoint initialises the sparse models directly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+# `partial(SomeDotGeneral, ...)`, instantiated once per Dense layer. None means
+# the plain float `lax.dot_general`; int8 evaluation injects aqtp's here.
+DotGeneralCls = Callable[[], Any] | None
+
+_trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
+# Per-channel pixel statistics of CIFAR-10's training set, on the 0..255 scale.
+PIXEL_MEAN = (125.3, 123.0, 113.9)
+PIXEL_STD = (63.0, 62.1, 66.7)
+
+
+def compute_dtype(name: str) -> jnp.dtype:
+  """Maps the config's dtype name to a jnp dtype, with a clear error."""
+  dtypes = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+  if name not in dtypes:
+    raise ValueError(f'model.dtype={name!r}: expected one of {sorted(dtypes)}.')
+  return dtypes[name]
+
+
+class DropPath(nn.Module):
+  """Stochastic depth: drops a residual branch per example."""
+  rate: float
+
+  @nn.compact
+  def __call__(self, x: Array, *, deterministic: bool) -> Array:
+    if deterministic or self.rate == 0.0:
+      return x
+    keep = 1.0 - self.rate
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    mask = jax.random.bernoulli(self.make_rng('dropout'), keep, shape)
+    return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class PatchEmbed(nn.Module):
+  """Image -> [cls, patch tokens] + learned position embedding.
+
+  `stem='patch'` is the classic strided convolution; `stem='conv'` puts two
+  3x3 convolutions in front of it, which ANCHORS.md shows is worth points on
+  CIFAR at small budgets. The number of tokens is the same either way.
+  """
+  patch_size: int
+  hidden_dim: int
+  stem: str = 'patch'
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images: Array) -> Array:
+    # Raw pixels in [0, 255] (uint8 or float) in, so every caller feeds the
+    # model the same way; normalising here costs nothing next to the blocks.
+    x = (images.astype(jnp.float32) - jnp.array(PIXEL_MEAN)) / jnp.array(
+        PIXEL_STD)
+    x = x.astype(self.dtype)
+    if self.stem == 'conv':
+      width = self.hidden_dim // 4
+      for i in range(2):
+        x = nn.Conv(width, (3, 3), dtype=self.dtype, name=f'stem_conv_{i}')(x)
+        x = nn.LayerNorm(dtype=self.dtype, name=f'stem_norm_{i}')(x)
+        x = nn.gelu(x)
+    elif self.stem != 'patch':
+      raise ValueError(f"model.stem={self.stem!r}: expected 'patch' or 'conv'.")
+    p = self.patch_size
+    x = nn.Conv(self.hidden_dim, (p, p), strides=(p, p), padding='VALID',
+                dtype=self.dtype, name='patch')(x)
+    b, h, w, c = x.shape
+    x = x.reshape(b, h * w, c)
+    cls = self.param('cls', nn.initializers.zeros, (1, 1, c))
+    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, c)).astype(x.dtype), x],
+                        axis=1)
+    pos = self.param('pos_embedding', _trunc_normal, (1, h * w + 1, c))
+    return x + pos.astype(x.dtype)
+
+
+class MlpBlock(nn.Module):
+  mlp_dim: int
+  dropout: float = 0.0
+  dtype: Any = jnp.float32
+  dot_general_cls: DotGeneralCls = None
+
+  @nn.compact
+  def __call__(self, x: Array, *, deterministic: bool) -> Array:
+    dense = lambda n, name: nn.Dense(
+        n, dtype=self.dtype, kernel_init=_trunc_normal, name=name,
+        dot_general_cls=self.dot_general_cls)
+    y = dense(self.mlp_dim, 'fc1')(x)
+    y = nn.gelu(y)
+    y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
+    y = dense(x.shape[-1], 'fc2')(y)
+    return nn.Dropout(self.dropout)(y, deterministic=deterministic)
+
+
+class EncoderBlock(nn.Module):
+  """Pre-LN transformer block whose attention accepts an optional mask.
+
+  `mask` is boolean, broadcastable to [batch, heads, queries, keys]; False
+  hides a key from a query. DynamicViT passes "kept keys plus itself", A-ViT
+  "active keys". The softmax is always computed in float32 so that masked
+  logits stay exact under bfloat16.
+  """
+  num_heads: int
+  mlp_dim: int
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  drop_path: float = 0.0
+  dtype: Any = jnp.float32
+  dot_general_cls: DotGeneralCls = None
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array | None = None, *,
+               deterministic: bool) -> Array:
+    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm1')(x)
+    y = nn.MultiHeadDotProductAttention(
+        num_heads=self.num_heads, dtype=self.dtype, kernel_init=_trunc_normal,
+        dropout_rate=self.attention_dropout, force_fp32_for_softmax=True,
+        qkv_dot_general_cls=self.dot_general_cls,
+        out_dot_general_cls=self.dot_general_cls, name='attn')(
+            y, y, mask=mask, deterministic=deterministic)
+    y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
+    x = x + DropPath(self.drop_path)(y, deterministic=deterministic)
+    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm2')(x)
+    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.dot_general_cls,
+                 name='mlp')(y, deterministic=deterministic)
+    return x + DropPath(self.drop_path)(y, deterministic=deterministic)
+
+
+class ViT(nn.Module):
+  """Classic ViT classifier on raw [0, 255] pixels; returns `(logits, aux)`.
+
+  aux['tokens'] holds the final-LayerNorm patch tokens (what DynamicViT's
+  token distillation compares) and aux['pre_logits'] the class-token feature.
+  """
+  num_classes: int = 10
+  patch_size: int = 4
+  hidden_dim: int = 192
+  depth: int = 6
+  num_heads: int = 3
+  mlp_ratio: float = 4.0
+  dropout: float = 0.0
+  attention_dropout: float = 0.0
+  drop_path: float = 0.0  # rate of the last block; rises linearly from 0
+  stem: str = 'patch'
+  dtype: str = 'float32'
+  dot_general_cls: DotGeneralCls = None
+
+  def block(self, i: int) -> EncoderBlock:
+    rate = self.drop_path * i / max(self.depth - 1, 1)
+    return EncoderBlock(
+        num_heads=self.num_heads,
+        mlp_dim=int(self.hidden_dim * self.mlp_ratio),
+        dropout=self.dropout, attention_dropout=self.attention_dropout,
+        drop_path=rate, dtype=compute_dtype(self.dtype),
+        dot_general_cls=self.dot_general_cls, name=f'block_{i}')
+
+  def embed(self, images: Array, *, train: bool) -> Array:
+    x = PatchEmbed(self.patch_size, self.hidden_dim, self.stem,
+                   compute_dtype(self.dtype), name='embed')(images)
+    return nn.Dropout(self.dropout)(x, deterministic=not train)
+
+  def classify(self, x: Array) -> tuple[Array, dict[str, Array]]:
+    """Final norm and head on a [batch, tokens, dim] sequence (cls first)."""
+    x = nn.LayerNorm(epsilon=1e-6, dtype=compute_dtype(self.dtype),
+                     name='encoder_norm')(x)
+    logits = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
+                      dtype=compute_dtype(self.dtype), name='head')(x[:, 0])
+    # Losses and metrics read float32 logits whatever the compute dtype.
+    return logits.astype(jnp.float32), {'pre_logits': x[:, 0],
+                                        'tokens': x[:, 1:]}
+
+  @nn.compact
+  def __call__(self, images: Array, *, train: bool
+               ) -> tuple[Array, dict[str, Array]]:
+    x = self.embed(images, train=train)
+    for i in range(self.depth):
+      x = self.block(i)(x, deterministic=not train)
+    return self.classify(x)

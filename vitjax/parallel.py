@@ -1,0 +1,51 @@
+"""Data parallelism: one mesh axis over every device of every host.
+
+Parameters and optimizer state are replicated; batches are sharded on their
+leading axis. The same code runs on one CPU, several GPUs, or several hosts
+(after `jax.distributed.initialize()`), each host feeding its own slice.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import numpy as np
+
+AXIS = 'data'
+
+
+def make_mesh(devices: list[jax.Device] | None = None) -> Mesh:
+  devices = jax.devices() if devices is None else devices
+  return Mesh(np.asarray(devices), (AXIS,))
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(AXIS))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def check_batch(batch_size: int, mesh: Mesh, what: str) -> None:
+  if batch_size % mesh.size:
+    raise ValueError(f'{what}={batch_size} must be a multiple of the '
+                     f'{mesh.size} devices.')
+
+
+def host_batch_to_global(batch: dict[str, np.ndarray], mesh: Mesh
+                         ) -> dict[str, jax.Array]:
+  """This host's slice of a batch -> global arrays sharded over the mesh."""
+  sharding = batch_sharding(mesh)
+  return {k: jax.make_array_from_process_local_data(sharding, v)
+          for k, v in batch.items()}
+
+
+def to_host(tree: Any) -> Any:
+  """Global arrays -> full NumPy arrays on every host."""
+  if jax.process_count() > 1:
+    return multihost_utils.process_allgather(tree, tiled=True)
+  return jax.tree.map(np.asarray, tree)
