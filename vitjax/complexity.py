@@ -26,25 +26,40 @@ def block_macs(tokens: float, dim: int, mlp_ratio: float) -> float:
 
 def vit_macs(model, image_size: int = 32,
              tokens_per_block: Sequence[float] | None = None) -> float:
-  """MACs per image of a ViT-family model.
+  """MACs per image of a ViT-family model, without any token predictors.
 
-  `tokens_per_block` (cls included) lets sparse models count what each
-  block really processed; by default every block sees all tokens.
+  `tokens_per_block` (cls included) is what each block really processed:
+  measured for A-ViT; by default the model's own static count.
   """
   c, p = model.hidden_dim, model.patch_size
   patches = (image_size // p) ** 2
-  pixels = image_size * image_size
-  macs = 0.0
-  in_ch = 3
-  if model.stem == 'conv':
-    width = c // 4
-    macs += pixels * 9 * (3 * width + width * width)
-    in_ch = width
-  macs += patches * p * p * in_ch * c
+  if model.stem == 'conv':  # log2(p) stride-2 3x3 convolutions
+    macs, in_ch, side = 0.0, 3, image_size
+    steps = p.bit_length() - 1
+    for i in range(steps):
+      width = max(c // 2 ** (2 * (steps - 1 - i)), 8)
+      side //= 2
+      macs += side * side * 9 * in_ch * width
+      in_ch = width
+  else:
+    macs = patches * p * p * 3 * c
   if tokens_per_block is None:
-    tokens_per_block = [patches + 1] * model.depth
+    tokens_per_block = model.tokens_per_block(patches)
   macs += sum(block_macs(n, c, model.mlp_ratio) for n in tokens_per_block)
   return macs + c * model.num_classes
+
+
+def model_macs(model, image_size: int = 32,
+               tokens_per_block: Sequence[float] | None = None
+               ) -> dict[str, float]:
+  """{'macs_per_image': all of it, 'predictor_macs_per_image': the token
+  predictors' share (DynamicViT; 0 for other models)}."""
+  patches = (image_size // model.patch_size) ** 2
+  predictors = (model.predictor_macs(patches)
+                if hasattr(model, 'predictor_macs') else 0.0)
+  backbone = vit_macs(model, image_size, tokens_per_block)
+  return {'macs_per_image': backbone + predictors,
+          'predictor_macs_per_image': predictors}
 
 
 def xla_flops(fn: Callable, *args) -> float:

@@ -8,11 +8,9 @@ table.
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any, Callable
 
-from absl import logging
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -83,8 +81,13 @@ def evaluate_split(predict_fn: Callable, params: Any, split: Split,
 
 
 def cost_report(model: nn.Module, params: Any, mesh, speed_batch: int,
-                image_shape: tuple[int, ...]) -> dict[str, Any]:
-  """Parameters, MACs per image (analytic and XLA's count), speed."""
+                image_shape: tuple[int, ...], speed_seconds: float = 0.5,
+                tokens_per_block=None) -> dict[str, Any]:
+  """Parameters, MACs per image (analytic and XLA's count), speed.
+
+  tokens_per_block: measured per-block token counts (A-ViT); by default the
+  model's static ones.
+  """
   predict_fn = make_predict_fn(model, mesh)
   batch = max(speed_batch // mesh.size, 1) * mesh.size
   images = jax.device_put(np.zeros((batch,) + image_shape, np.uint8),
@@ -94,14 +97,64 @@ def cost_report(model: nn.Module, params: Any, mesh, speed_batch: int,
   flops = complexity.xla_flops(one, params, single)
   return {
       'parameters': complexity.param_count(params),
-      'macs_per_image': complexity.vit_macs(model, image_shape[0]),
+      **complexity.model_macs(model, image_shape[0], tokens_per_block),
       'xla_flops_per_image': flops,
       'inference_images_per_second': complexity.images_per_second(
-          predict_fn, params, images, batch=batch),
+          predict_fn, params, images, batch=batch, min_seconds=speed_seconds),
       'inference_batch': batch,
       'latency_ms_batch1': 1000.0 / complexity.images_per_second(
-          one, params, single, batch=1),
+          one, params, single, batch=1, min_seconds=speed_seconds),
       'device': f'{jax.device_count()} x {jax.devices()[0].device_kind}',
+  }
+
+
+def sparsity_report(model: nn.Module, params: Any, images: np.ndarray,
+                    batch_size: int, mesh, speed_batch: int,
+                    speed_seconds: float) -> dict[str, Any]:
+  """What a sparse model actually computes on `images` (the test set).
+
+  DynamicViT: its static stage layout. A-ViT: mean depth per token (and of
+  the class token), tokens per block, where tokens halt, and both inference
+  paths: their agreement and their speed.
+  """
+  from vitjax.models import avit, dynamic_vit  # pylint: disable=g-import-not-at-top
+  patches = (images.shape[1] // model.patch_size) ** 2
+  if isinstance(model, dynamic_vit.DynamicViT):
+    keep = model.keep_counts(patches)
+    return {'stage_blocks': list(model.stages()), 'keep_counts': list(keep),
+            'keep_ratio_per_stage': [k / patches for k in keep],
+            'tokens_per_block': list(model.tokens_per_block(patches))}
+  if not isinstance(model, avit.AViT):
+    return {}
+  masked = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
+  preds, removal_preds, depth, active = [], [], [], []
+  for start in range(0, len(images), batch_size):
+    x = images[start:start + batch_size]
+    logits, aux = masked(params, x)
+    preds.append(np.argmax(logits, -1))
+    depth.append(np.asarray(aux['depth']))
+    active.append(np.asarray(aux['active']).sum(-1))  # [depth, b]
+    removal_preds.append(np.argmax(avit.token_removal_apply(
+        model, params, x)[0], -1))
+  depth = np.concatenate(depth)  # [n, tokens]
+  tokens_per_block = np.concatenate(active, axis=1).mean(1)
+  halts_at = np.bincount(depth.astype(int).ravel() - 1,
+                         minlength=model.depth) / depth.size
+  speed_x = images[:speed_batch]
+  rate = lambda fn: complexity.images_per_second(
+      fn, params, speed_x, batch=len(speed_x), min_seconds=speed_seconds)
+  return {
+      'gate_center': model.gate_center,
+      'mean_depth_per_token': float(depth.mean()),
+      'mean_depth_cls_token': float(depth[:, 0].mean()),
+      'tokens_per_block': tokens_per_block.tolist(),
+      'halting_distribution': halts_at.tolist(),
+      'token_removal_agreement': float(np.mean(
+          np.concatenate(preds) == np.concatenate(removal_preds))),
+      'masked_images_per_second': rate(lambda p, x: masked(p, x)[0]),
+      'token_removal_images_per_second': rate(
+          lambda p, x: avit.token_removal_apply(model, p, x)[0]),
+      'speed_batch': int(len(speed_x)),
   }
 
 
@@ -120,6 +173,11 @@ def write_report(report: dict[str, Any], out_dir: Path, name: str,
                            out_dir / f'confusion_{split}.png', title)
     plots.per_class_recall(m['per_class_recall'], class_names,
                            out_dir / f'recall_{split}.png', title)
+  if 'halting_distribution' in report.get('sparsity', {}):
+    sp = report['sparsity']
+    plots.halting_distribution(
+        sp['halting_distribution'], out_dir / 'halting.png',
+        f'{name}: mean depth {sp["mean_depth_per_token"]:.2f} blocks/token')
   records = plots.read_metrics(metrics_jsonl)
   if records:
     plots.training_curves(records, out_dir / 'curves.png',
@@ -128,7 +186,7 @@ def write_report(report: dict[str, Any], out_dir: Path, name: str,
 
 
 def format_table(report: dict[str, Any], class_names: tuple[str, ...]) -> str:
-  rows = [f'{"":>14} {"val":>8} {"test":>8}']
+  rows = [f'{"":>20} {"val":>8} {"test":>8}']
   for key in ('accuracy', 'balanced_accuracy', 'worst_class_recall', 'loss'):
     rows.append(f'{key:>20} {report["val"][key]:8.4f} '
                 f'{report["test"][key]:8.4f}')
@@ -138,20 +196,32 @@ def format_table(report: dict[str, Any], class_names: tuple[str, ...]) -> str:
     rows.append(f'{name:>20} {t["per_class_recall"][i]:8.4f} '
                 f'{t["per_class_precision"][i]:8.4f}')
   c = report['cost']
+  if 'teacher' in report:
+    t = report['teacher']
+    rows.append(f'teacher (dense ViT) test balanced accuracy '
+                f'{t["test"]["balanced_accuracy"]:.4f}; drop '
+                f'{t["test"]["balanced_accuracy"] - report["test"]["balanced_accuracy"]:+.4f}; '
+                f'MACs ratio {c["macs_per_image"] / t["cost"]["macs_per_image"]:.3f}; '
+                f'speed-up at batch {c["inference_batch"]} '
+                f'{c["inference_images_per_second"] / t["cost"]["inference_images_per_second"]:.2f}x, '
+                f'at batch 1 {t["cost"]["latency_ms_batch1"] / c["latency_ms_batch1"]:.2f}x')
+  sp = report.get('sparsity', {})
+  if 'mean_depth_per_token' in sp:
+    rows.append(f'A-ViT: mean depth {sp["mean_depth_per_token"]:.2f} blocks '
+                f'per token (class token {sp["mean_depth_cls_token"]:.2f}); '
+                f'token removal agrees on {sp["token_removal_agreement"]:.4f} '
+                f'of images; {sp["masked_images_per_second"]:.0f} images/s '
+                f'masked vs {sp["token_removal_images_per_second"]:.0f} with '
+                'token removal')
   rows.append(
       f'parameters {c["parameters"]:,}; {c["macs_per_image"] / 1e6:.1f} M '
       f'MACs/image; {c["inference_images_per_second"]:.0f} images/s at batch '
       f'{c["inference_batch"]}; {c["latency_ms_batch1"]:.2f} ms at batch 1 '
       f'({c["device"]})')
-  rows[0] = f'{"":>20} {"val":>8} {"test":>8}'
   return '\n'.join(rows)
 
 
-def log_report(report: dict[str, Any], class_names: tuple[str, ...]) -> None:
-  logging.info('Evaluation of %s:\n%s', report['checkpoint'],
-               format_table(report, class_names))
+def print_report(report: dict[str, Any], class_names: tuple[str, ...]
+                 ) -> None:
+  print(f'Evaluation of {report["checkpoint"]}:', flush=True)
   print(format_table(report, class_names), flush=True)
-
-
-def _finite(x: float) -> float:
-  return x if math.isfinite(x) else float('nan')

@@ -12,6 +12,7 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 
 class Classification:
@@ -31,3 +32,120 @@ class Classification:
     logits, _ = self.model.apply({'params': params}, images, train=True,
                                  rngs=rngs)
     return self.loss_fn(logits, targets, step), (logits, {})
+
+
+class DynamicViTObjective:
+  """Classification + ratio loss + distillation from the frozen dense ViT.
+
+  L = CE + ratio_weight * L_ratio / S + kl_weight * KL(p_teacher || p) +
+  token_weight * L_token, as the official DistillDiffPruningLoss_dynamic:
+  L_ratio = sum_s mean_b (mean_i keep_s - rho^s)^2 over the S stages;
+  L_token = MSE of the final-norm patch tokens against the teacher's, over
+  the tokens kept at the last stage. teacher=None turns distillation off.
+  """
+
+  def __init__(self, model: nn.Module, loss_fn: Callable, teacher, *,
+               ratio_weight: float, kl_weight: float, token_weight: float):
+    self.model, self.loss_fn, self.teacher = model, loss_fn, teacher
+    self.ratio_weight = ratio_weight
+    self.kl_weight, self.token_weight = kl_weight, token_weight
+    stages = len(model.stages())
+    self.targets = jnp.array([model.keep_ratio ** (s + 1)
+                              for s in range(stages)])
+    self.extra_metrics = (('cls_loss', 'ratio_loss') +
+                          (('kl_loss', 'token_loss') if teacher else ()) +
+                          tuple(f'keep_{s}' for s in range(stages)))
+
+  def __call__(self, params, images, targets, step, rngs):
+    logits, aux = self.model.apply({'params': params}, images, train=True,
+                                   rngs=rngs)
+    policies = aux['policies']  # [stages, b, n]
+    kept = policies.mean(-1)  # [stages, b]
+    cls_loss = self.loss_fn(logits, targets, step)
+    ratio = ((kept - self.targets[:, None]) ** 2).mean(-1).sum()
+    loss = cls_loss + self.ratio_weight * ratio / len(self.targets)
+    extras = {'cls_loss': cls_loss, 'ratio_loss': ratio}
+    extras.update({f'keep_{s}': kept[s].mean() for s in range(len(kept))})
+    if self.teacher is not None:
+      t_logits, t_aux = self.teacher.model.apply(
+          {'params': self.teacher.params}, images, train=False)
+      t_logits = jax.lax.stop_gradient(t_logits)
+      t_tokens = jax.lax.stop_gradient(t_aux['tokens']).astype(jnp.float32)
+      t_logp = jax.nn.log_softmax(t_logits)
+      kl = jnp.mean(jnp.sum(jnp.exp(t_logp) * (
+          t_logp - jax.nn.log_softmax(logits)), -1))
+      keep = policies[-1][..., None]
+      err = (aux['tokens'].astype(jnp.float32) - t_tokens) ** 2
+      token = jnp.sum(keep * err) / jnp.maximum(
+          jnp.sum(keep) * err.shape[-1], 1.0)
+      loss = loss + self.kl_weight * kl + self.token_weight * token
+      extras.update(kl_loss=kl, token_loss=token)
+    return loss, (logits, extras)
+
+
+def halting_prior(depth: int, mean: float, std: float, faithful: bool
+                  ) -> jax.Array:
+  """A-ViT's target distribution of halting over blocks: a Gaussian at
+  `mean`. The official code rescales it so its mass before `mean` is 0.98
+  (so it does not sum to 1); the corrected one is normalised."""
+  blocks = jnp.arange(depth, dtype=jnp.float32)
+  pdf = jnp.exp(-0.5 * ((blocks - mean) / std) ** 2) / (std * jnp.sqrt(
+      2 * jnp.pi))
+  if faithful:
+    return pdf * 0.98 / jnp.sum(jnp.where(blocks < mean, pdf, 0.0))
+  return pdf / pdf.sum()
+
+
+class AViTObjective:
+  """Classification + ponder loss + halting-distribution prior (+ optional
+  distillation from the dense teacher), as A-ViT's official code.
+
+  ponder: mean over images and tokens of N + r. distribution: KL(T || H),
+  H_l = the share of halting mass at block l. `faithful=True` reproduces the
+  official formulation (H from the raw scores of every token of batch
+  elements 1..B-1, an unnormalised T, divided by the depth); `False` is the
+  corrected one (H from the tokens that ran each block, per-image mean then
+  batch mean, a normalised T, a plain KL).
+  """
+
+  def __init__(self, model: nn.Module, loss_fn: Callable, teacher, *,
+               ponder_weight: float, distr_weight: float, prior_mean: float,
+               prior_std: float, faithful: bool, kl_weight: float):
+    self.model, self.loss_fn, self.teacher = model, loss_fn, teacher
+    self.ponder_weight, self.distr_weight = ponder_weight, distr_weight
+    self.kl_weight, self.faithful = kl_weight, faithful
+    self.prior = halting_prior(model.depth, prior_mean, prior_std, faithful)
+    self.extra_metrics = ('cls_loss', 'ponder_loss', 'distr_loss',
+                          'mean_depth', 'cls_depth') + (
+                              ('kl_loss',) if teacher else ())
+
+  def halting_distribution(self, aux) -> jax.Array:
+    if self.faithful:
+      h = aux['raw_halting'][:, 1:].mean(axis=(1, 2))  # the h[1:] slice
+    else:
+      h = aux['halting'].mean(axis=2).mean(axis=1)
+    return jnp.clip(h / jnp.sum(h), 0.01, 0.99)
+
+  def __call__(self, params, images, targets, step, rngs):
+    logits, aux = self.model.apply({'params': params}, images, train=True,
+                                   rngs=rngs)
+    cls_loss = self.loss_fn(logits, targets, step)
+    ponder = aux['ponder'].mean()
+    h = self.halting_distribution(aux)
+    t = self.prior
+    distr = jnp.sum(t * (jnp.log(t) - jnp.log(h)))
+    if self.faithful:
+      distr = distr / self.model.depth
+    loss = cls_loss + self.ponder_weight * ponder + self.distr_weight * distr
+    extras = {'cls_loss': cls_loss, 'ponder_loss': ponder,
+              'distr_loss': distr, 'mean_depth': aux['depth'].mean(),
+              'cls_depth': aux['depth'][:, 0].mean()}
+    if self.teacher is not None:
+      t_logp = jax.nn.log_softmax(jax.lax.stop_gradient(
+          self.teacher.model.apply({'params': self.teacher.params}, images,
+                                   train=False)[0]))
+      kl = jnp.mean(jnp.sum(jnp.exp(t_logp) * (
+          t_logp - jax.nn.log_softmax(logits)), -1))
+      loss = loss + self.kl_weight * kl
+      extras['kl_loss'] = kl
+    return loss, (logits, extras)

@@ -80,3 +80,16 @@ def per_class_recall(recall: Sequence[float], names: Sequence[str], out: Path,
   fig.tight_layout()
   fig.savefig(out, dpi=120)
   plt.close(fig)
+
+
+def halting_distribution(shares: Sequence[float], out: Path, title: str
+                         ) -> None:
+  """Share of tokens that halt at each block (A-ViT)."""
+  fig, ax = plt.subplots(figsize=(7, 4))
+  ax.bar(range(1, len(shares) + 1), shares, color='tab:green')
+  ax.set(xlabel='block at which the token halts', ylabel='share of tokens',
+         title=title)
+  ax.set_xticks(range(1, len(shares) + 1))
+  fig.tight_layout()
+  fig.savefig(out, dpi=120)
+  plt.close(fig)

@@ -24,8 +24,8 @@ from ml_collections import ConfigDict
 import numpy as np
 import optax
 
-from vitjax import checkpoint, evaluate, losses, mixing, models, objectives
-from vitjax import parallel, train_state, writers
+from vitjax import checkpoint, evaluate, mixing, parallel, recipes
+from vitjax import train_state, writers
 from vitjax.data import sampling, sources
 
 IMAGE_SHAPE = (32, 32, 3)
@@ -52,13 +52,11 @@ def _train(config: ConfigDict, workdir: Path, t_start: float) -> dict:
   mesh = parallel.make_mesh()
   batch = config.train.batch_size
   parallel.check_batch(batch, mesh, 'train.batch_size')
-  model = models.create(config.model, data.num_classes)
   n_train = len(data.train)
   steps_per_epoch = math.ceil(n_train / batch)
   eval_every = max(1, round(config.train.eval_every_epochs * steps_per_epoch))
-  loss_fn = losses.make_classification_loss(
-      config.loss, data.train.counts(data.num_classes), steps_per_epoch)
-  objective = objectives.Classification(model, loss_fn)
+  recipe = recipes.build(config, data, steps_per_epoch, mesh, workdir)
+  model, objective = recipe.model, recipe.objective
   init_key, step_key = jax.random.split(jax.random.key(config.seed))
   use_ema = config.optim.ema_decay > 0
   ckpts = checkpoint.Checkpoints(workdir, config.train.keep_checkpoints)
@@ -68,23 +66,24 @@ def _train(config: ConfigDict, workdir: Path, t_start: float) -> dict:
   _log_sampled_classes(engine, config, data)
 
   def build(total_steps: int):
-    schedule = train_state.learning_rate_schedule(
-        config.optim, total_steps, steps_per_epoch, batch)
-    tx = train_state.make_optimizer(config.optim, schedule)
+    tx, schedule = recipe.make_tx(total_steps)
     step = make_train_step(objective, tx, schedule, config, data.num_classes,
                            step_key, mesh)
-    return tx, step
+    init = jax.jit(lambda key: train_state.from_params(
+        recipe.initial_params(key), tx, use_ema),
+                   out_shardings=parallel.replicated(mesh))
+    return tx, step, init
 
   resumed = ckpts.read_meta('latest')
   if resumed:
     total_steps = int(resumed['total_steps'])
   elif config.train.time_budget_minutes > 0:
     total_steps = _steps_for_budget(
-        config, build, model, init_key, engine, mesh, data, eval_every,
-        t_start)
+        config, build, model, objective.extra_metrics, init_key, engine, mesh,
+        data, eval_every, t_start)
   else:
     total_steps = math.ceil(config.train.epochs * n_train / batch)
-  tx, train_step = build(total_steps)
+  tx, train_step, init = build(total_steps)
   repl = parallel.replicated(mesh)
   if resumed:
     abstract = _with_sharding(train_state.abstract_state(
@@ -95,8 +94,7 @@ def _train(config: ConfigDict, workdir: Path, t_start: float) -> dict:
     logging.info('Resuming from step %d of %d (best validation balanced '
                  'accuracy so far %.4f).', start, total_steps, best)
   else:
-    state = jax.jit(train_state.init_fn(model, tx, IMAGE_SHAPE, use_ema),
-                    out_shardings=repl)(init_key)
+    state = init(init_key)
     start, best, train_time = 0, -1.0, 0.0
   logging.info('Model %s: %s parameters; %d steps of %d images '
                '(%.1f epochs, %d steps per epoch).', config.model.name,
@@ -116,7 +114,7 @@ def _train(config: ConfigDict, workdir: Path, t_start: float) -> dict:
   writer.flush()
 
   report = evaluate_checkpoint(config, workdir, 'best', data=data,
-                               mesh=mesh, model=model, tx=tx)
+                               mesh=mesh, recipe=recipe, tx=tx)
   report['train_seconds'] = loop.train_time
   return report
 
@@ -149,10 +147,11 @@ class _Loop:
         last = step == self.total_steps
         evaluate_now = step % self.eval_every == 0 or last
         if step % cfg.log_every_steps == 0 or evaluate_now or stop.requested:
+          # Steps run asynchronously: wait for them before reading the clock.
+          window = jax.block_until_ready(metrics_acc.compute())
           now = time.monotonic()
           self.train_time += now - t_window
-          self._log_train(step, metrics_acc.compute(), window_start,
-                          now - t_window)
+          self._log_train(step, window, window_start, now - t_window)
           metrics_acc = self.metrics_cls.empty()
           window_start, t_window = step, time.monotonic()
         if evaluate_now or stop.requested:
@@ -260,7 +259,7 @@ def make_train_step(objective, tx: optax.GradientTransformation,
       ema = optax.incremental_update(params, ema, 1.0 - ema_decay)
     new = metrics_cls.single_from_model_output(
         loss=loss, accuracy=jnp.mean(jnp.argmax(logits, -1) == labels),
-        grad_norm=optax.global_norm(grads),
+        grad_norm=optax.tree.norm(grads),
         learning_rate=schedule(state.step), **extras)
     state = state.replace(step=state.step + 1, params=params,
                           opt_state=opt_state, ema_params=ema)
@@ -290,14 +289,19 @@ def make_engine(config: ConfigDict, split: sources.Split, plan, mesh):
 
 def evaluate_checkpoint(config: ConfigDict, workdir: str | Path,
                         which: str | int, *, data=None, mesh=None,
-                        model=None, tx=None) -> dict[str, Any]:
-  """Restores a checkpoint, evaluates it on val and test, writes the report."""
+                        recipe=None, tx=None) -> dict[str, Any]:
+  """Restores a checkpoint, evaluates it on val and test, writes the report.
+
+  Sparse models also report their dense teacher's accuracy and speed.
+  """
   workdir = Path(workdir).expanduser()
   data = data or sources.load(config.data, config.seed)
   mesh = mesh or parallel.make_mesh()
-  model = model or models.create(config.model, data.num_classes)
+  if recipe is None:
+    recipe = recipes.build(config, data, 1, mesh, workdir)
+  model = recipe.model
   if tx is None:  # the optimizer's structure, not its schedule, matters here
-    tx = train_state.make_optimizer(config.optim, optax.constant_schedule(0.))
+    tx = recipe.make_tx(1)[0]
   use_ema = config.optim.ema_decay > 0
   abstract = _with_sharding(train_state.abstract_state(
       model, tx, IMAGE_SHAPE, use_ema), parallel.replicated(mesh))
@@ -308,6 +312,9 @@ def evaluate_checkpoint(config: ConfigDict, workdir: str | Path,
     ckpts.close()
   params = state.eval_params(config.eval.use_ema)
   predict_fn = evaluate.make_predict_fn(model, mesh)
+  sparsity = evaluate.sparsity_report(
+      model, params, data.test.images, config.eval.batch_size, mesh,
+      config.eval.speed_batch, config.eval.speed_seconds)
   split_metrics = {
       name: evaluate.evaluate_split(predict_fn, params, split,
                                     config.eval.batch_size, mesh,
@@ -315,24 +322,43 @@ def evaluate_checkpoint(config: ConfigDict, workdir: str | Path,
       for name, split in (('val', data.val), ('test', data.test))}
   report = {
       'checkpoint': f'{which} (step {meta["step"]})',
+      'workdir': str(workdir),
       'step': int(meta['step']),
       'model': config.model.name,
       'class_names': list(data.class_names),
       'train_seconds': float(meta.get('train_seconds', float('nan'))),
       **split_metrics,
-      'cost': evaluate.cost_report(model, params, mesh,
-                                   config.eval.speed_batch, IMAGE_SHAPE),
+      'cost': evaluate.cost_report(
+          model, params, mesh, config.eval.speed_batch, IMAGE_SHAPE,
+          config.eval.speed_seconds,
+          # A-ViT's cost depends on the images: count what the test set ran.
+          sparsity.get('tokens_per_block') if config.model.name == 'avit'
+          else None),
+      'sparsity': sparsity,
   }
+  if recipe.teacher is not None:
+    teacher = recipe.teacher
+    t_predict = evaluate.make_predict_fn(teacher.model, mesh)
+    report['teacher'] = {
+        'workdir': config.sparse.init_from, 'step': teacher.step,
+        **{name: evaluate.evaluate_split(t_predict, teacher.params, split,
+                                         config.eval.batch_size, mesh,
+                                         data.num_classes)
+           for name, split in (('val', data.val), ('test', data.test))},
+        'cost': evaluate.cost_report(teacher.model, teacher.params, mesh,
+                                     config.eval.speed_batch, IMAGE_SHAPE,
+                                     config.eval.speed_seconds)}
   if jax.process_index() == 0:
     path = evaluate.write_report(report, workdir / 'eval', str(which),
                                  data.class_names, workdir / 'metrics.jsonl')
     logging.info('Wrote %s', path)
-  evaluate.log_report(report, data.class_names)
+  if jax.process_index() == 0:
+    evaluate.print_report(report, data.class_names)
   return report
 
 
-def _steps_for_budget(config, build, model, init_key, engine, mesh, data,
-                      eval_every, t_start) -> int:
+def _steps_for_budget(config, build, model, objective_metrics, init_key,
+                      engine, mesh, data, eval_every, t_start) -> int:
   """Sizes the schedule so that training ends within the time budget.
 
   Times a few real steps and one validation pass on a throwaway state,
@@ -342,13 +368,12 @@ def _steps_for_budget(config, build, model, init_key, engine, mesh, data,
   budget = config.train.time_budget_minutes * 60.0
   provisional = math.ceil(config.train.epochs * len(data.train)
                           / config.train.batch_size)
-  tx, train_step = build(provisional)
+  _, train_step, init = build(provisional)
   t0 = time.monotonic()
-  state = jax.jit(train_state.init_fn(model, tx, IMAGE_SHAPE,
-                                      config.optim.ema_decay > 0),
-                  out_shardings=parallel.replicated(mesh))(init_key)
-  metrics_acc = make_metrics_cls(()).empty()
-  warmup, timed = 2, 8
+  state = init(init_key)
+  metrics_acc = make_metrics_cls(objective_metrics).empty()
+  # tf.data's autotuning settles over the first steps; time after it does.
+  warmup, timed = 6, 20
   times = []
   for batch in engine.batches(0, warmup + timed):
     if isinstance(batch['image'], np.ndarray):

@@ -50,15 +50,35 @@ def _decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
+def adamw(optim_cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
+  return optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2,
+                     weight_decay=optim_cfg.weight_decay, mask=_decay_mask)
+
+
+def with_clipping(optim_cfg, tx: optax.GradientTransformation
+                  ) -> optax.GradientTransformation:
+  """Clips the global gradient norm (over all parameters) before tx."""
+  if optim_cfg.grad_clip_norm <= 0:
+    return tx
+  return optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip_norm), tx)
+
+
 def make_optimizer(optim_cfg, schedule: optax.Schedule
                    ) -> optax.GradientTransformation:
-  parts = []
-  if optim_cfg.grad_clip_norm > 0:
-    parts.append(optax.clip_by_global_norm(optim_cfg.grad_clip_norm))
-  parts.append(optax.adamw(schedule, b1=optim_cfg.b1, b2=optim_cfg.b2,
-                           weight_decay=optim_cfg.weight_decay,
-                           mask=_decay_mask))
-  return optax.chain(*parts)
+  return with_clipping(optim_cfg, adamw(optim_cfg, schedule))
+
+
+def from_params(params: Any, tx: optax.GradientTransformation,
+                use_ema: bool) -> TrainState:
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=tx.init(params),
+                    ema_params=params if use_ema else None)
+
+
+def init_params(model: nn.Module, key: jax.Array,
+                image_shape: tuple[int, ...]) -> Any:
+  dummy = jnp.zeros((1,) + tuple(image_shape), jnp.uint8)
+  return model.init({'params': key}, dummy, train=False)['params']
 
 
 def init_fn(model: nn.Module, tx: optax.GradientTransformation,
@@ -66,11 +86,7 @@ def init_fn(model: nn.Module, tx: optax.GradientTransformation,
             ) -> Callable[[jax.Array], TrainState]:
   """A function key -> fresh TrainState, to be jitted with out_shardings."""
   def init(key):
-    dummy = jnp.zeros((1,) + tuple(image_shape), jnp.uint8)
-    params = model.init({'params': key}, dummy, train=False)['params']
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=tx.init(params),
-                      ema_params=params if use_ema else None)
+    return from_params(init_params(model, key, image_shape), tx, use_ema)
   return init
 
 

@@ -111,8 +111,11 @@ def _load_tfds(cfg, seed: int) -> tuple[Split, Split, tuple[str, ...]]:
   out = []
   for split, counts in (('train', cfg.train_profile),
                         ('test', (cfg.test_per_class,) * 10)):
-    images, labels = tfds.as_numpy(tfds.load(
-        'cifar10', split=split, batch_size=-1, as_supervised=True))
+    # Batches of 10k and a concatenate: batch_size=-1 aborts under mocking.
+    ds = tfds.load('cifar10', split=split, as_supervised=True)
+    parts = list(tfds.as_numpy(ds.batch(10_000)))
+    images = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
     idx = draw_profile(labels, counts, seed)
     out.append(Split(images[idx].astype(np.uint8),
                      labels[idx].astype(np.int32)))

@@ -6,16 +6,20 @@ import dataclasses
 
 import flax.linen as nn
 
+from vitjax.models.avit import AViT
 from vitjax.models.bf16_dot import Bf16Dot
+from vitjax.models.dynamic_vit import DynamicViT
 from vitjax.models.vit import ViT
 
-MODELS: dict[str, type[nn.Module]] = {'vit': ViT}
+MODELS: dict[str, type[nn.Module]] = {
+    'vit': ViT, 'dynamic_vit': DynamicViT, 'avit': AViT}
 
 
 def create(model_cfg, num_classes: int, **overrides) -> nn.Module:
   """Builds config.model (a flat dict of the class's fields) into a Module.
 
-  `overrides` set fields that are not config (e.g. int8 dot_general_cls).
+  `overrides` set fields that are not config (e.g. int8 dot_general_cls)
+  or replace config values (A-ViT's calibrated gate_center).
   """
   kwargs = dict(model_cfg)
   name = kwargs.pop('name')
@@ -30,4 +34,4 @@ def create(model_cfg, num_classes: int, **overrides) -> nn.Module:
   if kwargs.get('dtype') == 'bfloat16':
     # Fast bf16 matmuls with float32 accumulation (see bf16_dot.py).
     overrides.setdefault('dot_general_cls', Bf16Dot)
-  return cls(num_classes=num_classes, **kwargs, **overrides)
+  return cls(num_classes=num_classes, **(kwargs | overrides))

@@ -8,6 +8,7 @@ so that a ViT checkpoint initialises the sparse models directly.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -33,6 +34,38 @@ def compute_dtype(name: str) -> jnp.dtype:
   return dtypes[name]
 
 
+def policy_attention(query: Array, key: Array, value: Array, *,
+                     policy: Array, dropout_rng: Array | None = None,
+                     dropout_rate: float = 0.0, deterministic: bool = True,
+                     broadcast_dropout: bool = True, dtype: Any = None
+                     ) -> Array:
+  """Attention under a soft keep policy (DynamicViT's masked softmax).
+
+  policy: [batch, keys], 1 = kept, 0 = dropped (straight-through hard
+  values in the forward pass). Query i weighs key j by exp(s_ij) G_ij with
+  G_ij = p_j + (1 - p_j) [i == j]: each token sees the kept tokens and
+  itself. Unlike a boolean mask this passes gradients to the policy, which
+  is how the classification loss trains DynamicViT's predictors. In float32;
+  the eps terms are the official code's guard against empty rows.
+  """
+  dtype = dtype or query.dtype
+  q, k, v = (t.astype(jnp.float32) for t in (query, key, value))
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / jnp.sqrt(q.shape[-1])
+  n = k.shape[1]
+  p = policy.astype(jnp.float32)[:, None, None, :]
+  gate = p + (1.0 - p) * jnp.eye(n, dtype=jnp.float32)
+  weights = jnp.exp(logits - jax.lax.stop_gradient(
+      logits.max(-1, keepdims=True))) * gate
+  eps = 1e-6
+  weights = (weights + eps / n) / (weights.sum(-1, keepdims=True) + eps)
+  if not deterministic and dropout_rate > 0.0:
+    shape = ((1, 1) + weights.shape[2:]) if broadcast_dropout else (
+        weights.shape)
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, shape)
+    weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+  return jnp.einsum('bhqk,bkhd->bqhd', weights, v).astype(dtype)
+
+
 class DropPath(nn.Module):
   """Stochastic depth: drops a residual branch per example."""
   rate: float
@@ -50,9 +83,11 @@ class DropPath(nn.Module):
 class PatchEmbed(nn.Module):
   """Image -> [cls, patch tokens] + learned position embedding.
 
-  `stem='patch'` is the classic strided convolution; `stem='conv'` puts two
-  3x3 convolutions in front of it, which ANCHORS.md shows is worth points on
-  CIFAR at small budgets. The number of tokens is the same either way.
+  `stem='patch'`: the classic p x p convolution with stride p.
+  `stem='conv'`: log2(p) 3x3 convolutions of stride 2 instead (widths
+  ramping up to hidden_dim), the early-convolution stem of Xiao et al. 2021,
+  which trains markedly better on small datasets. It keeps the token grid
+  and costs a few percent of the blocks' MACs.
   """
   patch_size: int
   hidden_dim: int
@@ -66,17 +101,23 @@ class PatchEmbed(nn.Module):
     x = (images.astype(jnp.float32) - jnp.array(PIXEL_MEAN)) / jnp.array(
         PIXEL_STD)
     x = x.astype(self.dtype)
-    if self.stem == 'conv':
-      width = self.hidden_dim // 4
-      for i in range(2):
-        x = nn.Conv(width, (3, 3), dtype=self.dtype, name=f'stem_conv_{i}')(x)
-        x = nn.LayerNorm(dtype=self.dtype, name=f'stem_norm_{i}')(x)
-        x = nn.gelu(x)
-    elif self.stem != 'patch':
-      raise ValueError(f"model.stem={self.stem!r}: expected 'patch' or 'conv'.")
     p = self.patch_size
-    x = nn.Conv(self.hidden_dim, (p, p), strides=(p, p), padding='VALID',
-                dtype=self.dtype, name='patch')(x)
+    if self.stem == 'conv':
+      steps = p.bit_length() - 1
+      if p < 2 or 2 ** steps != p:
+        raise ValueError(f"model.stem='conv' needs a power-of-two patch_size,"
+                         f' not {p}.')
+      for i in range(steps):
+        width = self.hidden_dim // 2 ** (2 * (steps - 1 - i))
+        x = nn.Conv(max(width, 8), (3, 3), strides=(2, 2), dtype=self.dtype,
+                    name=f'stem_conv_{i}')(x)
+        if i < steps - 1:
+          x = nn.gelu(nn.LayerNorm(dtype=self.dtype, name=f'stem_norm_{i}')(x))
+    elif self.stem == 'patch':
+      x = nn.Conv(self.hidden_dim, (p, p), strides=(p, p), padding='VALID',
+                  dtype=self.dtype, name='patch')(x)
+    else:
+      raise ValueError(f"model.stem={self.stem!r}: expected 'patch' or 'conv'.")
     b, h, w, c = x.shape
     x = x.reshape(b, h * w, c)
     cls = self.param('cls', nn.initializers.zeros, (1, 1, c))
@@ -105,12 +146,13 @@ class MlpBlock(nn.Module):
 
 
 class EncoderBlock(nn.Module):
-  """Pre-LN transformer block whose attention accepts an optional mask.
+  """Pre-LN transformer block whose attention accepts a token mask.
 
   `mask` is boolean, broadcastable to [batch, heads, queries, keys]; False
-  hides a key from a query. DynamicViT passes "kept keys plus itself", A-ViT
-  "active keys". The softmax is always computed in float32 so that masked
-  logits stay exact under bfloat16.
+  hides a key from a query (A-ViT hides halted tokens this way). `policy`
+  ([batch, tokens] floats) instead applies DynamicViT's differentiable keep
+  policy (see `policy_attention`). The softmax is computed in float32 either
+  way, so masked logits stay exact under bfloat16.
   """
   num_heads: int
   mlp_dim: int
@@ -122,13 +164,17 @@ class EncoderBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, mask: Array | None = None, *,
-               deterministic: bool) -> Array:
+               policy: Array | None = None, deterministic: bool) -> Array:
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm1')(x)
+    extra = {}
+    if policy is not None:
+      extra['attention_fn'] = functools.partial(policy_attention,
+                                                policy=policy)
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype, kernel_init=_trunc_normal,
         dropout_rate=self.attention_dropout, force_fp32_for_softmax=True,
         qkv_dot_general_cls=self.dot_general_cls,
-        out_dot_general_cls=self.dot_general_cls, name='attn')(
+        out_dot_general_cls=self.dot_general_cls, name='attn', **extra)(
             y, y, mask=mask, deterministic=deterministic)
     y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
     x = x + DropPath(self.drop_path)(y, deterministic=deterministic)
@@ -143,6 +189,8 @@ class ViT(nn.Module):
 
   aux['tokens'] holds the final-LayerNorm patch tokens (what DynamicViT's
   token distillation compares) and aux['pre_logits'] the class-token feature.
+  Submodules are built in `setup` so that the sparse subclasses can also run
+  them one at a time (A-ViT's token-removal path).
   """
   num_classes: int = 10
   patch_size: int = 4
@@ -157,34 +205,42 @@ class ViT(nn.Module):
   dtype: str = 'float32'
   dot_general_cls: DotGeneralCls = None
 
-  def block(self, i: int) -> EncoderBlock:
-    rate = self.drop_path * i / max(self.depth - 1, 1)
-    return EncoderBlock(
-        num_heads=self.num_heads,
-        mlp_dim=int(self.hidden_dim * self.mlp_ratio),
-        dropout=self.dropout, attention_dropout=self.attention_dropout,
-        drop_path=rate, dtype=compute_dtype(self.dtype),
-        dot_general_cls=self.dot_general_cls, name=f'block_{i}')
+  def setup(self):
+    dtype = compute_dtype(self.dtype)
+    self.embed = PatchEmbed(self.patch_size, self.hidden_dim, self.stem,
+                            dtype)
+    self.embed_dropout = nn.Dropout(self.dropout)
+    self.blocks = [
+        EncoderBlock(
+            num_heads=self.num_heads,
+            mlp_dim=int(self.hidden_dim * self.mlp_ratio),
+            dropout=self.dropout, attention_dropout=self.attention_dropout,
+            drop_path=self.drop_path * i / max(self.depth - 1, 1),
+            dtype=dtype, dot_general_cls=self.dot_general_cls)
+        for i in range(self.depth)]
+    self.encoder_norm = nn.LayerNorm(epsilon=1e-6, dtype=dtype)
+    self.head = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
+                         dtype=dtype)
 
-  def embed(self, images: Array, *, train: bool) -> Array:
-    x = PatchEmbed(self.patch_size, self.hidden_dim, self.stem,
-                   compute_dtype(self.dtype), name='embed')(images)
-    return nn.Dropout(self.dropout)(x, deterministic=not train)
+  def tokens_per_block(self, num_patches: int) -> tuple[int, ...]:
+    """Tokens (class token included) each block processes at inference."""
+    return (num_patches + 1,) * self.depth
+
+  def tokens(self, images: Array, *, train: bool) -> Array:
+    """[batch, 1 + patches, dim]: class token first."""
+    return self.embed_dropout(self.embed(images), deterministic=not train)
 
   def classify(self, x: Array) -> tuple[Array, dict[str, Array]]:
     """Final norm and head on a [batch, tokens, dim] sequence (cls first)."""
-    x = nn.LayerNorm(epsilon=1e-6, dtype=compute_dtype(self.dtype),
-                     name='encoder_norm')(x)
-    logits = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
-                      dtype=compute_dtype(self.dtype), name='head')(x[:, 0])
+    x = self.encoder_norm(x)
+    logits = self.head(x[:, 0])
     # Losses and metrics read float32 logits whatever the compute dtype.
     return logits.astype(jnp.float32), {'pre_logits': x[:, 0],
                                         'tokens': x[:, 1:]}
 
-  @nn.compact
   def __call__(self, images: Array, *, train: bool
                ) -> tuple[Array, dict[str, Array]]:
-    x = self.embed(images, train=train)
-    for i in range(self.depth):
-      x = self.block(i)(x, deterministic=not train)
+    x = self.tokens(images, train=train)
+    for block in self.blocks:
+      x = block(x, deterministic=not train)
     return self.classify(x)

@@ -1,0 +1,53 @@
+"""A-ViT (adaptive token halting) fine-tuned from a trained ViT.
+
+Train the ViT first, then (GPU recipe):
+  python -m vitjax.main --config=configs/vit.py --workdir=checkpoints/vit
+  python -m vitjax.main --config=configs/avit.py --workdir=checkpoints/avit
+CPU (after the ViT's CPU sprint in checkpoints/vit_cpu):
+  python -m vitjax.main --config=configs/avit.py:cpu --workdir=checkpoints/avit_cpu
+`sparse.ponder_weight` (alpha_p) is the sparsity knob; `sparse.faithful`
+switches between the official and the corrected halting prior.
+Expected results: README.md ("Results"), each with its command.
+"""
+
+from ml_collections import ConfigDict
+
+from configs import vit
+
+PRESETS = ('', 'cpu', 'smoke')
+
+
+def get_config(arg=None):
+  preset = arg or ''
+  if preset not in PRESETS:
+    raise ValueError(f'config argument {arg!r}: expected one of '
+                     f'{[p or "<none>" for p in PRESETS]}.')
+  # The backbone, data and augmentation of the ViT it starts from.
+  c = vit.get_config(preset)
+  c.model.name = 'avit'
+  c.model.gate_scale = 10.0  # gamma, as the official code
+  c.model.gate_center = 10.0  # beta; replaced by the calibration below
+  c.model.halting_eps = 0.01
+
+  c.sparse = ConfigDict()
+  c.sparse.init_from = {'': 'checkpoints/vit', 'cpu': 'checkpoints/vit_cpu',
+                        'smoke': 'checkpoints/vit_smoke'}[preset]
+  c.sparse.calibrate_gate_center = True
+  c.sparse.initial_halting_sum = 0.2  # dense model's mean sum of h
+  c.sparse.calibration_images = 512
+  c.sparse.ponder_weight = 5e-4  # alpha_p
+  c.sparse.distr_weight = 1e-3  # alpha_d
+  c.sparse.prior_mean = -1.0  # < 0: round(2 D / 3)
+  c.sparse.prior_std = 1.0
+  c.sparse.faithful = False  # True: the official prior and its quirks
+  c.sparse.distill = False  # KL to the dense teacher's logits
+  c.sparse.kl_weight = 0.5
+
+  # All parameters at half the ViT's peak learning rate (TOKEN_SPARSITY §4).
+  c.optim.lr = vit.get_config(preset).optim.lr * 0.5
+  if preset == '':
+    c.train.epochs = 100.0
+  elif preset == 'cpu':
+    c.train.time_budget_minutes = 10.0
+    c.optim.warmup_epochs = 0.5
+  return c

@@ -1,0 +1,182 @@
+"""DynamicViT and A-ViT against the dense ViT they extend."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import common
+from vitjax import complexity, models, objectives
+from vitjax.models import avit, dynamic_vit
+from vitjax.models.vit import EncoderBlock, ViT
+
+SIZES = dict(patch_size=4, hidden_dim=32, depth=6, num_heads=2,
+             mlp_ratio=2.0)
+
+
+def _images(n=6, seed=0):
+  return jax.random.randint(jax.random.key(seed), (n, 32, 32, 3), 0,
+                            256).astype(jnp.uint8)
+
+
+def _dense_params(seed=0):
+  vit = ViT(**SIZES)
+  params = vit.init(jax.random.key(seed), _images(1), train=False)['params']
+  # A non-zero head, so that logits depend on the features.
+  params['head']['kernel'] = jax.random.normal(
+      jax.random.key(seed + 1), params['head']['kernel'].shape)
+  return vit, params
+
+
+def _with_dense(model, dense_params, seed=0):
+  params = model.init({'params': jax.random.key(seed),
+                       'gumbel': jax.random.key(seed)}, _images(1),
+                      train=False)['params']
+  return {**params, **dense_params}
+
+
+# --- DynamicViT -------------------------------------------------------------
+
+
+def test_keep_ratio_one_gives_the_dense_logits():
+  vit, dense = _dense_params()
+  model = dynamic_vit.DynamicViT(**SIZES, keep_ratio=1.0)
+  params = _with_dense(model, dense)
+  x = _images()
+  np.testing.assert_allclose(model.apply({'params': params}, x, train=False)[0],
+                             vit.apply({'params': dense}, x, train=False)[0],
+                             atol=1e-5)
+
+
+def test_policy_attention_gives_kept_tokens_the_subset_output():
+  block = EncoderBlock(num_heads=2, mlp_dim=32)
+  x = jax.random.normal(jax.random.key(0), (2, 9, 16))
+  params = block.init(jax.random.key(1), x, deterministic=True)
+  kept = jnp.array([0, 1, 4, 6, 8])
+  policy = jnp.zeros((2, 9)).at[:, kept].set(1.0)
+  full = block.apply(params, x, policy=policy, deterministic=True)
+  subset = block.apply(params, x[:, kept], deterministic=True)
+  # Dropped keys keep only the official eps/N weight.
+  np.testing.assert_allclose(full[:, kept], subset, atol=1e-4)
+
+
+def test_the_eval_path_runs_the_configured_token_counts():
+  model = dynamic_vit.DynamicViT(**SIZES, keep_ratio=0.7)
+  assert model.stages() == (2, 3, 5)  # ceil(6/4), ceil(6/2), ceil(18/4)
+  assert model.keep_counts(64) == (44, 31, 21)
+  assert model.tokens_per_block(64) == (65, 65, 45, 32, 32, 22)
+  params = _with_dense(model, _dense_params()[1])
+  _, aux = model.apply({'params': params}, _images(), train=False)
+  assert aux['tokens'].shape == (6, 21, 32)
+
+
+def test_straight_through_gradients_reach_the_predictors():
+  model = dynamic_vit.DynamicViT(**SIZES, keep_ratio=0.7)
+  params = _with_dense(model, _dense_params()[1])
+  x = _images()
+  labels = jnp.arange(6) % 10
+
+  def loss(p):
+    logits, aux = model.apply({'params': p}, x, train=True,
+                              rngs={'gumbel': jax.random.key(3)})
+    # The classification loss alone: only attention carries the policy.
+    return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(6), labels])
+
+  grads = jax.grad(loss)(params)
+  for s in range(3):
+    norm = float(jnp.sqrt(sum(jnp.sum(g ** 2) for g in
+                              jax.tree.leaves(grads[f'predictors_{s}']))))
+    assert norm > 0, s
+
+
+def test_train_policies_are_cumulative_and_hard():
+  model = dynamic_vit.DynamicViT(**SIZES)
+  params = _with_dense(model, _dense_params()[1])
+  _, aux = model.apply({'params': params}, _images(), train=True,
+                       rngs={'gumbel': jax.random.key(0)})
+  p = np.asarray(aux['policies'])
+  assert set(np.unique(p)) <= {0.0, 1.0}
+  assert (p[1] <= p[0]).all() and (p[2] <= p[1]).all()
+
+
+def test_macs_at_rho_07_with_predictors():
+  c = common.base()  # the GPU recipe's backbone
+  dense = models.create(c.model, 10)
+  c.model.name = 'dynamic_vit'
+  with c.unlocked():
+    c.model.keep_ratio, c.model.stage_blocks, c.model.gumbel_tau = 0.7, (), 1.
+  sparse = models.create(c.model, 10)
+  ratio = (complexity.model_macs(sparse)['macs_per_image'] /
+           complexity.model_macs(dense)['macs_per_image'])
+  assert ratio <= 0.72
+
+
+# --- A-ViT ------------------------------------------------------------------
+
+
+def test_no_halting_gives_the_dense_logits():
+  vit, dense = _dense_params()
+  model = avit.AViT(**SIZES, gate_center=1e9)
+  x = _images()
+  logits, aux = model.apply({'params': dense}, x, train=False)
+  np.testing.assert_allclose(logits, vit.apply({'params': dense}, x,
+                                               train=False)[0], atol=1e-5)
+  np.testing.assert_array_equal(aux['depth'], 6.0)
+
+
+def _calibrated(target=2.0):
+  _, dense = _dense_params()
+  probe = avit.AViT(**SIZES, gate_center=1e9)
+  inputs = probe.apply({'params': dense}, _images(16, seed=5),
+                       train=False)[1]['gate_inputs']
+  beta = avit.calibrate_gate_center(np.asarray(inputs), 10.0, target)
+  return avit.AViT(**SIZES, gate_center=beta), dense, inputs, beta
+
+
+def test_calibration_hits_the_target_halting_sum():
+  _, _, inputs, beta = _calibrated(0.2)
+  h = jax.nn.sigmoid(10.0 * np.asarray(inputs)[:-1] - beta)
+  np.testing.assert_allclose(float(h.sum(0).mean()), 0.2, rtol=1e-3)
+
+
+def test_halting_bookkeeping():
+  model, params, _, _ = _calibrated(2.0)  # strong halting
+  _, aux = model.apply({'params': params}, _images(), train=False)
+  depth, ponder = np.asarray(aux['depth']), np.asarray(aux['ponder'])
+  assert depth.min() >= 1 and depth.max() <= 6
+  assert depth.mean() < 6  # some tokens halted early
+  # ponder = blocks run + remainder, the remainder in (0, 1].
+  assert ((ponder - depth) > 0).all() and ((ponder - depth) <= 1 + 1e-6).all()
+  # Nobody runs a block after halting.
+  active = np.asarray(aux['active'])
+  np.testing.assert_array_equal(active.sum(0), depth)
+
+
+def test_masked_and_token_removal_paths_agree():
+  model, params, _, _ = _calibrated(2.0)
+  x = _images(16, seed=7)
+  l1, a1 = model.apply({'params': params}, x, train=False)
+  l2, a2 = avit.token_removal_apply(model, params, x)
+  np.testing.assert_array_equal(np.argmax(l1, -1), np.argmax(l2, -1))
+  np.testing.assert_allclose(l1, l2, atol=1e-4)
+  np.testing.assert_array_equal(a1['depth'], a2['depth'])
+
+
+def test_ponder_loss_has_gradient_at_the_calibrated_gate():
+  model, params, _, _ = _calibrated(0.2)
+  x = _images()
+  grads = jax.grad(lambda p: model.apply({'params': p}, x, train=False)[1][
+      'ponder'].mean())(params)
+  norm = np.sqrt(sum(float(jnp.sum(g ** 2)) for g in jax.tree.leaves(grads)))
+  assert norm > 1e-6
+
+
+@pytest.mark.parametrize('faithful', [False, True])
+def test_halting_prior(faithful):
+  t = objectives.halting_prior(12, 8.0, 1.0, faithful)
+  if faithful:  # the official target: 0.98 of it before block 8
+    np.testing.assert_allclose(float(t[:8].sum()), 0.98, rtol=1e-5)
+    np.testing.assert_allclose(float(t[8]), 1.30, atol=0.01)
+  else:
+    np.testing.assert_allclose(float(t.sum()), 1.0, rtol=1e-6)
+  assert int(jnp.argmax(t)) == 8

@@ -1,0 +1,130 @@
+"""The ViT model, its masked attention, the bf16 dot, and its cost."""
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+import numpy as np
+import pytest
+
+from configs import common, vit as vit_config
+from vitjax import complexity, models
+from vitjax.models import bf16_dot
+from vitjax.models.vit import EncoderBlock, ViT
+
+
+def _model(variant, **kw):
+  c = common.base()
+  common.apply_variant(c, variant)
+  c.model.stem = 'patch'
+  c.model.update(kw)
+  return models.create(c.model, num_classes=10)
+
+
+def _params(model, seed=0):
+  x = jnp.zeros((1, 32, 32, 3), jnp.uint8)
+  return model.init({'params': jax.random.key(seed)}, x, train=False)['params']
+
+
+@pytest.mark.parametrize('variant, count', [
+    ('seed', 10_732_426),  # the course's model: "about 10.7M"
+    ('micro/4', 546_186),
+    ('nano/4', 21_162),
+])
+def test_parameter_counts_are_pinned(variant, count):
+  model = _model(variant)
+  shapes = jax.eval_shape(lambda: _params(model))
+  assert complexity.param_count(shapes) == count
+
+
+def test_forward_shapes_and_aux():
+  model = _model('nano/4')
+  params = _params(model)
+  images = jax.random.randint(jax.random.key(1), (3, 32, 32, 3), 0, 256)
+  logits, aux = model.apply({'params': params}, images.astype(jnp.uint8),
+                            train=False)
+  assert logits.shape == (3, 10) and logits.dtype == jnp.float32
+  assert aux['tokens'].shape == (3, 64, 32)
+  assert aux['pre_logits'].shape == (3, 32)
+
+
+def test_train_mode_uses_dropout_keys_and_eval_is_deterministic():
+  model = _model('nano/4', dropout=0.5, drop_path=0.5)
+  params = _params(model)
+  x = jnp.full((2, 32, 32, 3), 100, jnp.uint8)
+  ev = lambda: model.apply({'params': params}, x, train=False)[0]
+  np.testing.assert_array_equal(ev(), ev())
+  tr = lambda k: model.apply({'params': params}, x, train=True,
+                             rngs={'dropout': jax.random.key(k)})[1]['tokens']
+  assert not np.allclose(tr(0), tr(1))
+
+
+def test_masked_attention_equals_attention_over_the_kept_tokens():
+  block = EncoderBlock(num_heads=2, mlp_dim=32)
+  x = jax.random.normal(jax.random.key(0), (2, 9, 16))
+  params = block.init(jax.random.key(1), x, deterministic=True)
+  kept = jnp.array([0, 2, 3, 7])
+  keep = jnp.zeros(9, bool).at[kept].set(True)
+  # Each query sees the kept keys and itself (DynamicViT's policy).
+  mask = (keep[None, :] | jnp.eye(9, dtype=bool))[None, None]
+  full = block.apply(params, x, mask, deterministic=True)
+  subset = block.apply(params, x[:, kept], deterministic=True)
+  np.testing.assert_allclose(full[:, kept], subset, atol=1e-5)
+
+
+def test_bfloat16_model_tracks_float32():
+  f32 = _model('nano/4')
+  bf16 = _model('nano/4', dtype='bfloat16')
+  params = _params(f32)
+  # Non-zero head so that logits carry the features.
+  params['head']['kernel'] = jax.random.normal(jax.random.key(2),
+                                               params['head']['kernel'].shape)
+  x = jax.random.randint(jax.random.key(3), (8, 32, 32, 3), 0, 256)
+  a = f32.apply({'params': params}, x, train=False)[0]
+  b = bf16.apply({'params': params}, x, train=False)[0]
+  assert b.dtype == jnp.float32
+  np.testing.assert_allclose(a, b, atol=0.1 * float(jnp.abs(a).max()))
+
+
+@pytest.mark.parametrize('lhs_shape, rhs_shape, dims', [
+    ((3, 5, 8), (8, 7), (((2,), (0,)), ((), ()))),  # Dense
+    ((3, 5, 8), (8, 2, 4), (((2,), (0,)), ((), ()))),  # qkv DenseGeneral
+    ((3, 5, 4, 6), (4, 6, 7), (((2, 3), (0, 1)), ((), ()))),  # attn out
+    ((3, 8, 5), (7, 8), (((1,), (1,)), ((), ()))),  # transposed operands
+])
+def test_bf16_dot_gradients_match_a_float32_reference(lhs_shape, rhs_shape,
+                                                       dims):
+  k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+  lhs = jax.random.normal(k1, lhs_shape).astype(jnp.bfloat16)
+  rhs = jax.random.normal(k2, rhs_shape).astype(jnp.bfloat16)
+  dot = bf16_dot.Bf16Dot()
+  out = dot(lhs, rhs, dims)
+  assert out.dtype == jnp.bfloat16
+  g = jax.random.normal(k3, out.shape)
+  f = lambda a, b: (dot(a, b, dims).astype(jnp.float32) * g).sum()
+  ref = lambda a, b: (lax.dot_general(a.astype(jnp.float32),
+                                      b.astype(jnp.float32), dims) * g).sum()
+  got = jax.grad(f, argnums=(0, 1))(lhs, rhs)
+  want = jax.grad(ref, argnums=(0, 1))(lhs, rhs)
+  for a, b in zip(got, want):
+    assert a.dtype == jnp.bfloat16 and a.shape == b.shape
+    np.testing.assert_allclose(a.astype(np.float32), b, rtol=0.02, atol=0.05)
+
+
+def test_analytic_macs_match_the_paper_convention_and_xla():
+  model = _model('seed')
+  # Course model: 17 tokens, dim 384, 6 blocks -> about 0.18 GMACs.
+  assert abs(complexity.vit_macs(model) / 1e9 - 0.18) < 0.01
+  params = jax.eval_shape(lambda: _params(model))
+  fn = lambda p, x: model.apply({'params': p}, x, train=False)[0]
+  x = jnp.zeros((1, 32, 32, 3), jnp.uint8)
+  flops = complexity.xla_flops(fn, params, x)
+  # XLA also counts softmax, norms and GELU; MACs * 2 must be most of it.
+  assert 0.8 < 2 * complexity.vit_macs(model) / flops < 1.05
+
+
+def test_unknown_model_fields_are_named():
+  c = vit_config.get_config('smoke')
+  with c.unlocked():
+    c.model.keep_rate = 0.7
+  with pytest.raises(ValueError, match="fields \\['keep_rate'\\]"):
+    models.create(c.model, 10)

@@ -1,0 +1,200 @@
+"""A-ViT (Yin et al. 2022): adaptive token halting, as the official code.
+
+After every block l each token k gets a halting score from embedding
+dimension 0 of its residual stream, h = sigmoid(gate_scale * x[k, 0] -
+gate_center) (no parameters), and h = 1 at the last block. A token halts at
+the first block where its cumulative score reaches 1 - eps (that block still
+runs). Its output is the ACT mean field sum_{l<N} h_l e_l + r e_N with the
+remainder r = 1 - sum_{l<N} h_l; the class token's output feeds the head
+(the class token may halt too, as in the official code). Halted tokens are
+zeroed and hidden as attention keys. ponder = N + r per token.
+
+Two inference paths give the same predictions:
+- `__call__` (what the official code does): every block runs on every
+  token, halted ones masked, so it is no faster than the dense model;
+- `token_removal_apply`: before each block the still-active tokens are
+  gathered into a buffer padded to a multiple of 8 (the batch's largest
+  count), so later blocks really run on fewer tokens.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vitjax.models.vit import ViT
+
+Array = jax.Array
+
+
+@flax.struct.dataclass
+class HaltState:
+  """Per-token ACT bookkeeping carried through the blocks."""
+  cumulative: Array  # [b, n] sum of h so far
+  remainder: Array  # [b, n] 1 - sum of h before the current block
+  active: Array  # bool [b, n]: still running
+  output: Array  # [b, n, c] float32 ACT-weighted sum of block outputs
+  ponder: Array  # [b, n] blocks run + remainder at halting
+  depth: Array  # [b, n] blocks run
+  scores: tuple[Array, ...] = ()  # per block: h of the tokens that ran it
+  raw_scores: tuple[Array, ...] = ()  # per block: h of every token
+  ran: tuple[Array, ...] = ()  # per block: who ran it
+
+  @classmethod
+  def start(cls, x: Array) -> 'HaltState':
+    b, n, _ = x.shape
+    zeros = jnp.zeros((b, n), jnp.float32)
+    return cls(zeros, jnp.ones((b, n), jnp.float32), jnp.ones((b, n), bool),
+               jnp.zeros(x.shape, jnp.float32), zeros, zeros)
+
+  def update(self, x: Array, h: Array, eps: float) -> 'HaltState':
+    """Accounts block output x (halted tokens already zeroed) and scores h."""
+    active = self.active
+    h_run = jnp.where(active, h, 0.0)
+    cumulative = self.cumulative + h_run
+    halting = active & (cumulative >= 1.0 - eps)
+    still = active & ~halting
+    weight = jnp.where(still, h_run, jnp.where(halting, self.remainder, 0.0))
+    return self.replace(
+        cumulative=cumulative,
+        remainder=jnp.where(still, self.remainder - h_run, self.remainder),
+        active=still,
+        output=self.output + weight[..., None] * x.astype(jnp.float32),
+        ponder=self.ponder + active + jnp.where(halting, self.remainder, 0.0),
+        depth=self.depth + active,
+        scores=self.scores + (h_run,),
+        raw_scores=self.raw_scores + (h,),
+        ran=self.ran + (active,))
+
+
+def _zero_halted(x: Array, active: Array) -> Array:
+  return jnp.where(active[..., None], x, jnp.zeros((), x.dtype))
+
+
+class AViT(ViT):
+  """ViT with ACT halting; returns `(logits, aux)`.
+
+  aux: 'ponder' and 'depth' [b, n]; 'halting' and 'raw_halting' [depth, b,
+  n] (h of the tokens that ran each block / of all tokens); 'active'
+  [depth, b, n]; 'gate_inputs' [depth, b, n] (x[:, :, 0] after each block,
+  for calibrating gate_center).
+  """
+  gate_scale: float = 10.0  # gamma
+  gate_center: float = 10.0  # beta: calibrate it on the dense model
+  halting_eps: float = 0.01
+
+  def halting_score(self, x: Array, i: int) -> Array:
+    if i == self.depth - 1:
+      return jnp.ones(x.shape[:2], jnp.float32)
+    return jax.nn.sigmoid(self.gate_scale * x[..., 0].astype(jnp.float32)
+                          - self.gate_center)
+
+  def __call__(self, images: Array, *, train: bool
+               ) -> tuple[Array, dict[str, Array]]:
+    x = self.tokens(images, train=train)
+    state = HaltState.start(x)
+    gate_inputs = []
+    for i, block in enumerate(self.blocks):
+      keys = state.active[:, None, None, :]  # halted tokens hide as keys
+      x = _zero_halted(block(_zero_halted(x, state.active), keys,
+                             deterministic=not train), state.active)
+      gate_inputs.append(x[..., 0].astype(jnp.float32))
+      state = state.update(x, self.halting_score(x, i), self.halting_eps)
+    logits, aux = self.finish(state)
+    aux['gate_inputs'] = jnp.stack(gate_inputs)
+    return logits, aux
+
+  def finish(self, state: HaltState) -> tuple[Array, dict[str, Array]]:
+    logits, aux = self.classify(state.output)
+    aux.update(ponder=state.ponder, depth=state.depth,
+               halting=jnp.stack(state.scores),
+               raw_halting=jnp.stack(state.raw_scores),
+               active=jnp.stack(state.ran))
+    return logits, aux
+
+  # Pieces for the token-removal path, which runs the same parameters.
+
+  def embed_only(self, images: Array) -> Array:
+    return self.tokens(images, train=False)
+
+  def block_only(self, x: Array, keys: Array, i: int) -> Array:
+    return self.blocks[i](x, keys, deterministic=True)
+
+  def finish_only(self, state: HaltState):
+    return self.finish(state)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 4, 5))
+def _removal_block(model: AViT, params: Any, x: Array, state: HaltState,
+                   i: int, width: int) -> tuple[Array, HaltState]:
+  """Block i on the active tokens gathered into a [b, width, c] buffer."""
+  b = x.shape[0]
+  # Active tokens first, in their original order, then halted padding.
+  order = jnp.argsort(~state.active, axis=1, stable=True)[:, :width]
+  gathered_active = jnp.take_along_axis(state.active, order, axis=1)
+  xg = _zero_halted(jnp.take_along_axis(x, order[..., None], axis=1),
+                    gathered_active)
+  y = model.apply({'params': params}, xg, gathered_active[:, None, None, :],
+                  i, method=AViT.block_only)
+  y = _zero_halted(y, gathered_active)
+  rows = jnp.arange(b)[:, None]
+  x = jnp.zeros_like(x).at[rows, order].set(y)
+  return x, state.update(x, model.halting_score(x, i), model.halting_eps)
+
+
+def token_removal_apply(model: AViT, params: Any, images: Array
+                        ) -> tuple[Array, dict[str, Array]]:
+  """Inference that skips halted tokens (see the module docstring).
+
+  Runs block by block from the host: the batch's largest active count sets
+  each block's buffer (a multiple of 8), so each (block, width) pair
+  compiles once and later blocks process fewer tokens.
+  """
+  x = _embed(model, params, images)
+  state = HaltState.start(x)
+  n = x.shape[1]
+  for i in range(model.depth):
+    most = int(jnp.max(jnp.sum(state.active, axis=1)))
+    width = min(-(-max(most, 1) // 8) * 8, n)
+    x, state = _removal_block(model, params, x, state, i, width)
+  return _finish(model, params, state)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _embed(model, params, images):
+  return model.apply({'params': params}, images, method=AViT.embed_only)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _finish(model, params, state):
+  return model.apply({'params': params}, state, method=AViT.finish_only)
+
+
+def calibrate_gate_center(gate_inputs: np.ndarray, gate_scale: float,
+                          target_sum: float) -> float:
+  """beta such that the mean over tokens of sum_{l<D-1} sigmoid(gamma x0_l -
+  beta) equals target_sum, on gate inputs [depth, ...] of the dense model.
+
+  A small target (0.1-0.3) means no early halting yet, with the sigmoid far
+  from saturation, so the ponder loss has gradient from the first step.
+  """
+  x0 = np.asarray(gate_inputs, np.float64)[:-1].reshape(
+      gate_inputs.shape[0] - 1, -1)
+
+  def halting_sum(beta):
+    z = np.clip(gate_scale * x0 - beta, -60, 60)
+    return float(np.mean(np.sum(1.0 / (1.0 + np.exp(-z)), axis=0)))
+
+  lo, hi = -1e3, 1e3  # halting_sum falls as beta grows
+  for _ in range(200):
+    mid = 0.5 * (lo + hi)
+    if halting_sum(mid) > target_sum:
+      lo = mid
+    else:
+      hi = mid
+  return 0.5 * (lo + hi)

@@ -1,0 +1,151 @@
+"""What each model family trains with: objective, optimizer, first weights.
+
+- vit: classification loss; AdamW on every parameter; random init.
+- dynamic_vit: classification + ratio + distillation losses; predictors at
+  the full schedule, the backbone at a fraction of it and frozen at first,
+  class token and position embedding fixed (the official recipe); weights
+  from the ViT workdir `sparse.init_from`, which is also the teacher.
+- avit: classification + ponder + halting prior (+ optional distillation);
+  every parameter trained at the full schedule (the official recipe);
+  weights from the ViT; gate_center calibrated on it (see `_gate_center`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+from ml_collections import ConfigDict
+import numpy as np
+import optax
+
+from absl import logging
+
+from vitjax import checkpoint, finetune, losses, models, objectives
+from vitjax import train_state
+from vitjax.data.sources import Dataset
+from vitjax.models import avit
+
+IMAGE_SHAPE = (32, 32, 3)
+
+
+@dataclasses.dataclass
+class Recipe:
+  model: Any
+  objective: Any
+  # total_steps -> (optimizer, its main learning-rate schedule)
+  make_tx: Callable[[int], tuple[optax.GradientTransformation,
+                                 optax.Schedule]]
+  # key -> parameters to start from (jittable)
+  initial_params: Callable[[jax.Array], Any]
+  teacher: finetune.Teacher | None = None
+
+
+def build(config: ConfigDict, data: Dataset, steps_per_epoch: int, mesh,
+          workdir: Path, *, with_teacher: bool = True) -> Recipe:
+  """The recipe for config.model.name. with_teacher=False skips loading the
+  ViT checkpoint when only the state's structure is needed."""
+  num_classes = data.num_classes
+  name = config.model.name
+  teacher = None
+  if name != 'vit' and with_teacher:
+    teacher = finetune.load_teacher(config.sparse.init_from, num_classes,
+                                    mesh)
+    finetune.check_backbone_matches(config.model, teacher,
+                                    config.sparse.init_from)
+  overrides = {}
+  if name == 'avit':
+    overrides['gate_center'] = _gate_center(config, teacher, data, workdir)
+  model = models.create(config.model, num_classes, **overrides)
+  loss_fn = losses.make_classification_loss(
+      config.loss, data.train.counts(num_classes), steps_per_epoch)
+  batch = config.train.batch_size
+
+  def standard_tx(total_steps):
+    schedule = train_state.learning_rate_schedule(
+        config.optim, total_steps, steps_per_epoch, batch)
+    return train_state.make_optimizer(config.optim, schedule), schedule
+
+  fresh = lambda key: train_state.init_params(model, key, IMAGE_SHAPE)
+  if name == 'vit':
+    return Recipe(model, objectives.Classification(model, loss_fn),
+                  standard_tx, fresh)
+
+  def from_teacher(key):
+    return finetune.merge_params(fresh(key), teacher.params)
+
+  if name == 'dynamic_vit':
+    sp = config.sparse
+    objective = objectives.DynamicViTObjective(
+        model, loss_fn, teacher if sp.distill else None,
+        ratio_weight=sp.ratio_weight, kl_weight=sp.kl_weight,
+        token_weight=sp.token_weight)
+
+    def tx(total_steps):
+      params = jax.eval_shape(fresh, jax.random.key(0))
+      return finetune.finetune_optimizer(
+          config.optim, sp, params, total_steps, steps_per_epoch, batch,
+          new_prefixes=('predictor_',), frozen_names=('cls', 'pos_embedding'))
+
+    return Recipe(model, objective, tx, from_teacher, teacher)
+  if name == 'avit':
+    sp = config.sparse
+    objective = objectives.AViTObjective(
+        model, loss_fn, teacher if sp.distill else None,
+        ponder_weight=sp.ponder_weight, distr_weight=sp.distr_weight,
+        prior_mean=sp.prior_mean if sp.prior_mean >= 0 else round(
+            2 * model.depth / 3),
+        prior_std=sp.prior_std, faithful=sp.faithful,
+        kl_weight=sp.kl_weight)
+    return Recipe(model, objective, standard_tx, from_teacher, teacher)
+  raise ValueError(f'no training recipe for model.name={name!r}.')
+
+
+def _gate_center(config: ConfigDict, teacher: finetune.Teacher | None,
+                 data: Dataset, workdir: Path) -> float:
+  """A-ViT's beta: the config's, or calibrated once on the dense ViT.
+
+  The paper's constants saturate the sigmoid on a fresh CIFAR model (h ~
+  1e-13, no ponder gradient), so by default beta is chosen so that the
+  dense model's mean per-token halting sum over the first D-1 blocks is
+  `sparse.initial_halting_sum`. It is computed at the first start and kept
+  in <workdir>/calibration.json, which resumes and evaluations reuse.
+  """
+  sp = config.sparse
+  if not sp.calibrate_gate_center:
+    return config.model.gate_center
+  path = workdir / 'calibration.json'
+  if path.exists():
+    return float(json.loads(path.read_text())['gate_center'])
+  if teacher is None:
+    raise checkpoint.CheckpointError(
+        f'{str(path)!r} is missing: the A-ViT run in {str(workdir)!r} has '
+        'not started. Train it first (python -m vitjax.main '
+        f'--config=configs/avit.py --workdir={workdir}).')
+  probe = models.create(config.model, data.num_classes, gate_center=1e9)
+  images = data.train.images[:sp.calibration_images]
+  gate_inputs = jax.jit(lambda p, x: probe.apply(
+      {'params': p}, x, train=False)[1]['gate_inputs'])(
+          finetune.merge_params(
+              train_state.init_params(probe, jax.random.key(0), IMAGE_SHAPE),
+              teacher.params), images)
+  beta = avit.calibrate_gate_center(np.asarray(gate_inputs),
+                                    config.model.gate_scale,
+                                    sp.initial_halting_sum)
+  record = {'gate_center': beta, 'gate_scale': config.model.gate_scale,
+            'initial_halting_sum': sp.initial_halting_sum,
+            'images': int(len(images)),
+            'gate_input_mean': float(np.mean(gate_inputs)),
+            'gate_input_std': float(np.std(gate_inputs))}
+  workdir.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix('.tmp')
+  tmp.write_text(json.dumps(record, indent=1))
+  tmp.replace(path)
+  logging.info('A-ViT gate_center calibrated to %.4f (gate_scale %.1f, mean '
+               'halting sum %.2f over the first D-1 blocks of the ViT, on '
+               '%d training images).', beta, config.model.gate_scale,
+               sp.initial_halting_sum, len(images))
+  return beta
