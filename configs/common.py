@@ -107,6 +107,11 @@ def base() -> ConfigDict:
   c.eval.use_ema = True  # evaluate the EMA weights when they exist
   c.eval.speed_batch = 256  # batch for the images/s measurement
   c.eval.speed_seconds = 0.5  # per timing repeat (median of 5)
+  c.eval.quant = 'none'  # 'int8': evaluate in int8 (vitjax/quantization.py)
+  c.eval.quant_path = 'fake'  # 'fake' (quant-dequant) | 'serve' (frozen int8)
+  c.eval.quant_backend = 'aqt'  # 'aqt' (aqtp) | 'fallback' (hand-written)
+  c.eval.quant_head = False  # also quantize the classifier head
+  c.eval.quant_attention = False  # also quantize the attention einsums
   return c
 
 

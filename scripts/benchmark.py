@@ -96,7 +96,7 @@ def main(argv):
 
   train_rate, train_rates = _timed(run_train, batch)
 
-  predict = evaluate.make_predict_fn(model, mesh)
+  predict = evaluate.make_predict_fn(evaluate.Predictor(model, None), mesh)
   eval_batch = config.eval.speed_batch
   images = jax.device_put(np.zeros((eval_batch, 32, 32, 3), np.uint8),
                           parallel.batch_sharding(mesh))
@@ -104,7 +104,7 @@ def main(argv):
   def run_infer(n):
     start = time.perf_counter()
     for _ in range(n):
-      out = predict(state.params, images)
+      out = predict({'params': state.params}, images)
     jax.block_until_ready(out)
     return time.perf_counter() - start
 

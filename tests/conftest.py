@@ -86,3 +86,18 @@ def smoke_config(tiny_data_root, tmp_path):
   c.data.val_fraction = 0.2
   c.data.log_sampled_images = 32
   return c
+
+
+@pytest.fixture(scope='session')
+def trained_vit_workdir(tmp_path_factory, tiny_data_root) -> Path:
+  """A tiny ViT trained for two epochs on the tiny dataset (shared)."""
+  from vitjax import train  # pylint: disable=g-import-not-at-top
+  c = vit_config.get_config('smoke')
+  c.data.root = str(tiny_data_root)
+  c.data.cache_dir = str(tmp_path_factory.mktemp('cache'))
+  c.data.val_fraction = 0.2
+  c.train.batch_size, c.train.epochs, c.train.eval_every_epochs = 16, 3., 1.
+  c.eval.batch_size, c.eval.speed_batch, c.eval.speed_seconds = 32, 16, 0.02
+  workdir = tmp_path_factory.mktemp('vit')
+  train.train_and_evaluate(c, str(workdir))
+  return workdir

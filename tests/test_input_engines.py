@@ -2,13 +2,14 @@
 
 import numpy as np
 import pytest
-import tensorflow as tf
-import tensorflow.experimental.numpy as tnp
 import jax
 import jax.numpy as jnp
 
-from configs import common
-from vitjax.data import augment, device_pipeline, sampling, tf_pipeline
+tf = pytest.importorskip('tensorflow')  # absent on the GPU image
+import tensorflow.experimental.numpy as tnp  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vitjax.data import augment, device_pipeline, sampling, tf_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 from vitjax.data.sources import Split
 
 COUNTS = (400, 200, 100, 50)  # 8:1 imbalance makes the modes easy to tell

@@ -106,7 +106,7 @@ def test_mixing_keeps_targets_normalised_and_consistent(mixup, cutmix):
     # Image 0 is mixed with image 5: its mean pixel reveals lambda, and the
     # target weight of its own class must equal that lambda.
     lam = 1.0 - x[0].mean() / 50.0
-    np.testing.assert_allclose(t[0, 0], lam, atol=1e-5)
+    np.testing.assert_allclose(t[0, 0], lam, atol=1e-4)
 
 
 def test_mixing_off_is_identity():

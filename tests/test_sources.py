@@ -4,7 +4,8 @@ import shutil
 
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
+
+tfds = pytest.importorskip('tensorflow_datasets')  # absent on the GPU image
 
 from configs import common
 from tests.conftest import TEST_DIR, TRAIN_DIR, make_image_tree

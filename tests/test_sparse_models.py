@@ -156,7 +156,7 @@ def test_masked_and_token_removal_paths_agree():
   model, params, _, _ = _calibrated(2.0)
   x = _images(16, seed=7)
   l1, a1 = model.apply({'params': params}, x, train=False)
-  l2, a2 = avit.token_removal_apply(model, params, x)
+  l2, a2 = avit.token_removal_apply(model, {'params': params}, x)
   np.testing.assert_array_equal(np.argmax(l1, -1), np.argmax(l2, -1))
   np.testing.assert_allclose(l1, l2, atol=1e-4)
   np.testing.assert_array_equal(a1['depth'], a2['depth'])

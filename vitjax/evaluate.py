@@ -7,6 +7,7 @@ table.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any, Callable
@@ -48,16 +49,34 @@ def classification_metrics(labels: np.ndarray, logits: np.ndarray,
   }
 
 
-def make_predict_fn(model: nn.Module, mesh) -> Callable:
-  """Jitted (params, images) -> float32 logits, batch sharded on the mesh."""
-  def predict(params, images):
-    return model.apply({'params': params}, images, train=False)[0]
-  return jax.jit(predict, in_shardings=(parallel.replicated(mesh),
-                                        parallel.batch_sharding(mesh)),
+@dataclasses.dataclass(frozen=True)
+class Predictor:
+  """A model ready for inference on given variables.
+
+  `prepare` runs inside the jitted call: the int8 server uses it to rebuild
+  the zero float kernels that aqtp declares but never reads.
+  """
+  model: nn.Module
+  variables: Any  # {'params': ...} plus, for int8 serving, {'aqt': ...}
+  prepare: Callable[[Any], Any] = lambda v: v
+
+  def apply(self, variables: Any, images: jax.Array) -> tuple[jax.Array, Any]:
+    return self.model.apply(self.prepare(variables), images, train=False)
+
+  @property
+  def params(self) -> Any:
+    return self.variables['params']
+
+
+def make_predict_fn(predictor: Predictor, mesh) -> Callable:
+  """Jitted (variables, images) -> float32 logits, batch sharded."""
+  return jax.jit(lambda v, x: predictor.apply(v, x)[0],
+                 in_shardings=(parallel.replicated(mesh),
+                               parallel.batch_sharding(mesh)),
                  out_shardings=parallel.batch_sharding(mesh))
 
 
-def predict(predict_fn: Callable, params: Any, images: np.ndarray,
+def predict(predict_fn: Callable, variables: Any, images: np.ndarray,
             batch_size: int, mesh) -> np.ndarray:
   """Logits for every image; the last batch is padded, then trimmed."""
   parallel.check_batch(batch_size, mesh, 'eval.batch_size')
@@ -69,18 +88,20 @@ def predict(predict_fn: Callable, params: Any, images: np.ndarray,
     if n < batch_size:
       chunk = np.concatenate([chunk, np.zeros((batch_size - n,) +
                                               chunk.shape[1:], chunk.dtype)])
-    logits = predict_fn(params, jax.device_put(chunk, sharding))
+    logits = predict_fn(variables, jax.device_put(chunk, sharding))
     out.append(parallel.to_host(logits)[:n])
   return np.concatenate(out)
 
 
-def evaluate_split(predict_fn: Callable, params: Any, split: Split,
-                   batch_size: int, mesh, num_classes: int) -> dict[str, Any]:
-  logits = predict(predict_fn, params, split.images, batch_size, mesh)
-  return classification_metrics(split.labels, logits, num_classes)
+def evaluate_split(predict_fn: Callable, variables: Any, split: Split,
+                   batch_size: int, mesh, num_classes: int,
+                   return_logits: bool = False):
+  logits = predict(predict_fn, variables, split.images, batch_size, mesh)
+  metrics = classification_metrics(split.labels, logits, num_classes)
+  return (metrics, logits) if return_logits else metrics
 
 
-def cost_report(model: nn.Module, params: Any, mesh, speed_batch: int,
+def cost_report(predictor: Predictor, mesh, speed_batch: int,
                 image_shape: tuple[int, ...], speed_seconds: float = 0.5,
                 tokens_per_block=None) -> dict[str, Any]:
   """Parameters, MACs per image (analytic and XLA's count), speed.
@@ -88,28 +109,29 @@ def cost_report(model: nn.Module, params: Any, mesh, speed_batch: int,
   tokens_per_block: measured per-block token counts (A-ViT); by default the
   model's static ones.
   """
-  predict_fn = make_predict_fn(model, mesh)
+  model, variables = predictor.model, predictor.variables
+  predict_fn = make_predict_fn(predictor, mesh)
   batch = max(speed_batch // mesh.size, 1) * mesh.size
   images = jax.device_put(np.zeros((batch,) + image_shape, np.uint8),
                           parallel.batch_sharding(mesh))
   single = np.zeros((1,) + image_shape, np.uint8)
-  one = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False)[0])
-  flops = complexity.xla_flops(one, params, single)
+  one = jax.jit(lambda v, x: predictor.apply(v, x)[0])
   return {
-      'parameters': complexity.param_count(params),
+      'parameters': complexity.param_count(variables['params']),
       **complexity.model_macs(model, image_shape[0], tokens_per_block),
-      'xla_flops_per_image': flops,
+      'xla_flops_per_image': complexity.xla_flops(one, variables, single),
       'inference_images_per_second': complexity.images_per_second(
-          predict_fn, params, images, batch=batch, min_seconds=speed_seconds),
+          predict_fn, variables, images, batch=batch,
+          min_seconds=speed_seconds),
       'inference_batch': batch,
       'latency_ms_batch1': 1000.0 / complexity.images_per_second(
-          one, params, single, batch=1, min_seconds=speed_seconds),
+          one, variables, single, batch=1, min_seconds=speed_seconds),
       'device': f'{jax.device_count()} x {jax.devices()[0].device_kind}',
   }
 
 
-def sparsity_report(model: nn.Module, params: Any, images: np.ndarray,
-                    batch_size: int, mesh, speed_batch: int,
+def sparsity_report(predictor: Predictor, images: np.ndarray,
+                    batch_size: int, speed_batch: int,
                     speed_seconds: float) -> dict[str, Any]:
   """What a sparse model actually computes on `images` (the test set).
 
@@ -118,6 +140,7 @@ def sparsity_report(model: nn.Module, params: Any, images: np.ndarray,
   paths: their agreement and their speed.
   """
   from vitjax.models import avit, dynamic_vit  # pylint: disable=g-import-not-at-top
+  model = predictor.model
   patches = (images.shape[1] // model.patch_size) ** 2
   if isinstance(model, dynamic_vit.DynamicViT):
     keep = model.keep_counts(patches)
@@ -126,23 +149,24 @@ def sparsity_report(model: nn.Module, params: Any, images: np.ndarray,
             'tokens_per_block': list(model.tokens_per_block(patches))}
   if not isinstance(model, avit.AViT):
     return {}
-  masked = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False))
+  masked = jax.jit(predictor.apply)
+  ready = jax.jit(predictor.prepare)(predictor.variables)  # for removal
+  removal = lambda v, x: avit.token_removal_apply(model, v, x)
   preds, removal_preds, depth, active = [], [], [], []
   for start in range(0, len(images), batch_size):
     x = images[start:start + batch_size]
-    logits, aux = masked(params, x)
+    logits, aux = masked(predictor.variables, x)
     preds.append(np.argmax(logits, -1))
     depth.append(np.asarray(aux['depth']))
     active.append(np.asarray(aux['active']).sum(-1))  # [depth, b]
-    removal_preds.append(np.argmax(avit.token_removal_apply(
-        model, params, x)[0], -1))
+    removal_preds.append(np.argmax(removal(ready, x)[0], -1))
   depth = np.concatenate(depth)  # [n, tokens]
   tokens_per_block = np.concatenate(active, axis=1).mean(1)
   halts_at = np.bincount(depth.astype(int).ravel() - 1,
                          minlength=model.depth) / depth.size
   speed_x = images[:speed_batch]
-  rate = lambda fn: complexity.images_per_second(
-      fn, params, speed_x, batch=len(speed_x), min_seconds=speed_seconds)
+  rate = lambda fn, v: complexity.images_per_second(
+      fn, v, speed_x, batch=len(speed_x), min_seconds=speed_seconds)
   return {
       'gate_center': model.gate_center,
       'mean_depth_per_token': float(depth.mean()),
@@ -151,9 +175,10 @@ def sparsity_report(model: nn.Module, params: Any, images: np.ndarray,
       'halting_distribution': halts_at.tolist(),
       'token_removal_agreement': float(np.mean(
           np.concatenate(preds) == np.concatenate(removal_preds))),
-      'masked_images_per_second': rate(lambda p, x: masked(p, x)[0]),
+      'masked_images_per_second': rate(lambda v, x: masked(v, x)[0],
+                                       predictor.variables),
       'token_removal_images_per_second': rate(
-          lambda p, x: avit.token_removal_apply(model, p, x)[0]),
+          lambda v, x: removal(v, x)[0], ready),
       'speed_batch': int(len(speed_x)),
   }
 

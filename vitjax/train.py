@@ -24,8 +24,8 @@ from ml_collections import ConfigDict
 import numpy as np
 import optax
 
-from vitjax import checkpoint, evaluate, mixing, parallel, recipes
-from vitjax import train_state, writers
+from vitjax import checkpoint, evaluate, mixing, parallel, quantization
+from vitjax import recipes, train_state, writers
 from vitjax.data import sampling, sources
 
 IMAGE_SHAPE = (32, 32, 3)
@@ -105,7 +105,8 @@ def _train(config: ConfigDict, workdir: Path, t_start: float) -> dict:
   writer = writers.create_writer(workdir)
   log = writers.JsonlLog(workdir / 'metrics.jsonl')
   log.trim_after(start)
-  predict_fn = evaluate.make_predict_fn(model, mesh)
+  predict_fn = evaluate.make_predict_fn(
+      evaluate.Predictor(model, None), mesh)
   loop = _Loop(config, workdir, ckpts, writer, log, predict_fn, data, mesh,
                steps_per_epoch, total_steps, eval_every, best, train_time,
                objective.extra_metrics)
@@ -198,7 +199,8 @@ class _Loop:
     is_best = False
     if not save_only:
       params = state.eval_params(self.config.eval.use_ema)
-      m = evaluate.evaluate_split(self.predict_fn, params, self.data.val,
+      m = evaluate.evaluate_split(self.predict_fn, {'params': params},
+                                  self.data.val,
                                   self.config.eval.batch_size, self.mesh,
                                   self.data.num_classes)
       is_best = m['balanced_accuracy'] > self.best
@@ -292,7 +294,9 @@ def evaluate_checkpoint(config: ConfigDict, workdir: str | Path,
                         recipe=None, tx=None) -> dict[str, Any]:
   """Restores a checkpoint, evaluates it on val and test, writes the report.
 
-  Sparse models also report their dense teacher's accuracy and speed.
+  With eval.quant='int8' the checkpoint is evaluated in int8 (see
+  vitjax.quantization), with its float predictions for comparison. Sparse
+  models also report their dense teacher's accuracy and speed.
   """
   workdir = Path(workdir).expanduser()
   data = data or sources.load(config.data, config.seed)
@@ -311,50 +315,85 @@ def evaluate_checkpoint(config: ConfigDict, workdir: str | Path,
   finally:
     ckpts.close()
   params = state.eval_params(config.eval.use_ema)
-  predict_fn = evaluate.make_predict_fn(model, mesh)
-  sparsity = evaluate.sparsity_report(
-      model, params, data.test.images, config.eval.batch_size, mesh,
-      config.eval.speed_batch, config.eval.speed_seconds)
-  split_metrics = {
-      name: evaluate.evaluate_split(predict_fn, params, split,
-                                    config.eval.batch_size, mesh,
-                                    data.num_classes)
-      for name, split in (('val', data.val), ('test', data.test))}
-  report = {
-      'checkpoint': f'{which} (step {meta["step"]})',
-      'workdir': str(workdir),
-      'step': int(meta['step']),
-      'model': config.model.name,
-      'class_names': list(data.class_names),
-      'train_seconds': float(meta.get('train_seconds', float('nan'))),
-      **split_metrics,
-      'cost': evaluate.cost_report(
-          model, params, mesh, config.eval.speed_batch, IMAGE_SHAPE,
-          config.eval.speed_seconds,
-          # A-ViT's cost depends on the images: count what the test set ran.
-          sparsity.get('tokens_per_block') if config.model.name == 'avit'
-          else None),
-      'sparsity': sparsity,
-  }
+  ev = config.eval
+  float_predictor = evaluate.Predictor(model, {'params': params})
+  name = str(which)
+  report = {'checkpoint': f'{which} (step {meta["step"]})',
+            'workdir': str(workdir), 'step': int(meta['step']),
+            'model': config.model.name,
+            'class_names': list(data.class_names),
+            'train_seconds': float(meta.get('train_seconds', float('nan')))}
+  if ev.quant == 'int8':
+    predictor, report['quantization'] = _int8_predictor(
+        config, float_predictor, data, mesh, workdir / 'int8' / name)
+    name += '_int8'
+  elif ev.quant == 'none':
+    predictor = float_predictor
+  else:
+    raise ValueError(f"eval.quant={ev.quant!r}: expected 'none' or 'int8'.")
+  report['precision'] = 'int8' if ev.quant == 'int8' else 'float'
+  sparsity = evaluate.sparsity_report(predictor, data.test.images,
+                                      ev.batch_size, ev.speed_batch,
+                                      ev.speed_seconds)
+  predict_fn = evaluate.make_predict_fn(predictor, mesh)
+  for split_name, split in (('val', data.val), ('test', data.test)):
+    report[split_name] = evaluate.evaluate_split(
+        predict_fn, predictor.variables, split, ev.batch_size, mesh,
+        data.num_classes)
+  report['cost'] = evaluate.cost_report(
+      predictor, mesh, ev.speed_batch, IMAGE_SHAPE, ev.speed_seconds,
+      # A-ViT's cost depends on the images: count what the test set ran.
+      sparsity.get('tokens_per_block') if config.model.name == 'avit'
+      else None)
+  report['sparsity'] = sparsity
   if recipe.teacher is not None:
-    teacher = recipe.teacher
-    t_predict = evaluate.make_predict_fn(teacher.model, mesh)
+    teacher = evaluate.Predictor(recipe.teacher.model,
+                                 {'params': recipe.teacher.params})
+    t_predict = evaluate.make_predict_fn(teacher, mesh)
     report['teacher'] = {
-        'workdir': config.sparse.init_from, 'step': teacher.step,
-        **{name: evaluate.evaluate_split(t_predict, teacher.params, split,
-                                         config.eval.batch_size, mesh,
-                                         data.num_classes)
-           for name, split in (('val', data.val), ('test', data.test))},
-        'cost': evaluate.cost_report(teacher.model, teacher.params, mesh,
-                                     config.eval.speed_batch, IMAGE_SHAPE,
-                                     config.eval.speed_seconds)}
+        'workdir': config.sparse.init_from, 'step': recipe.teacher.step,
+        **{n: evaluate.evaluate_split(t_predict, teacher.variables, split,
+                                      ev.batch_size, mesh, data.num_classes)
+           for n, split in (('val', data.val), ('test', data.test))},
+        'cost': evaluate.cost_report(teacher, mesh, ev.speed_batch,
+                                     IMAGE_SHAPE, ev.speed_seconds)}
   if jax.process_index() == 0:
-    path = evaluate.write_report(report, workdir / 'eval', str(which),
+    path = evaluate.write_report(report, workdir / 'eval', name,
                                  data.class_names, workdir / 'metrics.jsonl')
     logging.info('Wrote %s', path)
-  if jax.process_index() == 0:
     evaluate.print_report(report, data.class_names)
   return report
+
+
+def _int8_predictor(config, float_predictor, data, mesh, save_dir: Path):
+  """The int8 predictor of eval.quant_path, and what to report about it."""
+  ev = config.eval
+  model, params = float_predictor.model, float_predictor.params
+  info = {'path': ev.quant_path, 'backend': ev.quant_backend,
+          'head': ev.quant_head, 'attention_einsums': ev.quant_attention}
+  if ev.quant_path == 'fake':
+    predictor = evaluate.Predictor(
+        quantization.quantized_model(model, ev, 'fake'), {'params': params})
+  else:
+    server = quantization.Int8Server.convert(model, ev, params, IMAGE_SHAPE)
+    info.update(quantization.weight_bytes(params, server))
+    if jax.process_index() == 0:
+      info['checkpoint_bytes_on_disk'] = server.save(save_dir)
+      info['checkpoint'] = str(save_dir)
+    # Serve what was saved: the round trip is part of the check.
+    server = quantization.Int8Server.load(save_dir, model, ev, params,
+                                          IMAGE_SHAPE)
+    predictor = evaluate.Predictor(
+        server.model, {'params': server.params, 'aqt': server.frozen},
+        prepare=server.prepare)
+  # How often int8 and float agree, image by image, on the test set.
+  preds = []
+  for p in (float_predictor, predictor):
+    logits = evaluate.predict(evaluate.make_predict_fn(p, mesh), p.variables,
+                              data.test.images, ev.batch_size, mesh)
+    preds.append(np.argmax(logits, -1))
+  info['test_agreement_with_float'] = float(np.mean(preds[0] == preds[1]))
+  return predictor, info
 
 
 def _steps_for_budget(config, build, model, objective_metrics, init_key,
@@ -384,14 +423,17 @@ def _steps_for_budget(config, build, model, objective_metrics, init_key,
     times.append(time.monotonic() - t)
   compile_seconds = times[0]
   t_step = float(np.median(times[warmup:]))
-  predict_fn = evaluate.make_predict_fn(model, mesh)
+  predict_fn = evaluate.make_predict_fn(evaluate.Predictor(model, None),
+                                       mesh)
   t = time.monotonic()
-  evaluate.evaluate_split(predict_fn, state.params, data.val,
+  evaluate.evaluate_split(predict_fn, {'params': state.params}, data.val,
                           config.eval.batch_size, mesh, data.num_classes)
   t_eval = time.monotonic() - t
   del state
   left = budget - (time.monotonic() - t_start) - compile_seconds
-  steps = int(left / (t_step + t_eval / eval_every))
+  # Logging, checkpoints and a busier machine make real steps a little
+  # slower than timed ones (measured: 5-9% on the 2-core CPU); keep margin.
+  steps = int(0.92 * left / (t_step + t_eval / eval_every))
   if steps < 1:
     raise ValueError(f'train.time_budget_minutes={budget / 60:g} leaves no '
                      f'time to train ({time.monotonic() - t0:.0f} s went to '

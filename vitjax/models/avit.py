@@ -130,7 +130,7 @@ class AViT(ViT):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5))
-def _removal_block(model: AViT, params: Any, x: Array, state: HaltState,
+def _removal_block(model: AViT, variables: Any, x: Array, state: HaltState,
                    i: int, width: int) -> tuple[Array, HaltState]:
   """Block i on the active tokens gathered into a [b, width, c] buffer."""
   b = x.shape[0]
@@ -139,40 +139,41 @@ def _removal_block(model: AViT, params: Any, x: Array, state: HaltState,
   gathered_active = jnp.take_along_axis(state.active, order, axis=1)
   xg = _zero_halted(jnp.take_along_axis(x, order[..., None], axis=1),
                     gathered_active)
-  y = model.apply({'params': params}, xg, gathered_active[:, None, None, :],
-                  i, method=AViT.block_only)
+  y = model.apply(variables, xg, gathered_active[:, None, None, :], i,
+                  method=AViT.block_only)
   y = _zero_halted(y, gathered_active)
   rows = jnp.arange(b)[:, None]
   x = jnp.zeros_like(x).at[rows, order].set(y)
   return x, state.update(x, model.halting_score(x, i), model.halting_eps)
 
 
-def token_removal_apply(model: AViT, params: Any, images: Array
+def token_removal_apply(model: AViT, variables: Any, images: Array
                         ) -> tuple[Array, dict[str, Array]]:
   """Inference that skips halted tokens (see the module docstring).
 
-  Runs block by block from the host: the batch's largest active count sets
-  each block's buffer (a multiple of 8), so each (block, width) pair
-  compiles once and later blocks process fewer tokens.
+  variables: {'params': ...} (plus 'aqt' for int8 serving). Runs block by
+  block from the host: the batch's largest active count sets each block's
+  buffer (a multiple of 8), so each (block, width) pair compiles once and
+  later blocks process fewer tokens.
   """
-  x = _embed(model, params, images)
+  x = _embed(model, variables, images)
   state = HaltState.start(x)
   n = x.shape[1]
   for i in range(model.depth):
     most = int(jnp.max(jnp.sum(state.active, axis=1)))
     width = min(-(-max(most, 1) // 8) * 8, n)
-    x, state = _removal_block(model, params, x, state, i, width)
-  return _finish(model, params, state)
+    x, state = _removal_block(model, variables, x, state, i, width)
+  return _finish(model, variables, state)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _embed(model, params, images):
-  return model.apply({'params': params}, images, method=AViT.embed_only)
+def _embed(model, variables, images):
+  return model.apply(variables, images, method=AViT.embed_only)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _finish(model, params, state):
-  return model.apply({'params': params}, state, method=AViT.finish_only)
+def _finish(model, variables, state):
+  return model.apply(variables, state, method=AViT.finish_only)
 
 
 def calibrate_gate_center(gate_inputs: np.ndarray, gate_scale: float,

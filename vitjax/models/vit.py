@@ -161,12 +161,16 @@ class EncoderBlock(nn.Module):
   drop_path: float = 0.0
   dtype: Any = jnp.float32
   dot_general_cls: DotGeneralCls = None
+  einsum_cls: DotGeneralCls = None  # int8 for the two attention einsums
 
   @nn.compact
   def __call__(self, x: Array, mask: Array | None = None, *,
                policy: Array | None = None, deterministic: bool) -> Array:
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm1')(x)
     extra = {}
+    if self.einsum_cls is not None:
+      extra.update(qk_attn_weights_einsum_cls=self.einsum_cls,
+                   attn_weights_value_einsum_cls=self.einsum_cls)
     if policy is not None:
       extra['attention_fn'] = functools.partial(policy_attention,
                                                 policy=policy)
@@ -203,7 +207,11 @@ class ViT(nn.Module):
   drop_path: float = 0.0  # rate of the last block; rises linearly from 0
   stem: str = 'patch'
   dtype: str = 'float32'
+  # Injected, not configured: the blocks' Dense layers (bf16 or int8), the
+  # head's (int8 only when asked) and the attention einsums' (int8).
   dot_general_cls: DotGeneralCls = None
+  head_dot_general_cls: DotGeneralCls = None
+  attention_einsum_cls: DotGeneralCls = None
 
   def setup(self):
     dtype = compute_dtype(self.dtype)
@@ -216,11 +224,12 @@ class ViT(nn.Module):
             mlp_dim=int(self.hidden_dim * self.mlp_ratio),
             dropout=self.dropout, attention_dropout=self.attention_dropout,
             drop_path=self.drop_path * i / max(self.depth - 1, 1),
-            dtype=dtype, dot_general_cls=self.dot_general_cls)
+            dtype=dtype, dot_general_cls=self.dot_general_cls,
+            einsum_cls=self.attention_einsum_cls)
         for i in range(self.depth)]
     self.encoder_norm = nn.LayerNorm(epsilon=1e-6, dtype=dtype)
     self.head = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
-                         dtype=dtype)
+                         dtype=dtype, dot_general_cls=self.head_dot_general_cls)
 
   def tokens_per_block(self, num_patches: int) -> tuple[int, ...]:
     """Tokens (class token included) each block processes at inference."""

@@ -1,0 +1,84 @@
+"""DynamicViT and A-ViT fine-tuned end to end from a (tiny) ViT workdir."""
+
+import json
+
+import numpy as np
+import pytest
+
+from configs import avit as avit_config, dynamic_vit as dvit_config
+from vitjax import checkpoint, train
+
+
+def _sparse_config(get_config, smoke_config, init_from):
+  c = get_config('smoke')
+  for section in ('data', 'train', 'eval'):
+    c[section] = smoke_config[section]
+  c.sparse.init_from = str(init_from)
+  c.train.epochs = 1.0
+  return c
+
+
+@pytest.fixture
+def vit_workdir(trained_vit_workdir):
+  return trained_vit_workdir
+
+
+def test_dynamic_vit_starts_from_the_vit_and_reports_against_it(
+    smoke_config, vit_workdir, tmp_path):
+  c = _sparse_config(dvit_config.get_config, smoke_config, vit_workdir)
+  report = train.train_and_evaluate(c, str(tmp_path / 'dvit'))
+  assert report['teacher']['step'] > 0
+  assert report['sparsity']['keep_counts'] == [44]  # depth 2: one stage
+  cost, t_cost = report['cost'], report['teacher']['cost']
+  assert cost['predictor_macs_per_image'] > 0
+  assert cost['macs_per_image'] < t_cost['macs_per_image']
+  assert cost['parameters'] > t_cost['parameters']  # + the predictors
+  records = [json.loads(l) for l in
+             (tmp_path / 'dvit' / 'metrics.jsonl').read_text().splitlines()]
+  train_records = [r for r in records if r['split'] == 'train']
+  for key in ('ratio_loss', 'kl_loss', 'token_loss', 'keep_0'):
+    assert np.isfinite(train_records[-1][key]), key
+
+
+def test_dynamic_vit_without_a_teacher_is_the_ablation(smoke_config,
+                                                       vit_workdir, tmp_path):
+  c = _sparse_config(dvit_config.get_config, smoke_config, vit_workdir)
+  c.sparse.distill = False
+  train.train_and_evaluate(c, str(tmp_path / 'dvit'))
+  last = json.loads((tmp_path / 'dvit' / 'metrics.jsonl').read_text()
+                    .splitlines()[-2])
+  assert 'kl_loss' not in last and 'ratio_loss' in last
+
+
+def test_avit_calibrates_its_gate_and_reports_depths(smoke_config,
+                                                     vit_workdir, tmp_path):
+  c = _sparse_config(avit_config.get_config, smoke_config, vit_workdir)
+  report = train.train_and_evaluate(c, str(tmp_path / 'avit'))
+  calibration = json.loads((tmp_path / 'avit' / 'calibration.json')
+                           .read_text())
+  sp = report['sparsity']
+  assert sp['gate_center'] == calibration['gate_center']
+  assert 1.0 <= sp['mean_depth_per_token'] <= 2.0
+  assert sp['token_removal_agreement'] == 1.0
+  assert len(sp['tokens_per_block']) == 2
+  assert (tmp_path / 'avit' / 'eval' / 'halting.png').exists()
+  # Evaluation alone reuses the stored calibration.
+  again = train.evaluate_checkpoint(c, tmp_path / 'avit', 'best')
+  assert again['test'] == report['test']
+
+
+def test_a_missing_vit_workdir_says_how_to_make_it(smoke_config, tmp_path):
+  c = _sparse_config(dvit_config.get_config, smoke_config,
+                     tmp_path / 'nowhere')
+  with pytest.raises(checkpoint.CheckpointError,
+                     match='Train the ViT first: python -m vitjax.main'):
+    train.train_and_evaluate(c, str(tmp_path / 'dvit'))
+
+
+def test_a_backbone_of_other_sizes_is_refused(smoke_config, vit_workdir,
+                                              tmp_path):
+  c = _sparse_config(avit_config.get_config, smoke_config, vit_workdir)
+  c.model.hidden_dim = 64
+  with pytest.raises(checkpoint.CheckpointError,
+                     match='model.hidden_dim is 64 here but 32'):
+    train.train_and_evaluate(c, str(tmp_path / 'avit'))

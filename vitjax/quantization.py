@@ -1,0 +1,232 @@
+"""int8 inference for any checkpoint (ViT, DynamicViT, A-ViT) with aqtp.
+
+What is quantized: every block's q/k/v, attention-output and MLP Dense
+layers, W8A8 symmetric int8 with one scale per output channel for the
+weights and one per token, computed on the fly, for the activations
+(aqtp's defaults: scale = max|x| / 127.5, round half to even). What stays
+float: patch embedding, LayerNorm, softmax, GELU, residual adds, position
+and class embeddings, DynamicViT's predictors, and (unless
+`eval.quant_head` / `eval.quant_attention`) the head and the two attention
+einsums.
+
+Paths (`eval.quant_path`):
+- 'fake': quantize, dequantize, float matmul (aqtp's DequantMode.THIS_INPUT).
+- 'serve': CONVERT freezes the int8 kernels and their scales into an
+  'aqt' collection; SERVE runs int8 x int8 -> int32 dots from it. The frozen
+  model is saved as an orbax checkpoint that holds no float copy of the
+  quantized kernels: aqtp still declares them (google/aqt#720), so zero
+  kernels are rebuilt inside the jitted function, where they are dead code.
+Backends (`eval.quant_backend`): 'aqt', or 'fallback', a hand-written
+fake-quant with the same numerics, for a jax that breaks aqtp ('fake' only).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+# Kernels of these Dense layers are the quantized ones.
+_BLOCK_LAYERS = ('query', 'key', 'value', 'out', 'fc1', 'fc2')
+PATHS = ('fake', 'serve')
+BACKENDS = ('aqt', 'fallback')
+
+
+def _check(quant_cfg) -> None:
+  if quant_cfg.quant_path not in PATHS:
+    raise ValueError(f'eval.quant_path={quant_cfg.quant_path!r}: expected one '
+                     f'of {PATHS}.')
+  if quant_cfg.quant_backend not in BACKENDS:
+    raise ValueError(f'eval.quant_backend={quant_cfg.quant_backend!r}: '
+                     f'expected one of {BACKENDS}.')
+  if quant_cfg.quant_backend == 'fallback' and quant_cfg.quant_path == 'serve':
+    raise ValueError("eval.quant_path='serve' needs eval.quant_backend='aqt' "
+                     '(the fallback only fake-quantizes).')
+
+
+def _aqt_config(fake: bool):
+  from aqt.jax.v2 import aqt_dot_general, config  # pylint: disable=g-import-not-at-top
+  cfg = config.config_v4(fwd_bits=8, dlhs_bits=None, drhs_bits=None)
+  if fake:
+    mode = aqt_dot_general.DequantMode.THIS_INPUT
+    config.set_fwd_dequant_mode(cfg, lhs_dequant_mode=mode,
+                                rhs_dequant_mode=mode)
+    config.set_accumulator_dtype(cfg, fwd_dtype=None, dlhs_dtype=config.SKIP,
+                                 drhs_dtype=config.SKIP)
+  return cfg
+
+
+def _dot_general_cls(quant_cfg, stage: str) -> Callable[[], Any]:
+  """stage: 'fake', 'convert' or 'serve'. One instance per layer (aqtp's
+  CONVERT would otherwise write every layer into one shared variable)."""
+  if quant_cfg.quant_backend == 'fallback':
+    return FakeQuantDot
+  from aqt.jax.v2.flax import aqt_flax  # pylint: disable=g-import-not-at-top
+  mode = {'fake': aqt_flax.QuantMode.TRAIN,
+          'convert': aqt_flax.QuantMode.CONVERT,
+          'serve': aqt_flax.QuantMode.SERVE}[stage]
+  return functools.partial(
+      aqt_flax.AqtDotGeneral, _aqt_config(stage == 'fake'), prng_name=None,
+      lhs_quant_mode=aqt_flax.QuantMode.TRAIN, rhs_quant_mode=mode,
+      rhs_freeze_mode=aqt_flax.FreezerMode.CALIBRATION_AND_VALUE)
+
+
+def _einsum_cls(quant_cfg) -> Callable[[], Any] | None:
+  if not quant_cfg.quant_attention:
+    return None
+  if quant_cfg.quant_backend == 'fallback':
+    raise ValueError("eval.quant_attention needs eval.quant_backend='aqt'.")
+  from aqt.jax.v2.flax import aqt_flax  # pylint: disable=g-import-not-at-top
+  # Both operands are activations, quantized per call.
+  return functools.partial(aqt_flax.AqtEinsum, _aqt_config(
+      quant_cfg.quant_path == 'fake'), prng_name=None)
+
+
+def quantized_model(model: nn.Module, quant_cfg, stage: str) -> nn.Module:
+  """The same model with int8 injected into its Dense layers (see top)."""
+  _check(quant_cfg)
+  dot = _dot_general_cls(quant_cfg, stage)
+  return model.clone(dot_general_cls=dot,
+                     head_dot_general_cls=dot if quant_cfg.quant_head
+                     else None,
+                     attention_einsum_cls=_einsum_cls(quant_cfg))
+
+
+class FakeQuantDot:
+  """Hand-written symmetric int8 fake-quant with aqtp's numerics.
+
+  Each operand is scaled by its abs-max over its own contracting axes (per
+  token for activations, per output channel for kernels), / 127.5, rounded
+  half to even, clipped to +-127, dequantized, then multiplied in float.
+  """
+
+  def __call__(self, lhs, rhs, dimension_numbers, precision=None,
+               preferred_element_type=None, **kwargs):
+    (lc, rc), _ = dimension_numbers
+    return jax.lax.dot_general(
+        fake_quant(lhs, tuple(lc)), fake_quant(rhs, tuple(rc)),
+        dimension_numbers, precision=precision,
+        preferred_element_type=preferred_element_type, **kwargs)
+
+
+def fake_quant(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+  x32 = x.astype(jnp.float32)
+  scale = jnp.max(jnp.abs(x32), axis=axes, keepdims=True) / 127.5
+  scale = jnp.where(scale == 0, 1.0, scale)
+  q = jnp.clip(jnp.round(x32 / scale), -127, 127)
+  return (q * scale).astype(x.dtype)
+
+
+def is_quantized_kernel(path: tuple[str, ...], quant_cfg) -> bool:
+  names = set(path)
+  if path[-1] != 'kernel':
+    return False
+  if any(p.startswith('predictors_') for p in path):
+    return False
+  return bool(names & set(_BLOCK_LAYERS)) or (
+      quant_cfg.quant_head and path[0] == 'head')
+
+
+def _split(params: Any, quant_cfg) -> tuple[Any, dict[str, Any]]:
+  """(params without the quantized kernels, {path: kernel shape/dtype})."""
+  removed = {}
+
+  def walk(tree, prefix):
+    out = {}
+    for k, v in tree.items():
+      path = prefix + (k,)
+      if isinstance(v, dict):
+        out[k] = walk(v, path)
+      elif is_quantized_kernel(path, quant_cfg):
+        removed['/'.join(path)] = jax.ShapeDtypeStruct(v.shape, v.dtype)
+      else:
+        out[k] = v
+    return out
+
+  return walk(params, ()), removed
+
+
+def _with_zero_kernels(params: Any, removed: dict[str, Any]) -> Any:
+  params = jax.tree.map(lambda x: x, params)  # a copy we may extend
+  for path, spec in removed.items():
+    node = params
+    *parents, leaf = path.split('/')
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = jnp.zeros(spec.shape, spec.dtype)
+  return params
+
+
+class Int8Server:
+  """A frozen int8 model: what CONVERT produced, run with SERVE."""
+
+  def __init__(self, model: nn.Module, quant_cfg, params: Any, frozen: Any,
+               removed: dict[str, Any]):
+    self.model = quantized_model(model, quant_cfg, 'serve')
+    self.params, self.frozen, self.removed = params, frozen, removed
+
+  @classmethod
+  def convert(cls, model: nn.Module, quant_cfg, params: Any,
+              image_shape: tuple[int, ...]) -> 'Int8Server':
+    converter = quantized_model(model, quant_cfg, 'convert')
+    dummy = jnp.zeros((1,) + tuple(image_shape), jnp.uint8)
+    _, variables = jax.jit(lambda p: converter.apply(
+        {'params': p}, dummy, train=False, mutable=['aqt']))(params)
+    float_free, removed = _split(params, quant_cfg)
+    return cls(model, quant_cfg, float_free, variables['aqt'], removed)
+
+  def prepare(self, variables: Any) -> Any:
+    """{'params': float-free, 'aqt': frozen} -> what SERVE's apply takes.
+
+    Call it inside the jitted function: the zero kernels are dead code there
+    and never materialise.
+    """
+    return {'params': _with_zero_kernels(variables['params'], self.removed),
+            'aqt': variables['aqt']}
+
+  def predict(self, images: jax.Array) -> jax.Array:
+    apply = lambda v, x: self.model.apply(self.prepare(v), x, train=False)[0]
+    return jax.jit(apply)({'params': self.params, 'aqt': self.frozen},
+                          images)
+
+  def save(self, directory: Path) -> int:
+    """Writes an orbax checkpoint; returns its bytes on disk."""
+    directory = Path(directory)
+    checkpointer = ocp.StandardCheckpointer()
+    checkpointer.save(directory.absolute(),
+                      {'params': self.params, 'aqt': self.frozen},
+                      force=True)
+    checkpointer.wait_until_finished()
+    return sum(f.stat().st_size for f in directory.rglob('*') if f.is_file())
+
+  @classmethod
+  def load(cls, directory: Path, model: nn.Module, quant_cfg,
+           float_params: Any, image_shape) -> 'Int8Server':
+    """Restores a saved server; float_params only give the tree's shapes."""
+    template = cls.convert(model, quant_cfg, float_params, image_shape)
+    abstract = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
+        {'params': template.params, 'aqt': template.frozen})
+    restored = ocp.StandardCheckpointer().restore(
+        Path(directory).absolute(), abstract)
+    return cls(model, quant_cfg, restored['params'], restored['aqt'],
+               template.removed)
+
+
+def weight_bytes(params: Any, server: 'Int8Server') -> dict[str, int]:
+  """Bytes of the quantized kernels as float32 and as frozen int8 values
+  plus their float32 scales (read off the CONVERT output), and of the
+  whole model in each form."""
+  as_float = sum(4 * int(np.prod(s.shape)) for s in server.removed.values())
+  as_int8 = sum(int(np.asarray(x).nbytes)
+                for x in jax.tree.leaves(server.frozen))
+  total = sum(4 * int(np.size(x)) for x in jax.tree.leaves(params))
+  return {'float32_kernel_bytes': as_float, 'int8_kernel_bytes': as_int8,
+          'float32_model_bytes': total,
+          'int8_model_bytes': total - as_float + as_int8}
