@@ -15,12 +15,17 @@ COURSE_TRAIN_PROFILE = (4435, 4189, 3065, 4191, 4513, 3717, 3513, 3249, 2685,
                         2023)
 COURSE_TEST_PER_CLASS = 487
 
+# Where each preset's ViT run lives by default: the sparse models start
+# from it (sparse.init_from), as the README's commands train it.
+DENSE_WORKDIRS = {'': 'checkpoints/vit', 'cpu': 'checkpoints/vit_cpu',
+                  'smoke': 'checkpoints/vit_smoke'}
+
 # Model sizes by name. `seed` is the course's own ViT, kept for comparison.
 VARIANTS = {
     # name: (patch_size, hidden_dim, depth, num_heads, mlp_ratio)
     'seed': (8, 384, 6, 6, 4.0),
     'small/4': (4, 256, 8, 4, 4.0),  # the GPU recipe's
-    'micro/4': (4, 128, 4, 4, 2.0),
+    'micro/4': (4, 128, 4, 4, 2.0),  # the CPU sprint's
     'nano/4': (4, 32, 2, 2, 2.0),  # tests only
 }
 
@@ -130,7 +135,7 @@ def apply_variant(c: ConfigDict, name: str) -> ConfigDict:
   return c
 
 
-def parse_arg(arg: str | None, presets: dict) -> str:
+def parse_arg(arg: str | None, presets: tuple[str, ...]) -> str:
   """Checks a config argument (`file.py:name`) against the known presets."""
   arg = arg or ''
   if arg not in presets:

@@ -34,12 +34,14 @@ def get_config(arg=None):
     c.aug.randaugment_layers = 0
     c.aug.mixup_alpha = 0.0
     c.aug.cutmix_alpha = 0.0
-    c.train.batch_size = 128
+    # Batch 64: on 2 cores it runs faster per image than 128 (caches), and
+    # gives twice the updates of a short schedule.
+    c.train.batch_size = 64
     c.train.time_budget_minutes = 20.0
     c.train.epochs = 30.0
     c.train.eval_every_epochs = 3.0
     c.optim.warmup_epochs = 1.0
-    c.optim.lr = 8e-3  # 2e-3 at batch 128
+    c.optim.lr = 1.2e-2  # 1.5e-3 at batch 64
   elif preset == 'seed':
     common.apply_variant(c, 'seed')
     c.model.stem = 'patch'

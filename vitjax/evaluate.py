@@ -230,6 +230,17 @@ def format_table(report: dict[str, Any], class_names: tuple[str, ...]) -> str:
                 f'speed-up at batch {c["inference_batch"]} '
                 f'{c["inference_images_per_second"] / t["cost"]["inference_images_per_second"]:.2f}x, '
                 f'at batch 1 {t["cost"]["latency_ms_batch1"] / c["latency_ms_batch1"]:.2f}x')
+  q = report.get('quantization')
+  if q:
+    line = (f'int8 ({q["path"]}, {q["backend"]}): agrees with float on '
+            f'{q["test_agreement_with_float"]:.4f} of test images')
+    if 'int8_kernel_bytes' in q:
+      line += (f'; quantized kernels {q["int8_kernel_bytes"]:,} B vs '
+               f'{q["float32_kernel_bytes"]:,} B float32 '
+               f'({q["int8_kernel_bytes"] / q["float32_kernel_bytes"]:.3f}x)'
+               f'; int8 checkpoint {q.get("checkpoint_bytes_on_disk", 0):,} B '
+               'on disk')
+    rows.append(line)
   sp = report.get('sparsity', {})
   if 'mean_depth_per_token' in sp:
     rows.append(f'A-ViT: mean depth {sp["mean_depth_per_token"]:.2f} blocks '

@@ -110,14 +110,12 @@ def _train(config: ConfigDict, workdir: Path, t_start: float) -> dict:
   loop = _Loop(config, workdir, ckpts, writer, log, predict_fn, data, mesh,
                steps_per_epoch, total_steps, eval_every, best, train_time,
                objective.extra_metrics)
-  state = loop.run(state, train_step, engine, start)
+  loop.run(state, train_step, engine, start)
   ckpts.wait()
+  ckpts.close()
   writer.flush()
-
-  report = evaluate_checkpoint(config, workdir, 'best', data=data,
-                               mesh=mesh, recipe=recipe, tx=tx)
-  report['train_seconds'] = loop.train_time
-  return report
+  return evaluate_checkpoint(config, workdir, 'best', data=data, mesh=mesh,
+                             recipe=recipe, tx=tx)
 
 
 class _Loop:
@@ -160,6 +158,7 @@ class _Loop:
                                   not evaluate_now)
           t_window = time.monotonic()
         if stop.requested:
+          self.ckpts.wait()  # the save is asynchronous; finish it first
           raise KeyboardInterrupt(f'stopped by {stop.requested}')
     finally:
       stop.restore()
@@ -312,6 +311,8 @@ def evaluate_checkpoint(config: ConfigDict, workdir: str | Path,
   ckpts = checkpoint.Checkpoints(workdir)
   try:
     state, meta = ckpts.restore(abstract, which)
+    # The run's whole training time is in its latest checkpoint.
+    train_seconds = ckpts.read_meta('latest')['train_seconds']
   finally:
     ckpts.close()
   params = state.eval_params(config.eval.use_ema)
@@ -322,7 +323,7 @@ def evaluate_checkpoint(config: ConfigDict, workdir: str | Path,
             'workdir': str(workdir), 'step': int(meta['step']),
             'model': config.model.name,
             'class_names': list(data.class_names),
-            'train_seconds': float(meta.get('train_seconds', float('nan')))}
+            'train_seconds': float(train_seconds)}
   if ev.quant == 'int8':
     predictor, report['quantization'] = _int8_predictor(
         config, float_predictor, data, mesh, workdir / 'int8' / name)
