@@ -161,11 +161,15 @@ def test_two_devices_give_the_same_loss_as_one(smoke_config):
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
 
 
-def test_device_engine_trains_too(smoke_config, tmp_path):
+def test_device_engine_trains_too_in_a_relative_workdir(
+    smoke_config, tmp_path, monkeypatch):
   smoke_config.data.pipeline = 'device'
   smoke_config.train.epochs = 0.5
-  report = _run(smoke_config, tmp_path / 'run')
+  # The README's commands name workdirs relative to the checkout.
+  monkeypatch.chdir(tmp_path)
+  report = _run(smoke_config, 'checkpoints/run')
   assert np.isfinite(report['val']['loss'])
+  assert (tmp_path / 'checkpoints/run/checkpoints/best').iterdir()
 
 
 def test_time_budget_sizes_the_schedule(smoke_config, tmp_path):

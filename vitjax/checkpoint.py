@@ -63,7 +63,9 @@ class Checkpoints:
   """The latest and best checkpoints of one workdir."""
 
   def __init__(self, workdir: Path, keep: int = 2):
-    self._dir = workdir / 'checkpoints'
+    # orbax's asynchronous writers need absolute paths; `--workdir` is
+    # usually relative (checkpoints/vit_cpu).
+    self._dir = Path(workdir).absolute() / 'checkpoints'
     self._latest = _manager(self._dir / 'latest', keep)
     self._best = _manager(self._dir / 'best', 1)
 
