@@ -2,11 +2,12 @@
 
 import json
 
+import jax
 import numpy as np
 import pytest
 
 from configs import avit as avit_config, dynamic_vit as dvit_config
-from vitjax import checkpoint, train
+from vitjax import checkpoint, finetune, train
 
 
 def _sparse_config(get_config, smoke_config, init_from):
@@ -38,6 +39,29 @@ def test_dynamic_vit_starts_from_the_vit_and_reports_against_it(
   train_records = [r for r in records if r['split'] == 'train']
   for key in ('ratio_loss', 'kl_loss', 'token_loss', 'keep_0'):
     assert np.isfinite(train_records[-1][key]), key
+
+
+def test_the_predictors_train_at_the_full_rate_the_backbone_frozen_first():
+  params = {'embed': {'kernel': 1.}, 'cls': 1.,
+            'blocks_0': {'kernel': 1.},
+            'predictors_0': {'in_conv': {'kernel': 1.}}}
+  dense = {k: v for k, v in params.items() if k != 'predictors_0'}
+  assert finetune.param_groups(params, dense, ('cls',)) == {
+      'embed': {'kernel': 'backbone'}, 'cls': 'frozen',
+      'blocks_0': {'kernel': 'backbone'},
+      'predictors_0': {'in_conv': {'kernel': 'new'}}}
+  c = dvit_config.get_config('smoke')
+  c.optim.warmup_epochs = 0.0
+  c.sparse.freeze_backbone_fraction = 0.5
+  tx, _ = finetune.finetune_optimizer(
+      c.optim, c.sparse, params, total_steps=10, steps_per_epoch=10,
+      batch_size=c.train.batch_size, dense=dense, frozen_names=('cls',))
+  params = jax.tree.map(lambda v: np.full((2, 2), v, np.float32), params)
+  grads = jax.tree.map(np.ones_like, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert np.all(updates['predictors_0']['in_conv']['kernel'] != 0)
+  assert not np.any(updates['blocks_0']['kernel'])
+  assert not np.any(updates['cls'])
 
 
 def test_dynamic_vit_without_a_teacher_is_the_ablation(smoke_config,

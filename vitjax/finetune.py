@@ -99,27 +99,28 @@ def merge_params(fresh: Any, dense: Any) -> Any:
   return fresh
 
 
-def param_groups(params: Any, new_prefixes: tuple[str, ...],
-                 frozen_names: tuple[str, ...]) -> Any:
-  """'new' (modules absent from the ViT), 'frozen' or 'backbone' per leaf."""
+def param_groups(params: Any, dense: Any, frozen_names: tuple[str, ...]
+                 ) -> Any:
+  """'new' (absent from the dense ViT's params), 'frozen' or 'backbone' per
+  leaf. Membership, not module names, decides what is new."""
   def label(path, _):
-    names = [getattr(k, 'key', '') for k in path]
-    if any(n.startswith(new_prefixes) for n in names):
-      return 'new'
-    if names[-1] in frozen_names:
-      return 'frozen'
-    return 'backbone'
+    node = dense
+    for key in path:
+      if not isinstance(node, dict) or key.key not in node:
+        return 'new'
+      node = node[key.key]
+    return 'frozen' if path[-1].key in frozen_names else 'backbone'
   return jax.tree_util.tree_map_with_path(label, params)
 
 
 def finetune_optimizer(optim_cfg, sparse_cfg, params: Any, total_steps: int,
                        steps_per_epoch: int, batch_size: int,
-                       new_prefixes: tuple[str, ...],
-                       frozen_names: tuple[str, ...] = ()
+                       dense: Any, frozen_names: tuple[str, ...] = ()
                        ) -> tuple[optax.GradientTransformation,
                                   optax.Schedule]:
-  """New modules at the full schedule; the backbone at backbone_lr_mult of
-  it, held at zero for the first freeze_backbone_fraction of the steps."""
+  """Modules absent from `dense` (the ViT's params) at the full schedule;
+  the backbone at backbone_lr_mult of it, held at zero for the first
+  freeze_backbone_fraction of the steps."""
   schedule = train_state.learning_rate_schedule(
       optim_cfg, total_steps, steps_per_epoch, batch_size)
   freeze = int(round(sparse_cfg.freeze_backbone_fraction * total_steps))
@@ -131,6 +132,6 @@ def finetune_optimizer(optim_cfg, sparse_cfg, params: Any, total_steps: int,
   groups = {'new': train_state.adamw(optim_cfg, schedule),
             'backbone': train_state.adamw(optim_cfg, backbone_schedule),
             'frozen': optax.set_to_zero()}
-  labels = param_groups(params, new_prefixes, frozen_names)
+  labels = param_groups(params, dense, frozen_names)
   return train_state.with_clipping(
       optim_cfg, optax.multi_transform(groups, labels)), schedule

@@ -45,13 +45,12 @@ class Recipe:
 
 
 def build(config: ConfigDict, data: Dataset, steps_per_epoch: int, mesh,
-          workdir: Path, *, with_teacher: bool = True) -> Recipe:
-  """The recipe for config.model.name. with_teacher=False skips loading the
-  ViT checkpoint when only the state's structure is needed."""
+          workdir: Path) -> Recipe:
+  """The recipe for config.model.name; sparse models load their ViT."""
   num_classes = data.num_classes
   name = config.model.name
   teacher = None
-  if name != 'vit' and with_teacher:
+  if name != 'vit':
     teacher = finetune.load_teacher(config.sparse.init_from, num_classes,
                                     mesh)
     finetune.check_backbone_matches(config.model, teacher,
@@ -88,7 +87,7 @@ def build(config: ConfigDict, data: Dataset, steps_per_epoch: int, mesh,
       params = jax.eval_shape(fresh, jax.random.key(0))
       return finetune.finetune_optimizer(
           config.optim, sp, params, total_steps, steps_per_epoch, batch,
-          new_prefixes=('predictor_',), frozen_names=('cls', 'pos_embedding'))
+          dense=teacher.params, frozen_names=('cls', 'pos_embedding'))
 
     return Recipe(model, objective, tx, from_teacher, teacher)
   if name == 'avit':
