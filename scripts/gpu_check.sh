@@ -6,7 +6,8 @@
 #
 # Here, once (needs ../shared/data and pip):   scripts/gpu_check.sh prepare
 #   -> .gpu/wheels/*.whl (what the GPU image lacks: ml_collections, clu, aqtp) and
-#      .gpu/data.tar (the course data, JPEG, ~60 MB); .gpu/ is git-ignored.
+#      .gpu/data.tar.gz (the course data, JPEG, ~37 MiB: the device tool carries
+#      at most 64 MiB); .gpu/ is git-ignored.
 # There (the device tool's run, carry=['.gpu']):  scripts/gpu_check.sh
 # Anywhere, as a dry run on a tiny config:
 #   GPU_CHECK_CONFIG=configs/vit.py:smoke GPU_CHECK_TESTS=tests/test_vit.py \
@@ -22,7 +23,7 @@ if [[ "${1:-}" == "prepare" ]]; then
   "$PY" -m pip download --quiet --no-deps --only-binary=:all: \
     --python-version 3.12 --implementation py --platform any \
     -d .gpu/wheels ml_collections clu aqtp
-  tar -C "${VITJAX_DATA_ROOT:-../shared/data}" -cf .gpu/data.tar \
+  tar -C "${VITJAX_DATA_ROOT:-../shared/data}" -czf .gpu/data.tar.gz \
     CIFAR10_imbalanced CIFAR10_balanced
   du -sh .gpu/*
   exit 0
@@ -43,9 +44,9 @@ else
   export PYTHONPATH=$PWD:${PYTHONPATH:-}
 fi
 DATA=${VITJAX_DATA_ROOT:-}
-if [[ -z "$DATA" && -f .gpu/data.tar ]]; then
+if [[ -z "$DATA" && -f .gpu/data.tar.gz ]]; then
   DATA=/tmp/vitjax-data
-  mkdir -p "$DATA" && tar -C "$DATA" -xf .gpu/data.tar
+  mkdir -p "$DATA" && tar -C "$DATA" -xzf .gpu/data.tar.gz
 fi
 DATA=${DATA:-./data}
 export VITJAX_DATA_ROOT=$DATA
