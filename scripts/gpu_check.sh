@@ -64,6 +64,7 @@ echo "tests took $((SECONDS - start)) s"
 
 echo "== benchmark: $CONFIG"
 "$PY" scripts/benchmark.py --config="$CONFIG" --input=device --repeats=3 \
+  --config.data.root="$DATA" --config.data.cache_dir=/tmp/vitjax-cache \
   --seconds=3
 
 echo "== full recipe: $CONFIG"
