@@ -30,12 +30,10 @@ COLUMNS = ('model', 'precision', 'balanced test acc.', 'top-1', 'worst class',
            'images/s bs256', 'train time')
 
 
-def _row(report: dict, parameters: int) -> dict:
-  """One table row; `parameters` is the float model's count (an int8
-  server's tree holds the quantized kernels outside its params)."""
+def _row(report: dict) -> dict:
   c, t = report['cost'], report['test']
   q = report.get('quantization', {})
-  weight_bytes = q.get('int8_model_bytes', 4 * parameters)
+  weight_bytes = q.get('int8_model_bytes', 4 * c['parameters'])
   minutes = report.get('train_seconds', float('nan')) / 60
   # A-ViT serves through token removal; its masked path is no faster.
   rate = report.get('sparsity', {}).get('token_removal_images_per_second',
@@ -45,7 +43,7 @@ def _row(report: dict, parameters: int) -> dict:
       'balanced test acc.': f'{100 * t["balanced_accuracy"]:.2f}%',
       'top-1': f'{100 * t["accuracy"]:.2f}%',
       'worst class': f'{100 * t["worst_class_recall"]:.1f}%',
-      'params': f'{parameters / 1e6:.2f} M',
+      'params': f'{c["parameters"] / 1e6:.2f} M',
       'MMACs/image': f'{c["macs_per_image"] / 1e6:.1f}',
       'weight MB': f'{weight_bytes / 2**20:.2f}',
       'latency bs1 (ms)': f'{c["latency_ms_batch1"]:.2f}',
@@ -82,9 +80,7 @@ def main(argv):
       report['label'] = workdir.name
       reports.append(report)
 
-  # Reports come in (float, int8) pairs per workdir.
-  rows = [_row(r, reports[i - i % 2]['cost']['parameters'])
-          for i, r in enumerate(reports)]
+  rows = [_row(r) for r in reports]
   table = ['| ' + ' | '.join(COLUMNS) + ' |',
            '|' + '---|' * len(COLUMNS)]
   table += ['| ' + ' | '.join(r[c] for c in COLUMNS) + ' |' for r in rows]

@@ -105,6 +105,8 @@ def test_a_trained_model_keeps_its_predictions_in_int8(smoke_config,
     q = report['quantization']
     assert q['test_agreement_with_float'] >= 0.98, path
     assert report['precision'] == 'int8'
+    # The same model: the serving tree's missing float kernels still count.
+    assert report['cost']['parameters'] == 21_162, path
   assert q['checkpoint_bytes_on_disk'] > 0
   assert (trained_vit_workdir / 'eval' / 'report_best_int8.json').exists()
 

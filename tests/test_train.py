@@ -169,7 +169,7 @@ def test_device_engine_trains_too_in_a_relative_workdir(
   monkeypatch.chdir(tmp_path)
   report = _run(smoke_config, 'checkpoints/run')
   assert np.isfinite(report['val']['loss'])
-  assert (tmp_path / 'checkpoints/run/checkpoints/best').iterdir()
+  assert any((tmp_path / 'checkpoints/run/checkpoints/best').iterdir())
 
 
 def test_time_budget_sizes_the_schedule(smoke_config, tmp_path):

@@ -103,11 +103,14 @@ def evaluate_split(predict_fn: Callable, variables: Any, split: Split,
 
 def cost_report(predictor: Predictor, mesh, speed_batch: int,
                 image_shape: tuple[int, ...], speed_seconds: float = 0.5,
-                tokens_per_block=None) -> dict[str, Any]:
+                tokens_per_block=None, float_params: Any = None
+                ) -> dict[str, Any]:
   """Parameters, MACs per image (analytic and XLA's count), speed.
 
   tokens_per_block: measured per-block token counts (A-ViT); by default the
-  model's static ones.
+  model's static ones. float_params: what to count as the parameters when
+  the predictor's own tree lacks some (an int8 server keeps its quantized
+  kernels outside 'params').
   """
   model, variables = predictor.model, predictor.variables
   predict_fn = make_predict_fn(predictor, mesh)
@@ -117,7 +120,8 @@ def cost_report(predictor: Predictor, mesh, speed_batch: int,
   single = np.zeros((1,) + image_shape, np.uint8)
   one = jax.jit(lambda v, x: predictor.apply(v, x)[0])
   return {
-      'parameters': complexity.param_count(variables['params']),
+      'parameters': complexity.param_count(
+          variables['params'] if float_params is None else float_params),
       **complexity.model_macs(model, image_shape[0], tokens_per_block),
       'xla_flops_per_image': complexity.xla_flops(one, variables, single),
       'inference_images_per_second': complexity.images_per_second(

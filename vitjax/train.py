@@ -345,7 +345,7 @@ def evaluate_checkpoint(config: ConfigDict, workdir: str | Path,
       predictor, mesh, ev.speed_batch, IMAGE_SHAPE, ev.speed_seconds,
       # A-ViT's cost depends on the images: count what the test set ran.
       sparsity.get('tokens_per_block') if config.model.name == 'avit'
-      else None)
+      else None, float_params=params)
   report['sparsity'] = sparsity
   if recipe.teacher is not None:
     teacher = evaluate.Predictor(recipe.teacher.model,
