@@ -162,6 +162,30 @@ def test_masked_and_token_removal_paths_agree():
   np.testing.assert_array_equal(a1['depth'], a2['depth'])
 
 
+def test_token_removal_in_pieces_of_different_widths():
+  model, params, _, _ = _calibrated(2.0)
+  x = _images(16, seed=7)
+  l1, a1 = model.apply({'params': params}, x, train=False)
+  # Pieces of 3 images: the last one is short, and widths differ by piece.
+  l2, a2 = avit.token_removal_apply(model, {'params': params}, x,
+                                    images_per_piece=3)
+  np.testing.assert_allclose(l1, l2, atol=1e-4)
+  np.testing.assert_array_equal(a1['depth'], a2['depth'])
+  widths = set()
+  for active in np.asarray(a1['active'])[1:]:
+    pieces, where = avit.removal_plan(active, 3)
+    widths |= {p.rows.shape[1] for p in pieces}
+    assert all(p.rows.shape[1] % 8 == 0 or p.rows.shape[1] == active.shape[1]
+               for p in pieces)
+    # Every active token has exactly one output row; the others read zeros.
+    b, n = active.shape
+    rows = np.concatenate([p.rows[p.valid] for p in pieces])
+    np.testing.assert_array_equal(np.sort(rows), np.flatnonzero(active))
+    assert (where[~active] == b * n).all()
+    assert len(np.unique(where[active])) == active.sum()
+  assert len(widths) > 1
+
+
 def test_ponder_loss_has_gradient_at_the_calibrated_gate():
   model, params, _, _ = _calibrated(0.2)
   x = _images()
