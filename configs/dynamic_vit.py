@@ -41,10 +41,12 @@ def get_config(arg=None):
     c.train.epochs = 50.0
     c.optim.warmup_epochs = 5.0
   elif preset == 'cpu':
-    # A 10-minute fine-tune has a few thousand steps at batch 64: the
-    # official 1e-3 x 64/1024 would leave the predictors untrained.
+    # A 20-minute fine-tune has a few thousand steps at batch 64: the
+    # official 1e-3 x 64/1024 would leave the predictors untrained. (After
+    # 10 minutes, validation accuracy was still rising by 0.6 points an
+    # epoch, 1.5 points under the teacher.)
     c.optim.lr_base_batch = 64
-    c.train.time_budget_minutes = 10.0
+    c.train.time_budget_minutes = 20.0
     c.optim.warmup_epochs = 0.5
     c.train.eval_every_epochs = 1.0
   return c

@@ -199,7 +199,7 @@ def _removal_piece(model: AViT, variables: Any, out: Array, x: Array,
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
-def _scatter_back(model: AViT, out: Array, where: Array, i: int,
+def _back_in_token_order(model: AViT, out: Array, where: Array, i: int,
                   state: HaltState) -> tuple[Array, HaltState]:
   """[b, n, c] from the pieces' output rows (zeros for skipped tokens)."""
   x = out[where]
@@ -229,7 +229,7 @@ def token_removal_apply(model: AViT, variables: Any, images: Array, *,
     for piece in pieces:
       out = _removal_piece(model, variables, out, x, piece.rows, piece.valid,
                            i, np.int32(piece.offset))
-    x, state = _scatter_back(model, out, where, i, state)
+    x, state = _back_in_token_order(model, out, where, i, state)
   return _finish(model, variables, state)
 
 
