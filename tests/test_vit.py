@@ -1,5 +1,6 @@
-"""The ViT model, its masked attention, the bf16 dot, and its cost."""
+"""The ViT model, its attention, the bf16 dot, and its cost."""
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -8,7 +9,7 @@ import pytest
 
 from configs import common, vit as vit_config
 from vitjax import complexity, models
-from vitjax.models import bf16_dot
+from vitjax.models import attention, bf16_dot
 from vitjax.models.vit import EncoderBlock, ViT
 
 
@@ -83,6 +84,35 @@ def test_bfloat16_model_tracks_float32():
   b = bf16.apply({'params': params}, x, train=False)[0]
   assert b.dtype == jnp.float32
   np.testing.assert_allclose(a, b, atol=0.1 * float(jnp.abs(a).max()))
+
+
+@pytest.mark.parametrize('dtype, tol', [(jnp.float32, 1e-5),
+                                        (jnp.bfloat16, 0.03)])
+@pytest.mark.parametrize('with_mask', [False, True])
+def test_attention_matches_flax_values_and_gradients(dtype, tol, with_mask):
+  ks = jax.random.split(jax.random.key(0), 4)
+  q, k, v = (jax.random.normal(key, (3, 7, 2, 8)).astype(dtype)
+             for key in ks[:3])
+  # Image 1 hides two keys; image 2 hides all (rows come out uniform).
+  mask = np.ones((3, 1, 1, 7), bool)
+  mask[1, ..., [2, 5]] = False
+  mask[2] = False
+  mask = jnp.asarray(mask) if with_mask else None
+  g = jax.random.normal(ks[3], q.shape)
+
+  def loss(fn):
+    return lambda *qkv: (fn(*qkv, mask=mask).astype(jnp.float32) * g).sum()
+
+  ref = lambda *a, mask: nn.dot_product_attention(
+      *(t.astype(jnp.float32) for t in a), mask=mask)
+  np.testing.assert_allclose(
+      attention.dot_product_attention(q, k, v, mask=mask).astype(jnp.float32),
+      ref(q, k, v, mask=mask), atol=tol)
+  got = jax.grad(loss(attention.dot_product_attention), (0, 1, 2))(q, k, v)
+  want = jax.grad(loss(ref), (0, 1, 2))(q, k, v)
+  for a, b in zip(got, want):
+    assert a.dtype == dtype
+    np.testing.assert_allclose(a.astype(jnp.float32), b, atol=tol * 3)
 
 
 @pytest.mark.parametrize('lhs_shape, rhs_shape, dims', [

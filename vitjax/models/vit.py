@@ -15,6 +15,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vitjax.models import attention
+
 Array = jax.Array
 # `partial(SomeDotGeneral, ...)`, instantiated once per Dense layer. None means
 # the plain float `lax.dot_general`; int8 evaluation injects aqtp's here.
@@ -139,7 +141,8 @@ class MlpBlock(nn.Module):
         n, dtype=self.dtype, kernel_init=_trunc_normal, name=name,
         dot_general_cls=self.dot_general_cls)
     y = dense(self.mlp_dim, 'fc1')(x)
-    y = nn.gelu(y)
+    # In float32: XLA:CPU differentiates a bfloat16 GELU 5x slower.
+    y = nn.gelu(y.astype(jnp.float32)).astype(y.dtype)
     y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
     y = dense(x.shape[-1], 'fc2')(y)
     return nn.Dropout(self.dropout)(y, deterministic=deterministic)
@@ -152,7 +155,9 @@ class EncoderBlock(nn.Module):
   hides a key from a query (A-ViT hides halted tokens this way). `policy`
   ([batch, tokens] floats) instead applies DynamicViT's differentiable keep
   policy (see `policy_attention`). The softmax is computed in float32 either
-  way, so masked logits stay exact under bfloat16.
+  way, so masked logits stay exact under bfloat16; plain attention runs
+  `attention.dot_product_attention`, whose backward pass is fast in
+  bfloat16.
   """
   num_heads: int
   mlp_dim: int
@@ -167,13 +172,14 @@ class EncoderBlock(nn.Module):
   def __call__(self, x: Array, mask: Array | None = None, *,
                policy: Array | None = None, deterministic: bool) -> Array:
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm1')(x)
-    extra = {}
-    if self.einsum_cls is not None:
-      extra.update(qk_attn_weights_einsum_cls=self.einsum_cls,
-                   attn_weights_value_einsum_cls=self.einsum_cls)
     if policy is not None:
-      extra['attention_fn'] = functools.partial(policy_attention,
-                                                policy=policy)
+      extra = {'attention_fn': functools.partial(policy_attention,
+                                                 policy=policy)}
+    elif self.einsum_cls is not None:  # int8: flax runs aqt's einsums
+      extra = {'qk_attn_weights_einsum_cls': self.einsum_cls,
+               'attn_weights_value_einsum_cls': self.einsum_cls}
+    else:
+      extra = {'attention_fn': attention.dot_product_attention}
     y = nn.MultiHeadDotProductAttention(
         num_heads=self.num_heads, dtype=self.dtype, kernel_init=_trunc_normal,
         dropout_rate=self.attention_dropout, force_fp32_for_softmax=True,

@@ -1,0 +1,95 @@
+"""Softmax attention with a hand-written backward pass, fast under bfloat16.
+
+`nn.dot_product_attention` is right but slow to differentiate on XLA:CPU in
+bfloat16: its einsums are upcast to float32 dots, and autodiff produces
+mixed float32 x bfloat16 products and bfloat16 elementwise passes, which
+this CPU runs far below its bfloat16 matmul speed. Here the four backward
+products are written out (dq = ds k, dk = ds^T q, dv = p^T do, dp = do v^T),
+each a bfloat16 x bfloat16 -> float32 batched matmul in the [batch, heads,
+tokens, dim] layout, with the softmax and its backward in float32.
+
+Measured on the 2-core CPU, one pre-LN block of width 128 at batch 64 with
+65 tokens, forward and backward: 58.5 ms with flax's attention, 44.7 ms with
+this one. The result matches flax's to bfloat16 rounding (a test pins it);
+with float32 inputs every product is float32.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Array = jax.Array
+
+
+def _matmul(subscripts: str, a: Array, b: Array) -> Array:
+  return jnp.einsum(subscripts, a, b, preferred_element_type=jnp.float32)
+
+
+def _masked_softmax(logits: Array, mask: Array) -> Array:
+  # As flax: a hidden key gets the most negative logit, so a row whose keys
+  # are all hidden comes out uniform, never NaN.
+  logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  return jax.nn.softmax(logits, axis=-1)
+
+
+@jax.custom_vjp
+def _attention(q: Array, k: Array, v: Array, mask: Array) -> Array:
+  """q, k, v: [b, h, n, d] (q already scaled); mask: bool, broadcastable to
+  [b, h, n, n]. Returns [b, h, n, d] in q's dtype."""
+  return _forward(q, k, v, mask)[0]
+
+
+def _forward(q, k, v, mask):
+  p = _masked_softmax(_matmul('bhqd,bhkd->bhqk', q, k), mask).astype(q.dtype)
+  return _matmul('bhqk,bhkd->bhqd', p, v).astype(q.dtype), (q, k, v, p, mask)
+
+
+def _backward(residuals, d_out):
+  q, k, v, p, mask = residuals
+  d_out = d_out.astype(q.dtype)
+  d_v = _matmul('bhqk,bhqd->bhkd', p, d_out).astype(v.dtype)
+  d_p = _matmul('bhqd,bhkd->bhqk', d_out, v)
+  p32 = p.astype(jnp.float32)
+  d_s = p32 * (d_p - jnp.sum(d_p * p32, -1, keepdims=True))
+  # Hidden keys pass no gradient, even in a row whose keys are all hidden
+  # (where p is uniform, not 0).
+  d_s = jnp.where(mask, d_s, 0.0).astype(q.dtype)
+  d_q = _matmul('bhqk,bhkd->bhqd', d_s, k).astype(q.dtype)
+  d_k = _matmul('bhqk,bhqd->bhkd', d_s, q).astype(k.dtype)
+  return d_q, d_k, d_v, None
+
+
+_attention.defvjp(_forward, _backward)
+
+
+def dot_product_attention(query: Array, key: Array, value: Array,
+                          mask: Array | None = None, *,
+                          dropout_rng: Array | None = None,
+                          dropout_rate: float = 0.0,
+                          broadcast_dropout: bool = True,
+                          deterministic: bool = True,
+                          dtype: Any = None) -> Array:
+  """Drop-in `attention_fn` for `nn.MultiHeadDotProductAttention`.
+
+  query, key, value: [batch, tokens, heads, dim]; mask: bool, broadcastable
+  to [batch, heads, queries, keys], False hides a key. Its keyword
+  arguments are named explicitly because flax passes an attention_fn only
+  the keywords its signature lists. With attention dropout active it hands
+  over to flax's implementation, which draws the dropout mask.
+  """
+  if not deterministic and dropout_rate > 0.0:
+    return nn.dot_product_attention(
+        query, key, value, mask=mask, dropout_rng=dropout_rng,
+        dropout_rate=dropout_rate, broadcast_dropout=broadcast_dropout,
+        deterministic=False, dtype=dtype, force_fp32_for_softmax=True)
+  dtype = dtype or query.dtype
+  scale = np.sqrt(query.shape[-1]).astype(query.dtype)
+  q, k, v = (t.swapaxes(1, 2) for t in (query / scale, key, value))
+  if mask is None:
+    mask = jnp.ones((1, 1, 1, 1), bool)
+  return _attention(q, k, v, mask).swapaxes(1, 2).astype(dtype)
