@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vitjax.models.bf16_dot import Bf16Dot
 from vitjax.models.vit import ViT, compute_dtype
 
 Array = jax.Array
@@ -41,17 +42,22 @@ class PredictorLG(nn.Module):
     Channel 0 is "keep", as in the official code.
     """
     c = self.hidden_dim
+    # Bf16Dot: bfloat16 matmuls with float32 accumulation, as in the blocks
+    # (XLA:CPU runs bfloat16-result dots at half speed); other dtypes pass.
     dense = lambda n, name: nn.Dense(n, dtype=self.dtype,
-                                     kernel_init=_trunc_normal, name=name)
+                                     kernel_init=_trunc_normal, name=name,
+                                     dot_general_cls=Bf16Dot)
+    # GELU in float32, as in the blocks' MLP.
+    gelu = lambda t: nn.gelu(t.astype(jnp.float32)).astype(t.dtype)
     z = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name='norm')(x)
-    z = nn.gelu(dense(c, 'in')(z))
+    z = gelu(dense(c, 'in')(z))
     local, glob = z[..., :c // 2], z[..., c // 2:]
     p = policy[..., None].astype(z.dtype)
     glob = (glob * p).sum(1, keepdims=True) / jnp.maximum(
         p.sum(1, keepdims=True), 1e-6)
     z = jnp.concatenate([local, jnp.broadcast_to(glob, local.shape)], -1)
-    z = nn.gelu(dense(c // 2, 'out_1')(z))
-    z = nn.gelu(dense(c // 4, 'out_2')(z))
+    z = gelu(dense(c // 2, 'out_1')(z))
+    z = gelu(dense(c // 4, 'out_2')(z))
     z = dense(2, 'out_3')(z)
     return jax.nn.log_softmax(z.astype(jnp.float32), axis=-1)
 
