@@ -35,9 +35,8 @@ def _row(report: dict) -> dict:
   q = report.get('quantization', {})
   weight_bytes = q.get('int8_model_bytes', 4 * c['parameters'])
   minutes = report.get('train_seconds', float('nan')) / 60
-  # A-ViT serves through token removal; its masked path is no faster.
-  rate = report.get('sparsity', {}).get('token_removal_images_per_second',
-                                        c['inference_images_per_second'])
+  from vitjax import evaluate  # pylint: disable=g-import-not-at-top
+  rate, _ = evaluate.serving_images_per_second(report)
   return {
       'model': report['label'], 'precision': report['precision'],
       'balanced test acc.': f'{100 * t["balanced_accuracy"]:.2f}%',

@@ -190,6 +190,16 @@ def sparsity_report(predictor: Predictor, images: np.ndarray,
   }
 
 
+def serving_images_per_second(report: dict[str, Any]) -> tuple[float, str]:
+  """The batch images/s a model serves at, and the path when it is not the
+  plain forward: A-ViT serves through token removal (its masked path is no
+  faster than dense)."""
+  sp = report.get('sparsity', {})
+  if 'token_removal_images_per_second' in sp:
+    return sp['token_removal_images_per_second'], 'token removal'
+  return report['cost']['inference_images_per_second'], ''
+
+
 def write_report(report: dict[str, Any], out_dir: Path, name: str,
                  class_names: tuple[str, ...], metrics_jsonl: Path) -> Path:
   """Writes the JSON report and its figures; returns the JSON's path."""
@@ -231,16 +241,14 @@ def format_table(report: dict[str, Any], class_names: tuple[str, ...]) -> str:
   sp = report.get('sparsity', {})
   if 'teacher' in report:
     t = report['teacher']
-    # A-ViT serves through token removal; its masked path is no faster.
-    rate, path = c['inference_images_per_second'], ''
-    if 'token_removal_images_per_second' in sp:
-      rate, path = sp['token_removal_images_per_second'], ' (token removal)'
+    rate, path = serving_images_per_second(report)
     rows.append(f'teacher (dense ViT) test balanced accuracy '
                 f'{t["test"]["balanced_accuracy"]:.4f}; drop '
                 f'{t["test"]["balanced_accuracy"] - report["test"]["balanced_accuracy"]:+.4f}; '
                 f'MACs ratio {c["macs_per_image"] / t["cost"]["macs_per_image"]:.3f}; '
                 f'speed-up at batch {c["inference_batch"]} '
-                f'{rate / t["cost"]["inference_images_per_second"]:.2f}x{path}, '
+                f'{rate / t["cost"]["inference_images_per_second"]:.2f}x'
+                f'{f" ({path})" if path else ""}, '
                 f'at batch 1 {t["cost"]["latency_ms_batch1"] / c["latency_ms_batch1"]:.2f}x'
                 + (' (masked)' if path else ''))
   q = report.get('quantization')

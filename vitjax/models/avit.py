@@ -200,7 +200,7 @@ def _removal_piece(model: AViT, variables: Any, out: Array, x: Array,
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
 def _back_in_token_order(model: AViT, out: Array, where: Array, i: int,
-                  state: HaltState) -> tuple[Array, HaltState]:
+                         state: HaltState) -> tuple[Array, HaltState]:
   """[b, n, c] from the pieces' output rows (zeros for skipped tokens)."""
   x = out[where]
   return x, state.update(x, model.halting_score(x, i), model.halting_eps)

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from vitjax.models.bf16_dot import Bf16Dot
-from vitjax.models.vit import ViT, compute_dtype
+from vitjax.models.vit import ViT, compute_dtype, gelu_f32
 
 Array = jax.Array
 _trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
@@ -47,17 +47,15 @@ class PredictorLG(nn.Module):
     dense = lambda n, name: nn.Dense(n, dtype=self.dtype,
                                      kernel_init=_trunc_normal, name=name,
                                      dot_general_cls=Bf16Dot)
-    # GELU in float32, as in the blocks' MLP.
-    gelu = lambda t: nn.gelu(t.astype(jnp.float32)).astype(t.dtype)
     z = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name='norm')(x)
-    z = gelu(dense(c, 'in')(z))
+    z = gelu_f32(dense(c, 'in')(z))
     local, glob = z[..., :c // 2], z[..., c // 2:]
     p = policy[..., None].astype(z.dtype)
     glob = (glob * p).sum(1, keepdims=True) / jnp.maximum(
         p.sum(1, keepdims=True), 1e-6)
     z = jnp.concatenate([local, jnp.broadcast_to(glob, local.shape)], -1)
-    z = gelu(dense(c // 2, 'out_1')(z))
-    z = gelu(dense(c // 4, 'out_2')(z))
+    z = gelu_f32(dense(c // 2, 'out_1')(z))
+    z = gelu_f32(dense(c // 4, 'out_2')(z))
     z = dense(2, 'out_3')(z)
     return jax.nn.log_softmax(z.astype(jnp.float32), axis=-1)
 

@@ -68,6 +68,12 @@ def policy_attention(query: Array, key: Array, value: Array, *,
   return jnp.einsum('bhqk,bkhd->bqhd', weights, v).astype(dtype)
 
 
+def gelu_f32(x: Array) -> Array:
+  """GELU computed in float32, returned in x's dtype: XLA:CPU
+  differentiates a bfloat16 GELU several times slower than a float32 one."""
+  return nn.gelu(x.astype(jnp.float32)).astype(x.dtype)
+
+
 class DropPath(nn.Module):
   """Stochastic depth: drops a residual branch per example."""
   rate: float
@@ -141,9 +147,7 @@ class MlpBlock(nn.Module):
         n, dtype=self.dtype, kernel_init=_trunc_normal, name=name,
         dot_general_cls=self.dot_general_cls)
     y = dense(self.mlp_dim, 'fc1')(x)
-    # In float32: XLA:CPU differentiates a bfloat16 GELU several times
-    # slower than a float32 one.
-    y = nn.gelu(y.astype(jnp.float32)).astype(y.dtype)
+    y = gelu_f32(y)
     y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
     y = dense(x.shape[-1], 'fc2')(y)
     return nn.Dropout(self.dropout)(y, deterministic=deterministic)
