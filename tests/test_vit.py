@@ -1,4 +1,4 @@
-"""The ViT model, its attention, the bf16 dot, and its cost."""
+"""The ViT model, its attention and Dense layers, the bf16 dot, its cost."""
 
 import flax.linen as nn
 import jax
@@ -9,7 +9,7 @@ import pytest
 
 from configs import common, vit as vit_config
 from vitjax import complexity, models
-from vitjax.models import attention, bf16_dot
+from vitjax.models import attention, bf16_dot, dense
 from vitjax.models.vit import EncoderBlock, ViT
 
 
@@ -113,6 +113,54 @@ def test_attention_matches_flax_values_and_gradients(dtype, tol, with_mask):
   for a, b in zip(got, want):
     assert a.dtype == dtype
     np.testing.assert_allclose(a.astype(jnp.float32), b, atol=tol * 3)
+
+
+@pytest.mark.parametrize('features, axis, in_shape', [
+    (7, -1, (3, 5, 8)),  # MLP, head
+    ((2, 4), -1, (3, 5, 8)),  # query, key, value
+    (7, (-2, -1), (3, 5, 2, 4)),  # attention output
+])
+@pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
+def test_dense_matches_flax_dense_general(features, axis, in_shape, dtype):
+  x = jax.random.normal(jax.random.key(1), in_shape)
+  init = nn.initializers.truncated_normal(0.02)
+  ours = dense.Dense(features, axis, dtype=dtype, kernel_init=init,
+                     dot_general_cls=bf16_dot.Bf16Dot)
+  flax = nn.DenseGeneral(features, axis, dtype=dtype, kernel_init=init,
+                         dot_general_cls=bf16_dot.Bf16Dot)
+  params = ours.init(jax.random.key(0), x)
+  # Same names, shapes and initial values, so checkpoints carry over.
+  reference = flax.init(jax.random.key(0), x)
+  assert jax.tree.structure(params) == jax.tree.structure(reference)
+  for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):
+    np.testing.assert_array_equal(a, b)
+  params = jax.tree.map(  # a nonzero bias
+      lambda p: p + jax.random.normal(jax.random.key(2), p.shape), params)
+  g = jax.random.normal(jax.random.key(3), ours.apply(params, x).shape)
+  loss = lambda m: lambda p: (m.apply(p, x).astype(jnp.float32) * g).sum()
+  tol = 1e-5 if dtype == jnp.float32 else 0.02
+  np.testing.assert_allclose(loss(ours)(params), loss(flax)(params),
+                             rtol=tol)
+  got, want = jax.grad(loss(ours))(params), jax.grad(loss(flax))(params)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert a.dtype == jnp.float32
+    np.testing.assert_allclose(a, b, rtol=tol, atol=tol * np.abs(b).max())
+
+
+def test_self_attention_matches_flax_multi_head_attention():
+  x = jax.random.normal(jax.random.key(0), (2, 9, 16))
+  mask = jnp.asarray(np.arange(9) < 6)[None, None, None, :]
+  ours = attention.SelfAttention(num_heads=4)
+  flax = nn.MultiHeadDotProductAttention(num_heads=4)
+  params = ours.init(jax.random.key(1), x, deterministic=True)
+  ref = flax.init(jax.random.key(1), x, x, deterministic=True)
+  assert (jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, ref))
+  params = jax.tree.map(
+      lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape),
+      params)
+  np.testing.assert_allclose(
+      ours.apply(params, x, mask, deterministic=True),
+      flax.apply(params, x, x, mask=mask, deterministic=True), atol=1e-5)
 
 
 @pytest.mark.parametrize('lhs_shape, rhs_shape, dims', [

@@ -13,16 +13,22 @@ trained at 251 images/s with flax's attention and a bfloat16 GELU, and at
 331 with this attention and the GELU in float32 (models/vit.py). Values
 and gradients match flax's to bfloat16 rounding (tests/test_vit.py); with
 float32 inputs every product is float32.
+
+`SelfAttention` is the blocks' attention layer; `policy_attention` is
+DynamicViT's soft-masked attention for training.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from vitjax.models.dense import Dense
 
 Array = jax.Array
 
@@ -75,13 +81,12 @@ def dot_product_attention(query: Array, key: Array, value: Array,
                           broadcast_dropout: bool = True,
                           deterministic: bool = True,
                           dtype: Any = None) -> Array:
-  """Drop-in `attention_fn` for `nn.MultiHeadDotProductAttention`.
+  """`nn.dot_product_attention` with the fast backward pass above.
 
   query, key, value: [batch, tokens, heads, dim]; mask: bool, broadcastable
-  to [batch, heads, queries, keys], False hides a key. Its keyword
-  arguments are named explicitly because flax passes an attention_fn only
-  the keywords its signature lists. With attention dropout active it hands
-  over to flax's implementation, which draws the dropout mask.
+  to [batch, heads, queries, keys], False hides a key. With attention
+  dropout active it hands over to flax's implementation, which draws the
+  dropout mask.
   """
   if not deterministic and dropout_rate > 0.0:
     return nn.dot_product_attention(
@@ -94,3 +99,81 @@ def dot_product_attention(query: Array, key: Array, value: Array,
   if mask is None:
     mask = jnp.ones((1, 1, 1, 1), bool)
   return _attention(q, k, v, mask).swapaxes(1, 2).astype(dtype)
+
+
+def policy_attention(query: Array, key: Array, value: Array, *,
+                     policy: Array, dropout_rng: Array | None = None,
+                     dropout_rate: float = 0.0, deterministic: bool = True,
+                     broadcast_dropout: bool = True, dtype: Any = None
+                     ) -> Array:
+  """Attention under a soft keep policy (DynamicViT's masked softmax).
+
+  policy: [batch, keys], 1 = kept, 0 = dropped (straight-through hard
+  values in the forward pass). Query i weighs key j by exp(s_ij) G_ij with
+  G_ij = p_j + (1 - p_j) [i == j]: each token sees the kept tokens and
+  itself. Unlike a boolean mask this passes gradients to the policy, which
+  is how the classification loss trains DynamicViT's predictors. In float32;
+  the eps terms are the official code's guard against empty rows.
+  """
+  dtype = dtype or query.dtype
+  q, k, v = (t.astype(jnp.float32) for t in (query, key, value))
+  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / jnp.sqrt(q.shape[-1])
+  n = k.shape[1]
+  p = policy.astype(jnp.float32)[:, None, None, :]
+  gate = p + (1.0 - p) * jnp.eye(n, dtype=jnp.float32)
+  weights = jnp.exp(logits - jax.lax.stop_gradient(
+      logits.max(-1, keepdims=True))) * gate
+  eps = 1e-6
+  weights = (weights + eps / n) / (weights.sum(-1, keepdims=True) + eps)
+  if not deterministic and dropout_rate > 0.0:
+    shape = ((1, 1) + weights.shape[2:]) if broadcast_dropout else (
+        weights.shape)
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, shape)
+    weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
+  return jnp.einsum('bhqk,bkhd->bqhd', weights, v).astype(dtype)
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention with nn.MultiHeadDotProductAttention's
+  parameters (query, key, value, out), built from `dense.Dense` so that the
+  projections' bias gradients are fast on XLA:CPU.
+
+  Three attention kernels, chosen per call: DynamicViT's soft keep `policy`
+  (`policy_attention`); aqtp's int8 einsums when `einsum_cls` is injected
+  (flax's `dot_product_attention`, which accepts them); otherwise
+  `dot_product_attention` above, with `mask` (A-ViT hides halted tokens).
+  """
+  num_heads: int
+  dtype: Any = jnp.float32
+  kernel_init: Callable[..., Array] = nn.initializers.lecun_normal()
+  dropout_rate: float = 0.0
+  dot_general_cls: Callable[[], Any] | None = None
+  einsum_cls: Callable[[], Any] | None = None
+
+  @nn.compact
+  def __call__(self, x: Array, mask: Array | None = None, *,
+               policy: Array | None = None, deterministic: bool) -> Array:
+    dim = x.shape[-1]
+    if dim % self.num_heads:
+      raise ValueError(f'hidden_dim {dim} is not a multiple of num_heads '
+                       f'{self.num_heads}.')
+    project = functools.partial(
+        Dense, (self.num_heads, dim // self.num_heads), dtype=self.dtype,
+        kernel_init=self.kernel_init, dot_general_cls=self.dot_general_cls)
+    q, k, v = (project(name=n)(x) for n in ('query', 'key', 'value'))
+    dropout = {'dropout_rate': self.dropout_rate,
+               'deterministic': deterministic or self.dropout_rate == 0.0}
+    if not dropout['deterministic']:
+      dropout['dropout_rng'] = self.make_rng('dropout')
+    if policy is not None:
+      y = policy_attention(q, k, v, policy=policy, **dropout)
+    elif self.einsum_cls is not None:
+      y = nn.dot_product_attention(
+          q, k, v, mask=mask, dtype=self.dtype, force_fp32_for_softmax=True,
+          qk_attn_weights_einsum=self.einsum_cls(),
+          attn_weights_value_einsum=self.einsum_cls(), **dropout)
+    else:
+      y = dot_product_attention(q, k, v, mask, dtype=self.dtype, **dropout)
+    return Dense(dim, axis=(-2, -1), dtype=self.dtype,
+                 kernel_init=self.kernel_init,
+                 dot_general_cls=self.dot_general_cls, name='out')(y)

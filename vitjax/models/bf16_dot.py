@@ -63,10 +63,10 @@ _dot.defvjp(_dot_fwd, _dot_bwd)
 
 
 class Bf16Dot:
-  """A `lax.dot_general` stand-in for `nn.Dense(dot_general_cls=Bf16Dot)`.
+  """A `lax.dot_general` stand-in: `dense.Dense(dot_general_cls=Bf16Dot)`.
 
-  Only bfloat16 x bfloat16 products without batch axes (every Dense and
-  DenseGeneral in the models) take the float32-accumulating path; anything
+  Only bfloat16 x bfloat16 products without batch axes (every Dense layer
+  in the models) take the float32-accumulating path; anything
   else is passed to `lax.dot_general` unchanged.
   """
 

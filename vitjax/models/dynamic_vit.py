@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from vitjax.models.bf16_dot import Bf16Dot
+from vitjax.models.dense import Dense
 from vitjax.models.vit import ViT, compute_dtype, gelu_f32
 
 Array = jax.Array
@@ -42,11 +43,12 @@ class PredictorLG(nn.Module):
     Channel 0 is "keep", as in the official code.
     """
     c = self.hidden_dim
-    # Bf16Dot: bfloat16 matmuls with float32 accumulation, as in the blocks
-    # (XLA:CPU runs bfloat16-result dots at half speed); other dtypes pass.
-    dense = lambda n, name: nn.Dense(n, dtype=self.dtype,
-                                     kernel_init=_trunc_normal, name=name,
-                                     dot_general_cls=Bf16Dot)
+    # As the blocks' layers: Bf16Dot's bfloat16 matmuls with float32
+    # accumulation (XLA:CPU runs bfloat16-result dots at half speed; other
+    # dtypes pass through) and Dense's fast bias gradient.
+    dense = lambda n, name: Dense(n, dtype=self.dtype,
+                                  kernel_init=_trunc_normal, name=name,
+                                  dot_general_cls=Bf16Dot)
     z = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name='norm')(x)
     z = gelu_f32(dense(c, 'in')(z))
     local, glob = z[..., :c // 2], z[..., c // 2:]

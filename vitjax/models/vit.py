@@ -8,7 +8,6 @@ so that a ViT checkpoint initialises the sparse models directly.
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -16,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from vitjax.models import attention
+from vitjax.models.dense import Dense
 
 Array = jax.Array
 # `partial(SomeDotGeneral, ...)`, instantiated once per Dense layer. None means
@@ -34,38 +34,6 @@ def compute_dtype(name: str) -> jnp.dtype:
   if name not in dtypes:
     raise ValueError(f'model.dtype={name!r}: expected one of {sorted(dtypes)}.')
   return dtypes[name]
-
-
-def policy_attention(query: Array, key: Array, value: Array, *,
-                     policy: Array, dropout_rng: Array | None = None,
-                     dropout_rate: float = 0.0, deterministic: bool = True,
-                     broadcast_dropout: bool = True, dtype: Any = None
-                     ) -> Array:
-  """Attention under a soft keep policy (DynamicViT's masked softmax).
-
-  policy: [batch, keys], 1 = kept, 0 = dropped (straight-through hard
-  values in the forward pass). Query i weighs key j by exp(s_ij) G_ij with
-  G_ij = p_j + (1 - p_j) [i == j]: each token sees the kept tokens and
-  itself. Unlike a boolean mask this passes gradients to the policy, which
-  is how the classification loss trains DynamicViT's predictors. In float32;
-  the eps terms are the official code's guard against empty rows.
-  """
-  dtype = dtype or query.dtype
-  q, k, v = (t.astype(jnp.float32) for t in (query, key, value))
-  logits = jnp.einsum('bqhd,bkhd->bhqk', q, k) / jnp.sqrt(q.shape[-1])
-  n = k.shape[1]
-  p = policy.astype(jnp.float32)[:, None, None, :]
-  gate = p + (1.0 - p) * jnp.eye(n, dtype=jnp.float32)
-  weights = jnp.exp(logits - jax.lax.stop_gradient(
-      logits.max(-1, keepdims=True))) * gate
-  eps = 1e-6
-  weights = (weights + eps / n) / (weights.sum(-1, keepdims=True) + eps)
-  if not deterministic and dropout_rate > 0.0:
-    shape = ((1, 1) + weights.shape[2:]) if broadcast_dropout else (
-        weights.shape)
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, shape)
-    weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
-  return jnp.einsum('bhqk,bkhd->bqhd', weights, v).astype(dtype)
 
 
 def gelu_f32(x: Array) -> Array:
@@ -143,7 +111,7 @@ class MlpBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, *, deterministic: bool) -> Array:
-    dense = lambda n, name: nn.Dense(
+    dense = lambda n, name: Dense(
         n, dtype=self.dtype, kernel_init=_trunc_normal, name=name,
         dot_general_cls=self.dot_general_cls)
     y = dense(self.mlp_dim, 'fc1')(x)
@@ -159,10 +127,8 @@ class EncoderBlock(nn.Module):
   `mask` is boolean, broadcastable to [batch, heads, queries, keys]; False
   hides a key from a query (A-ViT hides halted tokens this way). `policy`
   ([batch, tokens] floats) instead applies DynamicViT's differentiable keep
-  policy (see `policy_attention`). The softmax is computed in float32 either
-  way, so masked logits stay exact under bfloat16; plain attention runs
-  `attention.dot_product_attention`, whose backward pass is fast in
-  bfloat16.
+  policy (see `attention.policy_attention`). The softmax is computed in
+  float32 either way, so masked logits stay exact under bfloat16.
   """
   num_heads: int
   mlp_dim: int
@@ -177,20 +143,10 @@ class EncoderBlock(nn.Module):
   def __call__(self, x: Array, mask: Array | None = None, *,
                policy: Array | None = None, deterministic: bool) -> Array:
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm1')(x)
-    if policy is not None:
-      extra = {'attention_fn': functools.partial(policy_attention,
-                                                 policy=policy)}
-    elif self.einsum_cls is not None:  # int8: flax runs aqt's einsums
-      extra = {'qk_attn_weights_einsum_cls': self.einsum_cls,
-               'attn_weights_value_einsum_cls': self.einsum_cls}
-    else:
-      extra = {'attention_fn': attention.dot_product_attention}
-    y = nn.MultiHeadDotProductAttention(
-        num_heads=self.num_heads, dtype=self.dtype, kernel_init=_trunc_normal,
-        dropout_rate=self.attention_dropout, force_fp32_for_softmax=True,
-        qkv_dot_general_cls=self.dot_general_cls,
-        out_dot_general_cls=self.dot_general_cls, name='attn', **extra)(
-            y, y, mask=mask, deterministic=deterministic)
+    y = attention.SelfAttention(
+        self.num_heads, self.dtype, _trunc_normal, self.attention_dropout,
+        self.dot_general_cls, self.einsum_cls, name='attn')(
+            y, mask, policy=policy, deterministic=deterministic)
     y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
     x = x + DropPath(self.drop_path)(y, deterministic=deterministic)
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm2')(x)
@@ -239,8 +195,8 @@ class ViT(nn.Module):
             einsum_cls=self.attention_einsum_cls)
         for i in range(self.depth)]
     self.encoder_norm = nn.LayerNorm(epsilon=1e-6, dtype=dtype)
-    self.head = nn.Dense(self.num_classes, kernel_init=nn.initializers.zeros,
-                         dtype=dtype, dot_general_cls=self.head_dot_general_cls)
+    self.head = Dense(self.num_classes, kernel_init=nn.initializers.zeros,
+                      dtype=dtype, dot_general_cls=self.head_dot_general_cls)
 
   def tokens_per_block(self, num_patches: int) -> tuple[int, ...]:
     """Tokens (class token included) each block processes at inference."""
