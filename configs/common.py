@@ -3,6 +3,11 @@
 Each model's config file starts from `base()` and changes what it needs.
 Every field is typed (no `None` defaults), so `--config.x.y=...` can override
 any of them and a typo or a wrong type is an error that names the field.
+
+Learning rates: `optim.lr` is the peak rate at `optim.lr_base_batch` images
+per step, and every config states it at the batch it runs
+(`set_batch_and_lr`), so it runs unscaled. Overriding `train.batch_size`
+alone scales the rate linearly; override `optim.lr` with it to choose.
 """
 
 from __future__ import annotations
@@ -60,14 +65,10 @@ def base() -> ConfigDict:
   c.aug.mix_prob = 1.0  # share of batches mixed (mixup or cutmix, 50/50)
   c.aug.label_smoothing = 0.1
 
-  # Model section: the sizes of VARIANTS['small/4'] (see apply_variant).
+  # Model section: sizes from VARIANTS (apply_variant), 'small/4' here.
   c.model = ConfigDict()
-  c.model.name = 'vit'
-  c.model.patch_size = 4
-  c.model.hidden_dim = 256
-  c.model.depth = 8
-  c.model.num_heads = 4
-  c.model.mlp_ratio = 4.0
+  c.model.name = 'vit'  # 'vit' | 'dynamic_vit' | 'avit'
+  apply_variant(c, 'small/4')
   c.model.stem = 'conv'  # 'patch' (strided conv) | 'conv' (3x3 convs first)
   c.model.dropout = 0.0
   c.model.attention_dropout = 0.0
@@ -85,7 +86,7 @@ def base() -> ConfigDict:
 
   # Optimizer section (AdamW, warmup then cosine).
   c.optim = ConfigDict()
-  c.optim.lr = 1e-3  # peak, at batch_size 512; scaled linearly
+  c.optim.lr = 1e-3  # peak, at lr_base_batch (see the module docstring)
   c.optim.lr_base_batch = 512
   c.optim.min_lr = 1e-5
   c.optim.warmup_epochs = 5.0
@@ -98,8 +99,13 @@ def base() -> ConfigDict:
   # Training section.
   c.train = ConfigDict()
   c.train.batch_size = 512  # global, over all devices and hosts
-  c.train.epochs = 200.0  # an epoch = the training split's size in images
-  c.train.time_budget_minutes = 0.0  # > 0: size the schedule to fit this
+  # The schedule's length: `epochs` (an epoch = the training split's size in
+  # images), unless time_budget_minutes > 0. Then the number of steps is
+  # fitted so that training ends that many minutes after the run starts
+  # (data loading included; vitjax/time_budget.py), and `epochs` only sizes
+  # the schedule of the throwaway steps that are timed to fit it.
+  c.train.epochs = 200.0
+  c.train.time_budget_minutes = 0.0
   c.train.log_every_steps = 50
   c.train.eval_every_epochs = 5.0  # validation, latest and best checkpoints
   c.train.keep_checkpoints = 2  # latest ones kept (plus the best)
@@ -118,6 +124,13 @@ def base() -> ConfigDict:
   c.eval.quant_head = False  # also quantize the classifier head
   c.eval.quant_attention = False  # also quantize the attention einsums
   return c
+
+
+def set_batch_and_lr(c: ConfigDict, batch_size: int, lr: float) -> None:
+  """The batch a config runs and its peak learning rate at that batch."""
+  c.train.batch_size = batch_size
+  c.optim.lr = lr
+  c.optim.lr_base_batch = batch_size
 
 
 def apply_variant(c: ConfigDict, name: str) -> ConfigDict:

@@ -7,7 +7,7 @@
 Training images/s is the real jitted train step (augmentation mixing, loss,
 AdamW update, EMA) at config.train.batch_size; `--input` chooses what feeds
 it: fixed synthetic batches ('none': the model step alone), the tf.data
-engine or the device engine on the configured data. Inference images/s is
+pipeline or the device pipeline on the configured data. Inference images/s is
 the jitted forward at config.eval.speed_batch. Each figure is the median of
 --repeats timings of --seconds each; the spread is printed beside it.
 """
@@ -45,12 +45,13 @@ def main(argv):
   import jax
   import numpy as np
   import optax
-  from vitjax import complexity, evaluate, losses, models, objectives
-  from vitjax import parallel, train, train_state
-  from vitjax.data import sampling, sources
+  from vitjax import losses, models, objectives, optimizers, sharding, train
+  from vitjax import train_state
+  from vitjax.data import pipelines, sources
+  from vitjax.evaluators import classification, cost
 
   config = _CONFIG.value
-  mesh = parallel.make_mesh()
+  mesh = sharding.make_mesh()
   batch = config.train.batch_size
   num_classes = 10
   if _INPUT.value == 'none':
@@ -58,28 +59,27 @@ def main(argv):
     counts = np.full(num_classes, 100)
     host = {'image': rng.integers(0, 256, (batch, 32, 32, 3), np.uint8),
             'label': rng.integers(0, num_classes, batch).astype(np.int32)}
-    fixed = parallel.host_batch_to_global(host, mesh)
+    fixed = sharding.host_batch_to_global(host,
+                                          sharding.batch_sharding(mesh))
     batches = lambda start, end: (fixed for _ in range(start, end))
   else:
     with config.unlocked():
       config.data.pipeline = _INPUT.value
     data = sources.load(config.data, config.seed)
     counts = data.train.counts(num_classes)
-    plan = sampling.make_plan(data.train.labels, num_classes,
-                              config.data.sampling)
-    engine = train.make_engine(config, data.train, plan, mesh)
-    batches = engine.batches
+    batches = pipelines.make(config, data, mesh).batches
 
   model = models.create(config.model, num_classes)
   schedule = optax.constant_schedule(1e-4)
-  tx = train_state.make_optimizer(config.optim, schedule)
+  tx = optimizers.make_optimizer(config.optim, schedule)
   objective = objectives.Classification(
       model, losses.make_classification_loss(config.loss, counts, 100))
-  step = train.make_train_step(objective, tx, schedule, config, num_classes,
+  step = train.make_train_step(objective, schedule, config, num_classes,
                                jax.random.key(1), mesh)
-  state = jax.jit(train_state.init_fn(model, tx, train.IMAGE_SHAPE,
-                                      config.optim.ema_decay > 0),
-                  out_shardings=parallel.replicated(mesh))(jax.random.key(0))
+  state = jax.jit(lambda key: train_state.create(
+      model, train_state.init_params(model, key), tx,
+      config.optim.ema_decay > 0),
+                  out_shardings=sharding.replicated(mesh))(jax.random.key(0))
   metrics = train.make_metrics_cls(()).empty()
   position = [0]
 
@@ -87,8 +87,6 @@ def main(argv):
     nonlocal state, metrics
     start = time.perf_counter()
     for b in batches(position[0], position[0] + n):
-      if isinstance(b['image'], np.ndarray):
-        b = parallel.host_batch_to_global(b, mesh)
       state, metrics = step(state, b, metrics)
     jax.block_until_ready(state.params)
     position[0] += n
@@ -96,10 +94,11 @@ def main(argv):
 
   train_rate, train_rates = _timed(run_train, batch)
 
-  predict = evaluate.make_predict_fn(evaluate.Predictor(model, None), mesh)
+  predict = classification.make_predict_fn(
+      classification.model_logits(model), mesh)
   eval_batch = config.eval.speed_batch
-  images = jax.device_put(np.zeros((eval_batch, 32, 32, 3), np.uint8),
-                          parallel.batch_sharding(mesh))
+  images = jax.device_put(np.zeros((eval_batch,) + sources.IMAGE_SHAPE,
+                                   np.uint8), sharding.batch_sharding(mesh))
 
   def run_infer(n):
     start = time.perf_counter()
@@ -114,8 +113,8 @@ def main(argv):
         f'jax {jax.__version__}; model {config.model.name} '
         f'dim {config.model.hidden_dim} depth {config.model.depth} patch '
         f'{config.model.patch_size} dtype {config.model.dtype}; '
-        f'{complexity.param_count(state.params):,} parameters, '
-        f'{complexity.vit_macs(model) / 1e6:.1f} M MACs/image')
+        f'{cost.param_count(state.params):,} parameters, '
+        f'{cost.vit_macs(model) / 1e6:.1f} M MACs/image')
   print(f'train  (batch {batch}, input {_INPUT.value}): {train_rate:.0f} '
         f'images/s {spread(train_rates)}, median of {_REPEATS.value}')
   print(f'infer  (batch {eval_batch}): {infer_rate:.0f} images/s '

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import avit as avit_config, dynamic_vit as dvit_config
-from vitjax import checkpoint, finetune, train
+from vitjax import checkpoint, evaluate, optimizers, train
 
 
 def _sparse_config(get_config, smoke_config, init_from):
@@ -46,14 +46,14 @@ def test_the_predictors_train_at_the_full_rate_the_backbone_frozen_first():
             'blocks_0': {'kernel': 1.},
             'predictors_0': {'in_conv': {'kernel': 1.}}}
   dense = {k: v for k, v in params.items() if k != 'predictors_0'}
-  assert finetune.param_groups(params, dense, ('cls',)) == {
+  assert optimizers.param_groups(params, dense, ('cls',)) == {
       'embed': {'kernel': 'backbone'}, 'cls': 'frozen',
       'blocks_0': {'kernel': 'backbone'},
       'predictors_0': {'in_conv': {'kernel': 'new'}}}
   c = dvit_config.get_config('smoke')
   c.optim.warmup_epochs = 0.0
   c.sparse.freeze_backbone_fraction = 0.5
-  tx, _ = finetune.finetune_optimizer(
+  tx, _ = optimizers.finetune_optimizer(
       c.optim, c.sparse, params, total_steps=10, steps_per_epoch=10,
       batch_size=c.train.batch_size, dense=dense, frozen_names=('cls',))
   params = jax.tree.map(lambda v: np.full((2, 2), v, np.float32), params)
@@ -87,7 +87,7 @@ def test_avit_calibrates_its_gate_and_reports_depths(smoke_config,
   assert len(sp['tokens_per_block']) == 2
   assert (tmp_path / 'avit' / 'eval' / 'halting.png').exists()
   # Evaluation alone reuses the stored calibration.
-  again = train.evaluate_checkpoint(c, tmp_path / 'avit', 'best')
+  again = evaluate.evaluate_checkpoint(c, tmp_path / 'avit', 'best')
   assert again['test'] == report['test']
 
 

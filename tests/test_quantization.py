@@ -8,8 +8,7 @@ import pytest
 pytest.importorskip('aqt')
 
 from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
-from vitjax import models, quantization, train  # pylint: disable=g-import-not-at-top,wrong-import-position
-from vitjax.data import sources  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vitjax import evaluate, models, quantization  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _quant_cfg(**kw):
@@ -100,7 +99,7 @@ def test_a_trained_model_keeps_its_predictions_in_int8(smoke_config,
   smoke_config.eval.quant = 'int8'
   for path in ('fake', 'serve'):
     smoke_config.eval.quant_path = path
-    report = train.evaluate_checkpoint(smoke_config, trained_vit_workdir,
+    report = evaluate.evaluate_checkpoint(smoke_config, trained_vit_workdir,
                                        'best')
     q = report['quantization']
     assert q['test_agreement_with_float'] >= 0.98, path

@@ -6,12 +6,13 @@ import numpy as np
 import pytest
 
 from configs import common
-from vitjax import complexity, models, objectives
+from vitjax import models, objectives
+from vitjax.evaluators import cost
 from vitjax.models import avit, dynamic_vit
 from vitjax.models.vit import EncoderBlock, ViT
 
-SIZES = dict(patch_size=4, hidden_dim=32, depth=6, num_heads=2,
-             mlp_ratio=2.0)
+SIZES = dict(num_classes=10, patch_size=4, hidden_dim=32, depth=6,
+             num_heads=2, mlp_ratio=2.0, stem='patch')
 
 
 def _images(n=6, seed=0):
@@ -106,8 +107,8 @@ def test_macs_at_rho_07_with_predictors():
   with c.unlocked():
     c.model.keep_ratio, c.model.stage_blocks, c.model.gumbel_tau = 0.7, (), 1.
   sparse = models.create(c.model, 10)
-  ratio = (complexity.model_macs(sparse)['macs_per_image'] /
-           complexity.model_macs(dense)['macs_per_image'])
+  ratio = (cost.model_macs(sparse)['macs_per_image'] /
+           cost.model_macs(dense)['macs_per_image'])
   assert ratio <= 0.72
 
 

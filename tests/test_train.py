@@ -9,8 +9,10 @@ import numpy as np
 import optax
 import pytest
 
-from vitjax import checkpoint, models, parallel, train, train_state
-from vitjax.data import sources
+from vitjax import checkpoint, evaluate, models, objectives
+from vitjax import losses as losses_lib, optimizers, sharding, train
+from vitjax import train_state, workdir
+from vitjax.data import pipelines, sources
 
 
 def _run(config, workdir):
@@ -20,11 +22,11 @@ def _run(config, workdir):
 def _latest_params(config, workdir):
   data = sources.load(config.data, config.seed)
   model = models.create(config.model, data.num_classes)
-  tx = train_state.make_optimizer(config.optim, optax.constant_schedule(0.))
-  abstract = train_state.abstract_state(model, tx, train.IMAGE_SHAPE, False)
-  ckpts = checkpoint.Checkpoints(workdir)
-  state, meta = ckpts.restore(abstract, 'latest')
-  ckpts.close()
+  tx = optimizers.make_optimizer(config.optim, optax.constant_schedule(0.))
+  abstract = train_state.abstract(model, tx, False, sharding.replicated(
+      sharding.make_mesh()))
+  with checkpoint.Checkpoints(workdir) as ckpts:
+    state, meta = ckpts.restore(abstract, 'latest')
   return state.params, meta
 
 
@@ -32,8 +34,7 @@ def test_a_run_writes_checkpoints_metrics_and_report(smoke_config, tmp_path):
   report = _run(smoke_config, tmp_path / 'run')
   run = tmp_path / 'run'
   assert (run / 'config.json').exists()
-  assert sorted(p.name for p in (run / 'checkpoints').iterdir()) == [
-      'best', 'latest']
+  assert sorted(int(p.name) for p in (run / 'steps').iterdir()) == [16, 31]
   records = [json.loads(l) for l in (run / 'metrics.jsonl').read_text()
              .splitlines()]
   assert {r['split'] for r in records} == {'train', 'val'}
@@ -55,21 +56,21 @@ def test_killed_run_resumes_to_the_same_numbers(smoke_config, tmp_path,
                                                 monkeypatch):
   full = _run(smoke_config, tmp_path / 'full')
 
-  make_engine = train.make_engine
-  def crashing_engine(*args, **kwargs):
-    engine = make_engine(*args, **kwargs)
-    batches = engine.batches
+  make_pipeline = pipelines.make
+  def crashing_pipeline(*args, **kwargs):
+    pipeline = make_pipeline(*args, **kwargs)
+    batches = pipeline.batches
     def batches_then_crash(start, end):
       for i, b in enumerate(batches(start, end)):
         if start + i == 22:  # past the step-16 checkpoint, before the end
           raise RuntimeError('simulated kill')
         yield b
-    engine.batches = batches_then_crash
-    return engine
-  monkeypatch.setattr(train, 'make_engine', crashing_engine)
+    pipeline.batches = batches_then_crash
+    return pipeline
+  monkeypatch.setattr(pipelines, 'make', crashing_pipeline)
   with pytest.raises(RuntimeError, match='simulated kill'):
     _run(smoke_config, tmp_path / 'resumed')
-  monkeypatch.setattr(train, 'make_engine', make_engine)
+  monkeypatch.setattr(pipelines, 'make', make_pipeline)
   resumed = _run(smoke_config, tmp_path / 'resumed')
 
   p_full, meta_full = _latest_params(smoke_config, tmp_path / 'full')
@@ -87,16 +88,16 @@ def test_killed_run_resumes_to_the_same_numbers(smoke_config, tmp_path,
 
 def test_eval_mode_restores_best_latest_or_a_step(smoke_config, tmp_path):
   _run(smoke_config, tmp_path / 'run')
-  best = train.evaluate_checkpoint(smoke_config, tmp_path / 'run', 'best')
-  latest = train.evaluate_checkpoint(smoke_config, tmp_path / 'run',
+  best = evaluate.evaluate_checkpoint(smoke_config, tmp_path / 'run', 'best')
+  latest = evaluate.evaluate_checkpoint(smoke_config, tmp_path / 'run',
                                      'latest')
-  by_step = train.evaluate_checkpoint(smoke_config, tmp_path / 'run',
+  by_step = evaluate.evaluate_checkpoint(smoke_config, tmp_path / 'run',
                                       latest['step'])
   assert by_step['test'] == latest['test']
   assert best['step'] <= latest['step']
   with pytest.raises(checkpoint.CheckpointError, match='no checkpoint at '
                      'step 7'):
-    train.evaluate_checkpoint(smoke_config, tmp_path / 'run', 7)
+    evaluate.evaluate_checkpoint(smoke_config, tmp_path / 'run', 7)
 
 
 def test_a_checkpoint_that_does_not_fit_is_named(smoke_config, tmp_path):
@@ -104,33 +105,34 @@ def test_a_checkpoint_that_does_not_fit_is_named(smoke_config, tmp_path):
   smoke_config.model.hidden_dim = 48
   with pytest.raises(checkpoint.CheckpointError,
                      match='does not fit the model: params/blocks_0/'):
-    train.evaluate_checkpoint(smoke_config, tmp_path / 'run', 'best')
+    evaluate.evaluate_checkpoint(smoke_config, tmp_path / 'run', 'best')
   with pytest.raises(checkpoint.CheckpointError, match='Train first'):
-    train.evaluate_checkpoint(smoke_config, tmp_path / 'empty', 'best')
+    evaluate.evaluate_checkpoint(smoke_config, tmp_path / 'empty', 'best')
 
 
 def test_a_rerun_with_another_config_is_refused(smoke_config, tmp_path):
   smoke_config.train.epochs = 0.2
   _run(smoke_config, tmp_path / 'run')
   smoke_config.optim.lr = 0.1
-  with pytest.raises(ValueError, match='optim.lr was 0.001, now 0.1'):
+  with pytest.raises(ValueError, match='optim.lr was 6.25e-05, now 0.1'):
     _run(smoke_config, tmp_path / 'run')
 
 
 def test_a_live_workdir_is_locked(tmp_path):
-  lock = checkpoint.WorkdirLock(tmp_path)
+  lock = workdir.WorkdirLock(tmp_path)
   with pytest.raises(RuntimeError, match='in use by a live run'):
-    checkpoint.WorkdirLock(tmp_path)
+    workdir.WorkdirLock(tmp_path)
   lock.release()
-  checkpoint.WorkdirLock(tmp_path).release()
+  workdir.WorkdirLock(tmp_path).release()
 
 
-def test_divergence_stops_with_the_step_and_keeps_the_checkpoint(tmp_path):
-  loop = train._Loop.__new__(train._Loop)  # only what _log_train reads
-  loop.workdir = tmp_path
-  loop.ckpts = checkpoint.Checkpoints(tmp_path)
-  with pytest.raises(FloatingPointError, match='steps 41-50.*checkpoint'):
-    loop._log_train(50, {'loss': float('nan'), 'accuracy': 0.1}, 40, 1.0)
+def test_divergence_stops_with_the_steps_and_saves_no_nan_state(
+    smoke_config, tmp_path):
+  smoke_config.optim.lr = 1e6
+  with pytest.raises(FloatingPointError, match=r'steps \d+-\d+.*checkpoint'):
+    _run(smoke_config, tmp_path / 'run')
+  steps = tmp_path / 'run' / 'steps'
+  assert not steps.exists() or not any(steps.iterdir())
 
 
 def test_two_devices_give_the_same_loss_as_one(smoke_config):
@@ -140,28 +142,28 @@ def test_two_devices_give_the_same_loss_as_one(smoke_config):
   batch = {'image': data.train.images[:16], 'label': data.train.labels[:16]}
   losses = []
   for devices in (jax.devices()[:1], jax.devices()):
-    mesh = parallel.make_mesh(devices)
+    mesh = sharding.make_mesh(devices)
     schedule = optax.constant_schedule(1e-3)
-    tx = train_state.make_optimizer(smoke_config.optim, schedule)
-    state = jax.jit(train_state.init_fn(model, tx, train.IMAGE_SHAPE, False),
-                    out_shardings=parallel.replicated(mesh))(
+    tx = optimizers.make_optimizer(smoke_config.optim, schedule)
+    state = jax.jit(lambda key: train_state.create(
+        model, train_state.init_params(model, key), tx, False),
+                    out_shardings=sharding.replicated(mesh))(
                         jax.random.key(0))
-    from vitjax import losses as losses_lib, objectives
     objective = objectives.Classification(model, losses_lib.
                                           make_classification_loss(
                                               smoke_config.loss,
                                               data.train.counts(10), 10))
-    step = train.make_train_step(objective, tx, schedule, smoke_config, 10,
+    step = train.make_train_step(objective, schedule, smoke_config, 10,
                                  jax.random.key(1), mesh)
     metrics = train.make_metrics_cls(()).empty()
     for _ in range(2):
-      state, metrics = step(state, parallel.host_batch_to_global(batch, mesh),
-                            metrics)
+      state, metrics = step(state, sharding.host_batch_to_global(
+          batch, sharding.batch_sharding(mesh)), metrics)
     losses.append(float(metrics.compute()['loss']))
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
 
 
-def test_device_engine_trains_too_in_a_relative_workdir(
+def test_device_pipeline_trains_too_in_a_relative_workdir(
     smoke_config, tmp_path, monkeypatch):
   smoke_config.data.pipeline = 'device'
   smoke_config.train.epochs = 0.5
@@ -169,7 +171,7 @@ def test_device_engine_trains_too_in_a_relative_workdir(
   monkeypatch.chdir(tmp_path)
   report = _run(smoke_config, 'checkpoints/run')
   assert np.isfinite(report['val']['loss'])
-  assert any((tmp_path / 'checkpoints/run/checkpoints/best').iterdir())
+  assert any((tmp_path / 'checkpoints/run/steps').iterdir())
 
 
 def test_time_budget_sizes_the_schedule(smoke_config, tmp_path):

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 
 from configs import common, vit as vit_config
-from vitjax import complexity, models
+from vitjax import models
+from vitjax.evaluators import cost
 from vitjax.models import attention, bf16_dot, dense
-from vitjax.models.vit import EncoderBlock, ViT
+from vitjax.models.vit import EncoderBlock
 
 
 def _model(variant, **kw):
@@ -34,7 +35,7 @@ def _params(model, seed=0):
 def test_parameter_counts_are_pinned(variant, count):
   model = _model(variant)
   shapes = jax.eval_shape(lambda: _params(model))
-  assert complexity.param_count(shapes) == count
+  assert cost.param_count(shapes) == count
 
 
 def test_forward_shapes_and_aux():
@@ -191,13 +192,13 @@ def test_bf16_dot_gradients_match_a_float32_reference(lhs_shape, rhs_shape,
 def test_analytic_macs_match_the_paper_convention_and_xla():
   model = _model('seed')
   # Course model: 17 tokens, dim 384, 6 blocks -> about 0.18 GMACs.
-  assert abs(complexity.vit_macs(model) / 1e9 - 0.18) < 0.01
+  assert abs(cost.vit_macs(model) / 1e9 - 0.18) < 0.01
   params = jax.eval_shape(lambda: _params(model))
   fn = lambda p, x: model.apply({'params': p}, x, train=False)[0]
   x = jnp.zeros((1, 32, 32, 3), jnp.uint8)
-  flops = complexity.xla_flops(fn, params, x)
+  flops = cost.xla_flops(fn, params, x)
   # XLA also counts softmax, norms and GELU; MACs * 2 must be most of it.
-  assert 0.8 < 2 * complexity.vit_macs(model) / flops < 1.05
+  assert 0.8 < 2 * cost.vit_macs(model) / flops < 1.05
 
 
 def test_unknown_model_fields_are_named():

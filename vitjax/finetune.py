@@ -13,13 +13,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-import jax
 from ml_collections import ConfigDict
 import optax
 
-from vitjax import checkpoint, models, parallel, train_state
-
-IMAGE_SHAPE = (32, 32, 3)
+from vitjax import checkpoint, models, optimizers, sharding, train_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,21 +45,16 @@ def load_teacher(init_from: str, num_classes: int, mesh) -> Teacher:
         f'sparse.init_from={init_from!r} is a {vit_cfg.model.name!r} run; it '
         f'must be a dense ViT run ({train_cmd}).')
   model = models.create(vit_cfg.model, num_classes)
-  tx = train_state.make_optimizer(vit_cfg.optim, optax.constant_schedule(0.))
-  use_ema = vit_cfg.optim.ema_decay > 0
-  abstract = jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype,
-                                     sharding=parallel.replicated(mesh)),
-      train_state.abstract_state(model, tx, IMAGE_SHAPE, use_ema))
-  ckpts = checkpoint.Checkpoints(workdir)
-  try:
+  # The optimizer's structure, not its schedule, shapes the saved state.
+  tx = optimizers.make_optimizer(vit_cfg.optim, optax.constant_schedule(0.))
+  abstract = train_state.abstract(model, tx, vit_cfg.optim.ema_decay > 0,
+                                  sharding.replicated(mesh))
+  with checkpoint.Checkpoints(workdir) as ckpts:
     if ckpts.best_step() is None:
       raise checkpoint.CheckpointError(
-          f'sparse.init_from={init_from!r} has no checkpoint yet. Train the '
-          f'ViT first: {train_cmd}')
+          f'sparse.init_from={init_from!r} has no validated checkpoint yet. '
+          f'Train the ViT first: {train_cmd}')
     state, meta = ckpts.restore(abstract, 'best')
-  finally:
-    ckpts.close()
   return Teacher(model, state.eval_params(vit_cfg.eval.use_ema), vit_cfg,
                  int(meta['step']))
 
@@ -97,41 +89,3 @@ def merge_params(fresh: Any, dense: Any) -> Any:
             f'{value.shape} there but {fresh[name].shape} here.')
       fresh[name] = value
   return fresh
-
-
-def param_groups(params: Any, dense: Any, frozen_names: tuple[str, ...]
-                 ) -> Any:
-  """'new' (absent from the dense ViT's params), 'frozen' or 'backbone' per
-  leaf. Membership, not module names, decides what is new."""
-  def label(path, _):
-    node = dense
-    for key in path:
-      if not isinstance(node, dict) or key.key not in node:
-        return 'new'
-      node = node[key.key]
-    return 'frozen' if path[-1].key in frozen_names else 'backbone'
-  return jax.tree_util.tree_map_with_path(label, params)
-
-
-def finetune_optimizer(optim_cfg, sparse_cfg, params: Any, total_steps: int,
-                       steps_per_epoch: int, batch_size: int,
-                       dense: Any, frozen_names: tuple[str, ...] = ()
-                       ) -> tuple[optax.GradientTransformation,
-                                  optax.Schedule]:
-  """Modules absent from `dense` (the ViT's params) at the full schedule;
-  the backbone at backbone_lr_mult of it, held at zero for the first
-  freeze_backbone_fraction of the steps."""
-  schedule = train_state.learning_rate_schedule(
-      optim_cfg, total_steps, steps_per_epoch, batch_size)
-  freeze = int(round(sparse_cfg.freeze_backbone_fraction * total_steps))
-  mult = sparse_cfg.backbone_lr_mult
-
-  def backbone_schedule(step):
-    return jax.numpy.where(step < freeze, 0.0, mult * schedule(step))
-
-  groups = {'new': train_state.adamw(optim_cfg, schedule),
-            'backbone': train_state.adamw(optim_cfg, backbone_schedule),
-            'frozen': optax.set_to_zero()}
-  labels = param_groups(params, dense, frozen_names)
-  return train_state.with_clipping(
-      optim_cfg, optax.multi_transform(groups, labels)), schedule

@@ -77,7 +77,7 @@ def make_classification_loss(loss_cfg, train_counts: np.ndarray,
                              steps_per_epoch: int
                              ) -> Callable[[jax.Array, jax.Array, jax.Array],
                                            jax.Array]:
-  """Returns loss(logits, targets, step) for the configured recipe."""
+  """Returns loss(logits, targets, step) for config.loss."""
   if loss_cfg.name not in BASE_LOSSES:
     raise ValueError(f'loss.name={loss_cfg.name!r}: expected one of '
                      f'{BASE_LOSSES}.')

@@ -36,11 +36,11 @@ def main(argv):
   logging.get_absl_handler().addFilter(_quiet_orbax)
   # pylint: disable=g-import-not-at-top
   import jax
-  from vitjax import train
+  from vitjax import evaluate, train
   try:
     from vitjax.data import tf_pipeline
     tf_pipeline.hide_accelerators_from_tf()
-  except ImportError:  # no TensorFlow: the device engine needs none
+  except ImportError:  # no TensorFlow: the device pipeline needs none
     pass
   logging.info('JAX %s on %d device(s): %s', jax.__version__,
                jax.device_count(), jax.devices()[0].device_kind)
@@ -48,7 +48,8 @@ def main(argv):
   if _MODE.value == 'train':
     train.train_and_evaluate(config, _WORKDIR.value)
   else:
-    train.evaluate_checkpoint(config, _WORKDIR.value, config.eval.checkpoint)
+    evaluate.evaluate_checkpoint(config, _WORKDIR.value,
+                                 config.eval.checkpoint)
 
 
 if __name__ == '__main__':

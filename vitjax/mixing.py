@@ -1,4 +1,4 @@
-"""Mixup and cutmix inside the jitted train step, shared by both engines.
+"""Mixup and cutmix inside the jitted train step, shared by both input pipelines.
 
 A mixed batch pairs each image with the batch reversed (as timm does), so
 no second batch is drawn. Per batch: with probability `mix_prob` it is

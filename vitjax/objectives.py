@@ -13,6 +13,15 @@ from typing import Any, Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import optax
+
+
+def _kl_from_teacher(teacher_logits: jax.Array, logits: jax.Array
+                     ) -> jax.Array:
+  """Mean KL(p_teacher || p) over the batch; the teacher is a constant."""
+  return optax.losses.kl_divergence_with_log_targets(
+      jax.nn.log_softmax(logits),
+      jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits))).mean()
 
 
 class Classification:
@@ -69,11 +78,8 @@ class DynamicViTObjective:
     if self.teacher is not None:
       t_logits, t_aux = self.teacher.model.apply(
           {'params': self.teacher.params}, images, train=False)
-      t_logits = jax.lax.stop_gradient(t_logits)
       t_tokens = jax.lax.stop_gradient(t_aux['tokens']).astype(jnp.float32)
-      t_logp = jax.nn.log_softmax(t_logits)
-      kl = jnp.mean(jnp.sum(jnp.exp(t_logp) * (
-          t_logp - jax.nn.log_softmax(logits)), -1))
+      kl = _kl_from_teacher(t_logits, logits)
       keep = policies[-1][..., None]
       err = (aux['tokens'].astype(jnp.float32) - t_tokens) ** 2
       token = jnp.sum(keep * err) / jnp.maximum(
@@ -141,11 +147,9 @@ class AViTObjective:
               'distr_loss': distr, 'mean_depth': aux['depth'].mean(),
               'cls_depth': aux['depth'][:, 0].mean()}
     if self.teacher is not None:
-      t_logp = jax.nn.log_softmax(jax.lax.stop_gradient(
-          self.teacher.model.apply({'params': self.teacher.params}, images,
-                                   train=False)[0]))
-      kl = jnp.mean(jnp.sum(jnp.exp(t_logp) * (
-          t_logp - jax.nn.log_softmax(logits)), -1))
+      t_logits, _ = self.teacher.model.apply(
+          {'params': self.teacher.params}, images, train=False)
+      kl = _kl_from_teacher(t_logits, logits)
       loss = loss + self.kl_weight * kl
       extras['kl_loss'] = kl
     return loss, (logits, extras)

@@ -32,6 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vitjax.data.sources import IMAGE_SHAPE
+
 # Kernels of these Dense layers are the quantized ones.
 _BLOCK_LAYERS = ('query', 'key', 'value', 'out', 'fc1', 'fc2')
 PATHS = ('fake', 'serve')
@@ -173,7 +175,7 @@ class Int8Server:
 
   @classmethod
   def convert(cls, model: nn.Module, quant_cfg, params: Any,
-              image_shape: tuple[int, ...]) -> 'Int8Server':
+              image_shape: tuple[int, ...] = IMAGE_SHAPE) -> 'Int8Server':
     converter = quantized_model(model, quant_cfg, 'convert')
     dummy = jnp.zeros((1,) + tuple(image_shape), jnp.uint8)
     _, variables = jax.jit(lambda p: converter.apply(
@@ -207,7 +209,8 @@ class Int8Server:
 
   @classmethod
   def load(cls, directory: Path, model: nn.Module, quant_cfg,
-           float_params: Any, image_shape) -> 'Int8Server':
+           float_params: Any, image_shape: tuple[int, ...] = IMAGE_SHAPE
+           ) -> 'Int8Server':
     """Restores a saved server; float_params only give the tree's shapes."""
     template = cls.convert(model, quant_cfg, float_params, image_shape)
     abstract = jax.tree.map(

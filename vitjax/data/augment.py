@@ -1,8 +1,8 @@
-"""Per-image augmentation, written once for both input engines.
+"""Per-image augmentation, written once for both input pipelines.
 
 The code below uses only the NumPy API, and is run with `xp` set to
 `tf.experimental.numpy` inside tf.data and to `jax.numpy` on the device, so
-both engines apply literally the same transforms. Randomness is drawn by the
+both pipelines apply literally the same transforms. Randomness is drawn by the
 caller with its own stateless RNG, as the arrays described by `draw_shapes`,
 and passed in: the transforms themselves are deterministic.
 
@@ -12,7 +12,7 @@ at a fixed magnitude m in [0, 10] with a random sign. Geometric ops share
 one nearest-neighbour affine warp (gray fill); Equalize is left out because
 a per-image 256-bin histogram costs more than the rest together here.
 Mixup and cutmix mix whole batches and labels, so they live in the train
-step (`vitjax.mixing`), shared by both engines too.
+step (`vitjax.mixing`), shared by both pipelines too.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
-"""The device input engine: the decoded split lives on the accelerator.
+"""The device input pipeline: the decoded split lives on the accelerator.
 
 Sampling and augmentation run as one jitted JAX function of the step, with
-the same semantics as the tf.data engine (`vitjax.data.sampling`, and the
+the same semantics as the tf.data pipeline (`vitjax.data.sampling`, and the
 very same `vitjax.data.augment` code). Nothing here imports TensorFlow, so
 it runs where only JAX is installed.
 """
@@ -14,13 +14,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitjax import sharding
 from vitjax.data import augment, sampling
 from vitjax.data.sources import Split
 
 _DATA_STREAM = 0x5EED  # keeps data keys apart from the model's keys
 
 
-class DeviceTrainInput:
+class DevicePipeline:
   """Training batches as global jax Arrays: {'image': uint8, 'label': int32}."""
 
   def __init__(self, split: Split, plan: sampling.Plan, aug_cfg, *, seed: int,
@@ -30,8 +31,7 @@ class DeviceTrainInput:
       raise ValueError(f'train.batch_size={global_batch} exceeds the '
                        f'{plan.num_examples} training images.')
     replicated = (None if batch_sharding is None else
-                  jax.sharding.NamedSharding(batch_sharding.mesh,
-                                             jax.sharding.PartitionSpec()))
+                  sharding.replicated(batch_sharding.mesh))
     put = lambda a: jax.device_put(a, replicated)
     self._tables = {
         'images': put(split.images), 'labels': put(split.labels),

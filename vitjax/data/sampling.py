@@ -1,6 +1,6 @@
-"""What each sampling mode draws, shared by both input engines.
+"""What each sampling mode draws, shared by both input pipelines.
 
-Every batch is a pure function of (seed, step): the engines compute the
+Every batch is a pure function of (seed, step): the pipelines compute the
 indices of step s from scratch, so a resumed run sees exactly the batches an
 uninterrupted one would, and no iterator state needs checkpointing.
 
@@ -23,7 +23,7 @@ MODES = ('natural', 'balanced', 'sqrt')
 
 @dataclasses.dataclass(frozen=True)
 class Plan:
-  """Index tables an engine needs to draw batches in one sampling mode."""
+  """Index tables a pipeline needs to draw batches in one sampling mode."""
   mode: str
   num_examples: int
   class_probs: np.ndarray  # float32 [C]: chance a draw is of class c

@@ -19,6 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
+IMAGE_SHAPE = (32, 32, 3)  # CIFAR: every image, every model input
 
 
 class DataError(ValueError):
@@ -245,7 +246,7 @@ def _decode(path: Path) -> np.ndarray:
   except (UnidentifiedImageError, OSError, ValueError) as e:
     raise DataError(f'{str(path)!r} does not decode as an image ({e}). '
                     'Replace or delete the file.') from None
-  if arr.shape != (32, 32, 3):
+  if arr.shape != IMAGE_SHAPE:
     raise DataError(f'{str(path)!r} is {arr.shape[1]}x{arr.shape[0]} pixels; '
                     'every image must be 32x32 (CIFAR). Resize or remove it.')
   return arr

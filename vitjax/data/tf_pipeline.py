@@ -1,4 +1,5 @@
-"""The host input engine: tf.data draws, gathers and augments each batch.
+"""The tf.data input pipeline: draws, gathers and augments each batch on
+the host.
 
 `tf.data.Dataset.range(start, end)` yields step numbers; a parallel map turns
 step s into its batch with stateless TF random ops seeded by (seed, s). The
@@ -12,8 +13,10 @@ from __future__ import annotations
 import os
 from typing import Iterator
 
+import jax
 import numpy as np
 
+from vitjax import sharding
 from vitjax.data import augment, sampling
 from vitjax.data.sources import Split
 
@@ -25,11 +28,13 @@ import tensorflow.experimental.numpy as tnp  # pylint: disable=g-import-not-at-t
 _SAMPLE_CLASS, _SAMPLE_INDEX, _AUGMENT = 0, 1, 2
 
 
-class TfTrainInput:
-  """Training batches as host NumPy arrays: {'image': uint8, 'label': int32}."""
+class TfPipeline:
+  """Training batches {'image': uint8, 'label': int32}: global jax Arrays
+  on `batch_sharding`, or without one this host's slice as NumPy arrays."""
 
   def __init__(self, split: Split, plan: sampling.Plan, aug_cfg, *, seed: int,
-               global_batch: int, host_id: int = 0, num_hosts: int = 1):
+               global_batch: int, host_id: int = 0, num_hosts: int = 1,
+               batch_sharding: jax.sharding.Sharding | None = None):
     if global_batch % num_hosts:
       raise ValueError(f'train.batch_size={global_batch} does not divide '
                        f'over {num_hosts} hosts.')
@@ -49,6 +54,7 @@ class TfTrainInput:
     self._starts = tf.constant(plan.class_starts)
     self._counts = tf.constant(plan.class_counts)
     self._log_probs = tf.math.log(tf.constant(plan.class_probs)[None])
+    self._sharding = batch_sharding
 
   def _indices(self, step, seed):
     g = self._global
@@ -89,11 +95,13 @@ class TfTrainInput:
     return {'image': images, 'label': tf.gather(self._labels, idx)}
 
   def batches(self, start_step: int, end_step: int
-              ) -> Iterator[dict[str, np.ndarray]]:
+              ) -> Iterator[dict[str, np.ndarray | jax.Array]]:
     ds = tf.data.Dataset.range(start_step, end_step)
     ds = ds.map(self._batch, num_parallel_calls=tf.data.AUTOTUNE,
                 deterministic=True)
-    return ds.prefetch(2).as_numpy_iterator()
+    for batch in ds.prefetch(2).as_numpy_iterator():
+      yield batch if self._sharding is None else (
+          sharding.host_batch_to_global(batch, self._sharding))
 
 
 def hide_accelerators_from_tf() -> None:

@@ -126,9 +126,6 @@ class AViT(ViT):
   def block_only(self, x: Array, keys: Array, i: int) -> Array:
     return self.blocks[i](x, keys, deterministic=True)
 
-  def finish_only(self, state: HaltState):
-    return self.finish(state)
-
 
 # Images per piece in the token-removal path. The batch is sorted by active
 # count and cut into pieces that each run a block at their own width, so a few
@@ -240,7 +237,7 @@ def _embed(model, variables, images):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _finish(model, variables, state):
-  return model.apply(variables, state, method=AViT.finish_only)
+  return model.apply(variables, state, method=AViT.finish)
 
 
 def calibrate_gate_center(gate_inputs: np.ndarray, gate_scale: float,

@@ -2,7 +2,7 @@
 
 The building blocks here (`PatchEmbed`, `EncoderBlock`, `ViT`) are shared by
 DynamicViT and A-ViT, which run the same blocks with their own token logic.
-Parameter names are kept stable (`embed`, `block_<i>`, `encoder_norm`, `head`)
+Parameter names are kept stable (`embed`, `blocks_<i>`, `encoder_norm`, `head`)
 so that a ViT checkpoint initialises the sparse models directly.
 """
 
@@ -67,7 +67,7 @@ class PatchEmbed(nn.Module):
   """
   patch_size: int
   hidden_dim: int
-  stem: str = 'patch'
+  stem: str
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -161,19 +161,20 @@ class ViT(nn.Module):
   aux['tokens'] holds the final-LayerNorm patch tokens (what DynamicViT's
   token distillation compares) and aux['pre_logits'] the class-token feature.
   Submodules are built in `setup` so that the sparse subclasses can also run
-  them one at a time (A-ViT's token-removal path).
+  them one at a time (A-ViT's token-removal path). The sizes have no
+  defaults: configs/common.py names them (VARIANTS).
   """
-  num_classes: int = 10
-  patch_size: int = 4
-  hidden_dim: int = 192
-  depth: int = 6
-  num_heads: int = 3
-  mlp_ratio: float = 4.0
+  num_classes: int
+  patch_size: int
+  hidden_dim: int
+  depth: int
+  num_heads: int
+  mlp_ratio: float
+  stem: str  # 'patch' | 'conv' (see PatchEmbed)
   dropout: float = 0.0
   attention_dropout: float = 0.0
   drop_path: float = 0.0  # rate of the last block; rises linearly from 0
-  stem: str = 'patch'
-  dtype: str = 'float32'
+  dtype: str = 'float32'  # compute dtype: 'float32' | 'bfloat16'
   # Injected, not configured: the blocks' Dense layers (bf16 or int8), the
   # head's (int8 only when asked) and the attention einsums' (int8).
   dot_general_cls: DotGeneralCls = None

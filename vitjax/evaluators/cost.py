@@ -1,7 +1,8 @@
 """Cost of a model: parameters, MACs per image, measured speed.
 
-MACs follow the fvcore / paper convention (TOKEN_SPARSITY.md §3): matmuls
-and convolutions only; LayerNorm, softmax and GELU are not counted.
+MACs follow the fvcore / paper convention (DynamicViT and A-ViT count
+them so): matmuls and convolutions only; LayerNorm, softmax and GELU are
+not counted.
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
+
+from vitjax import sharding
+from vitjax.data.sources import IMAGE_SHAPE
+from vitjax.evaluators.classification import Predictor, make_predict_fn
 
 
 def param_count(params: Any) -> int:
@@ -88,3 +93,35 @@ def images_per_second(fn: Callable, *args, batch: int, repeats: int = 5,
         break
     rates.append(n * batch / elapsed)
   return statistics.median(rates)
+
+
+def cost_report(predictor: Predictor, mesh, speed_batch: int,
+                speed_seconds: float = 0.5, tokens_per_block=None,
+                float_params: Any = None) -> dict[str, Any]:
+  """Parameters, MACs per image (analytic and XLA's count), speed.
+
+  tokens_per_block: measured per-block token counts (A-ViT); by default the
+  model's static ones. float_params: what to count as the parameters when
+  the predictor's own tree lacks some (an int8 server keeps its quantized
+  kernels outside 'params').
+  """
+  model, variables = predictor.model, predictor.variables
+  predict_fn = make_predict_fn(predictor.logits, mesh)
+  batch = max(speed_batch // mesh.size, 1) * mesh.size
+  images = jax.device_put(np.zeros((batch,) + IMAGE_SHAPE, np.uint8),
+                          sharding.batch_sharding(mesh))
+  single = np.zeros((1,) + IMAGE_SHAPE, np.uint8)
+  one = jax.jit(predictor.logits)
+  return {
+      'parameters': param_count(
+          variables['params'] if float_params is None else float_params),
+      **model_macs(model, IMAGE_SHAPE[0], tokens_per_block),
+      'xla_flops_per_image': xla_flops(one, variables, single),
+      'inference_images_per_second': images_per_second(
+          predict_fn, variables, images, batch=batch,
+          min_seconds=speed_seconds),
+      'inference_batch': batch,
+      'latency_ms_batch1': 1000.0 / images_per_second(
+          one, variables, single, batch=1, min_seconds=speed_seconds),
+      'device': f'{jax.device_count()} x {jax.devices()[0].device_kind}',
+  }

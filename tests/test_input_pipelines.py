@@ -1,4 +1,4 @@
-"""Sampling and augmentation, in the tf.data engine and the device engine."""
+"""Sampling and augmentation, in the tf.data pipeline and the device pipeline."""
 
 import numpy as np
 import pytest
@@ -32,17 +32,17 @@ def _no_aug():
   return a
 
 
-def _engines(split, mode, aug, batch=50, seed=0):
+def _pipelines(split, mode, aug, batch=50, seed=0):
   plan = sampling.make_plan(split.labels, 4, mode)
-  return (tf_pipeline.TfTrainInput(split, plan, aug, seed=seed,
+  return (tf_pipeline.TfPipeline(split, plan, aug, seed=seed,
                                    global_batch=batch),
-          device_pipeline.DeviceTrainInput(split, plan, aug, seed=seed,
+          device_pipeline.DevicePipeline(split, plan, aug, seed=seed,
                                            global_batch=batch))
 
 
-def _labels(engine, steps):
+def _labels(pipeline, steps):
   return np.concatenate([np.asarray(b['label'])
-                         for b in engine.batches(0, steps)])
+                         for b in pipeline.batches(0, steps)])
 
 
 def test_class_probabilities():
@@ -58,10 +58,10 @@ def test_class_probabilities():
     sampling.class_probabilities(counts, 'uniform')
 
 
-@pytest.mark.parametrize('engine_index', [0, 1])
-def test_natural_sampling_is_epochs_without_replacement(split, engine_index):
-  engine = _engines(split, 'natural', _no_aug())[engine_index]
-  batches = list(engine.batches(0, 30))  # 1500 draws = 2 epochs of 750
+@pytest.mark.parametrize('pipeline_index', [0, 1])
+def test_natural_sampling_is_epochs_without_replacement(split, pipeline_index):
+  pipeline = _pipelines(split, 'natural', _no_aug())[pipeline_index]
+  batches = list(pipeline.batches(0, 30))  # 1500 draws = 2 epochs of 750
   pixels = [np.asarray(b['image'])[:, 0, 0].astype(int) for b in batches]
   ids = np.concatenate([p[:, 0] + 256 * p[:, 1] for p in pixels])
   for epoch in range(2):
@@ -70,20 +70,20 @@ def test_natural_sampling_is_epochs_without_replacement(split, engine_index):
 
 
 @pytest.mark.parametrize('mode', ['balanced', 'sqrt'])
-def test_engines_draw_the_same_class_distribution(split, mode):
-  tf_engine, dev_engine = _engines(split, mode, _no_aug())
+def test_pipelines_draw_the_same_class_distribution(split, mode):
+  tf_pipe, dev_pipe = _pipelines(split, mode, _no_aug())
   expected = sampling.class_probabilities(np.array(COUNTS), mode)
   n = 60 * 50
-  for engine in (tf_engine, dev_engine):
-    freq = np.bincount(_labels(engine, 60), minlength=4) / n
+  for pipeline in (tf_pipe, dev_pipe):
+    freq = np.bincount(_labels(pipeline, 60), minlength=4) / n
     # 3000 draws: a standard error of at most 0.009 per class.
     np.testing.assert_allclose(freq, expected, atol=0.035)
 
 
 def test_batches_are_a_function_of_the_step(split):
-  for engine in _engines(split, 'balanced', common.base().aug):
-    a = list(engine.batches(0, 6))[5]
-    b = next(engine.batches(5, 6))
+  for pipeline in _pipelines(split, 'balanced', common.base().aug):
+    a = list(pipeline.batches(0, 6))[5]
+    b = next(pipeline.batches(5, 6))
     np.testing.assert_array_equal(np.asarray(a['image']),
                                   np.asarray(b['image']))
     np.testing.assert_array_equal(np.asarray(a['label']),
@@ -93,10 +93,10 @@ def test_batches_are_a_function_of_the_step(split):
 def test_each_host_gets_its_slice_of_the_global_batch(split):
   plan = sampling.make_plan(split.labels, 4, 'natural')
   aug = common.base().aug
-  whole = next(tf_pipeline.TfTrainInput(
+  whole = next(tf_pipeline.TfPipeline(
       split, plan, aug, seed=3, global_batch=40).batches(7, 8))
   for host in range(2):
-    part = next(tf_pipeline.TfTrainInput(
+    part = next(tf_pipeline.TfPipeline(
         split, plan, aug, seed=3, global_batch=40, host_id=host,
         num_hosts=2).batches(7, 8))
     np.testing.assert_array_equal(part['image'],
@@ -120,12 +120,12 @@ def test_the_same_augmentation_code_gives_the_same_images_in_tf_and_jax(
   assert not np.array_equal(out_tf, x)
 
 
-def test_engines_have_the_same_augmentation_statistics(split):
+def test_pipelines_have_the_same_augmentation_statistics(split):
   aug = common.base().aug
   stats = []
-  for engine in _engines(split, 'natural', aug, batch=100):
+  for pipeline in _pipelines(split, 'natural', aug, batch=100):
     imgs = np.concatenate([np.asarray(b['image']) for b in
-                           engine.batches(0, 6)]).astype(np.float32)
+                           pipeline.batches(0, 6)]).astype(np.float32)
     stats.append((imgs.mean(), imgs.std(), (imgs == 128).mean(),
                   (imgs == 0).mean()))
   np.testing.assert_allclose(stats[0], stats[1], rtol=0.05, atol=0.005)

@@ -1,4 +1,5 @@
-"""What each model family trains with: objective, optimizer, first weights.
+"""What each model family trains: its model, objective, optimizer and first
+weights (`config.model.name` picks the family).
 
 - vit: classification loss; AdamW on every parameter; random init.
 - dynamic_vit: classification + ratio + distillation losses; predictors at
@@ -17,38 +18,37 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+from absl import logging
 import jax
 from ml_collections import ConfigDict
 import numpy as np
 import optax
 
-from absl import logging
-
 from vitjax import checkpoint, finetune, losses, models, objectives
-from vitjax import train_state
+from vitjax import optimizers, train_state
 from vitjax.data.sources import Dataset
 from vitjax.models import avit
 
-IMAGE_SHAPE = (32, 32, 3)
-
-
 @dataclasses.dataclass
-class Recipe:
+class ModelFamily:
   model: Any
   objective: Any
   # total_steps -> (optimizer, its main learning-rate schedule)
-  make_tx: Callable[[int], tuple[optax.GradientTransformation,
-                                 optax.Schedule]]
+  make_optimizer: Callable[[int], tuple[optax.GradientTransformation,
+                                        optax.Schedule]]
   # key -> parameters to start from (jittable)
-  initial_params: Callable[[jax.Array], Any]
+  init_params: Callable[[jax.Array], Any]
   teacher: finetune.Teacher | None = None
 
 
 def build(config: ConfigDict, data: Dataset, steps_per_epoch: int, mesh,
-          workdir: Path) -> Recipe:
-  """The recipe for config.model.name; sparse models load their ViT."""
-  num_classes = data.num_classes
+          workdir: Path) -> ModelFamily:
+  """The family of config.model.name; sparse models load their ViT."""
   name = config.model.name
+  if name not in models.MODELS:
+    raise ValueError(f'model.name={name!r}: expected one of '
+                     f'{sorted(models.MODELS)}.')
+  num_classes = data.num_classes
   teacher = None
   if name != 'vit':
     teacher = finetune.load_teacher(config.sparse.init_from, num_classes,
@@ -63,44 +63,42 @@ def build(config: ConfigDict, data: Dataset, steps_per_epoch: int, mesh,
       config.loss, data.train.counts(num_classes), steps_per_epoch)
   batch = config.train.batch_size
 
-  def standard_tx(total_steps):
-    schedule = train_state.learning_rate_schedule(
+  def adamw_everywhere(total_steps):
+    schedule = optimizers.learning_rate_schedule(
         config.optim, total_steps, steps_per_epoch, batch)
-    return train_state.make_optimizer(config.optim, schedule), schedule
+    return optimizers.make_optimizer(config.optim, schedule), schedule
 
-  fresh = lambda key: train_state.init_params(model, key, IMAGE_SHAPE)
+  fresh = lambda key: train_state.init_params(model, key)
   if name == 'vit':
-    return Recipe(model, objectives.Classification(model, loss_fn),
-                  standard_tx, fresh)
+    return ModelFamily(model, objectives.Classification(model, loss_fn),
+                       adamw_everywhere, fresh)
 
   def from_teacher(key):
     return finetune.merge_params(fresh(key), teacher.params)
 
+  sp = config.sparse
   if name == 'dynamic_vit':
-    sp = config.sparse
     objective = objectives.DynamicViTObjective(
         model, loss_fn, teacher if sp.distill else None,
         ratio_weight=sp.ratio_weight, kl_weight=sp.kl_weight,
         token_weight=sp.token_weight)
 
-    def tx(total_steps):
+    def split_optimizer(total_steps):
       params = jax.eval_shape(fresh, jax.random.key(0))
-      return finetune.finetune_optimizer(
+      return optimizers.finetune_optimizer(
           config.optim, sp, params, total_steps, steps_per_epoch, batch,
           dense=teacher.params, frozen_names=('cls', 'pos_embedding'))
 
-    return Recipe(model, objective, tx, from_teacher, teacher)
-  if name == 'avit':
-    sp = config.sparse
-    objective = objectives.AViTObjective(
-        model, loss_fn, teacher if sp.distill else None,
-        ponder_weight=sp.ponder_weight, distr_weight=sp.distr_weight,
-        prior_mean=sp.prior_mean if sp.prior_mean >= 0 else round(
-            2 * model.depth / 3),
-        prior_std=sp.prior_std, faithful=sp.faithful,
-        kl_weight=sp.kl_weight)
-    return Recipe(model, objective, standard_tx, from_teacher, teacher)
-  raise ValueError(f'no training recipe for model.name={name!r}.')
+    return ModelFamily(model, objective, split_optimizer, from_teacher,
+                       teacher)
+  objective = objectives.AViTObjective(
+      model, loss_fn, teacher if sp.distill else None,
+      ponder_weight=sp.ponder_weight, distr_weight=sp.distr_weight,
+      prior_mean=sp.prior_mean if sp.prior_mean >= 0 else round(
+          2 * model.depth / 3),
+      prior_std=sp.prior_std, faithful=sp.faithful, kl_weight=sp.kl_weight)
+  return ModelFamily(model, objective, adamw_everywhere, from_teacher,
+                     teacher)
 
 
 def _gate_center(config: ConfigDict, teacher: finetune.Teacher | None,
@@ -129,7 +127,7 @@ def _gate_center(config: ConfigDict, teacher: finetune.Teacher | None,
   gate_inputs = jax.jit(lambda p, x: probe.apply(
       {'params': p}, x, train=False)[1]['gate_inputs'])(
           finetune.merge_params(
-              train_state.init_params(probe, jax.random.key(0), IMAGE_SHAPE),
+              train_state.init_params(probe, jax.random.key(0)),
               teacher.params), images)
   beta = avit.calibrate_gate_center(np.asarray(gate_inputs),
                                     config.model.gate_scale,

@@ -1,0 +1,85 @@
+"""A run's folder: its lock and its config.json.
+
+What a workdir holds:
+  config.json               the training config; a rerun must match it
+  steps/<step>/             orbax checkpoints (vitjax/checkpoint.py)
+  metrics.jsonl             a record per log window and per validation
+  events.out.tfevents.*     the same metrics for TensorBoard
+  eval/                     reports and figures (vitjax/evaluate.py)
+  int8/<checkpoint>/        a frozen int8 model (vitjax/quantization.py)
+  calibration.json          A-ViT's calibrated halting gate
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+
+import jax
+from ml_collections import ConfigDict
+
+
+class WorkdirLock:
+  """An exclusive lock on a workdir, released on exit or when the process
+  ends."""
+
+  def __init__(self, workdir: Path):
+    workdir.mkdir(parents=True, exist_ok=True)
+    self._file = open(workdir / '.lock', 'a+')  # pylint: disable=consider-using-with
+    try:
+      fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      self._file.seek(0)
+      holder = self._file.read().strip() or 'another process'
+      self._file.close()
+      raise RuntimeError(
+          f'workdir {str(workdir)!r} is in use by a live run ({holder}). '
+          'Wait for it to finish, stop it, or pass another --workdir.'
+      ) from None
+    self._file.seek(0)
+    self._file.truncate()
+    self._file.write(f'pid {os.getpid()} on {os.uname().nodename}\n')
+    self._file.flush()
+
+  def __enter__(self) -> 'WorkdirLock':
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+  def release(self) -> None:
+    fcntl.flock(self._file, fcntl.LOCK_UN)
+    self._file.close()
+
+
+def save_or_check_config(config: ConfigDict, workdir: Path) -> None:
+  """Writes config.json; a rerun must use the same training config."""
+  path = workdir / 'config.json'
+  current = json.loads(config.to_json_best_effort())
+  if path.exists():
+    diffs = _config_diff(json.loads(path.read_text()), current)
+    # Evaluation settings may change between runs without harm.
+    diffs = [d for d in diffs if not d.startswith('eval.')]
+    if diffs:
+      raise ValueError(
+          f'workdir {str(workdir)!r} holds a run with another config: '
+          + '; '.join(diffs[:5]) + '. Rerun with the same config and '
+          'overrides to resume it, or pass a new --workdir.')
+  elif jax.process_index() == 0:
+    workdir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix('.tmp')
+    tmp.write_text(json.dumps(current, indent=1, sort_keys=True))
+    tmp.replace(path)
+
+
+def _config_diff(saved: dict, current: dict, prefix: str = '') -> list[str]:
+  out = []
+  for k in sorted(set(saved) | set(current)):
+    a, b = saved.get(k, '<absent>'), current.get(k, '<absent>')
+    if isinstance(a, dict) and isinstance(b, dict):
+      out += _config_diff(a, b, f'{prefix}{k}.')
+    elif a != b:
+      out.append(f'{prefix}{k} was {a!r}, now {b!r}')
+  return out
