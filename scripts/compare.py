@@ -27,7 +27,7 @@ _SPEED_BATCH = flags.DEFINE_integer('speed_batch', 256,
 
 COLUMNS = ('model', 'precision', 'balanced test acc.', 'top-1', 'worst class',
            'params', 'MMACs/image', 'weight MB', 'latency bs1 (ms)',
-           'images/s bs256', 'train time')
+           'images/s', 'train time')
 
 
 def _row(report: dict) -> dict:
@@ -35,8 +35,8 @@ def _row(report: dict) -> dict:
   q = report.get('quantization', {})
   weight_bytes = q.get('int8_model_bytes', 4 * c['parameters'])
   minutes = report.get('train_seconds', float('nan')) / 60
-  from vitjax import evaluate  # pylint: disable=g-import-not-at-top
-  rate, _ = evaluate.serving_images_per_second(report)
+  from vitjax.evaluators import report as report_lib  # pylint: disable=g-import-not-at-top
+  rate, _ = report_lib.serving_images_per_second(report)
   return {
       'model': report['label'], 'precision': report['precision'],
       'balanced test acc.': f'{100 * t["balanced_accuracy"]:.2f}%',
@@ -46,7 +46,7 @@ def _row(report: dict) -> dict:
       'MMACs/image': f'{c["macs_per_image"] / 1e6:.1f}',
       'weight MB': f'{weight_bytes / 2**20:.2f}',
       'latency bs1 (ms)': f'{c["latency_ms_batch1"]:.2f}',
-      'images/s bs256': f'{rate:.0f}',
+      'images/s': f'{rate:.0f}',
       'train time': f'{minutes:.1f} min',
   }
 
@@ -55,7 +55,7 @@ def main(argv):
   # pylint: disable=g-import-not-at-top
   from ml_collections import ConfigDict
   import numpy as np
-  from vitjax import plots, train
+  from vitjax import evaluate, metric_writers
   workdirs = [Path(w) for w in argv[1:]]
   if not workdirs:
     raise app.UsageError('name the workdirs to compare.')
@@ -75,18 +75,21 @@ def main(argv):
       if precision == 'int8':
         config.eval.quant, config.eval.quant_path = 'int8', _INT8_PATH.value
       logging.info('Evaluating %s in %s', workdir, precision)
-      report = train.evaluate_checkpoint(config, workdir, 'best')
+      report = evaluate.evaluate_checkpoint(config, workdir, 'best')
       report['label'] = workdir.name
       reports.append(report)
 
   rows = [_row(r) for r in reports]
-  table = ['| ' + ' | '.join(COLUMNS) + ' |',
+  header = [f'{c} bs{_SPEED_BATCH.value}' if c == 'images/s' else c
+            for c in COLUMNS]
+  table = ['| ' + ' | '.join(header) + ' |',
            '|' + '---|' * len(COLUMNS)]
   table += ['| ' + ' | '.join(r[c] for c in COLUMNS) + ' |' for r in rows]
   device = reports[0]['cost']['device']
   text = '\n'.join(
       [f'# Accuracy against cost ({device})', '',
-       'Best checkpoint of each run, test set (4,870 images, 487 per class). '
+       'Best checkpoint of each run, test set '
+       f'({reports[0]["test"]["num_images"]:,} images). '
        f'int8 = {_INT8_PATH.value} path with aqtp (W8A8 on the blocks\' '
        'Dense layers). Latency at batch 1 and images/s at batch '
        f'{_SPEED_BATCH.value} are medians of 5 timings (A-ViT\'s images/s: '
@@ -127,7 +130,7 @@ def main(argv):
   fig, axes = plt.subplots(1, len(workdirs), figsize=(5 * len(workdirs), 4),
                            squeeze=False)
   for ax, workdir in zip(axes[0], workdirs):
-    records = plots.read_metrics(workdir / 'metrics.jsonl')
+    records = metric_writers.read_records(workdir / 'metrics.jsonl')
     for split, style in (('train', '-'), ('val', 'o-')):
       rows_ = [r for r in records if r['split'] == split]
       ax.plot([r['epoch'] for r in rows_], [r['accuracy'] for r in rows_],
