@@ -16,14 +16,27 @@ from ml_collections import ConfigDict
 
 # The course's training profile (images per class, CIFAR-10 class order) and
 # its balanced test set; tfds `cifar10` is drawn to these counts.
-COURSE_TRAIN_PROFILE = (4435, 4189, 3065, 4191, 4513, 3717, 3513, 3249, 2685,
-                        2023)
+COURSE_TRAIN_PROFILE = (
+    4435,
+    4189,
+    3065,
+    4191,
+    4513,
+    3717,
+    3513,
+    3249,
+    2685,
+    2023,
+)
 COURSE_TEST_PER_CLASS = 487
 
 # Where each preset's ViT run lives by default: the sparse models start
 # from it (sparse.init_from), as the README's commands train it.
-DENSE_WORKDIRS = {'': 'checkpoints/vit', 'cpu': 'checkpoints/vit_cpu',
-                  'smoke': 'checkpoints/vit_smoke'}
+DENSE_WORKDIRS = {
+    '': 'checkpoints/vit',
+    'cpu': 'checkpoints/vit_cpu',
+    'smoke': 'checkpoints/vit_smoke',
+}
 
 # Model sizes by name. `seed` is the course's own ViT, kept for comparison.
 VARIANTS = {
@@ -140,8 +153,9 @@ def apply_variant(c: ConfigDict, name: str) -> ConfigDict:
   so `--config.model.depth=6` still wins over the variant's depth.
   """
   if name not in VARIANTS:
-    raise ValueError(f'model variant {name!r}: expected one of '
-                     f'{sorted(VARIANTS)}.')
+    raise ValueError(
+        f'model variant {name!r}: expected one of ' f'{sorted(VARIANTS)}.'
+    )
   p, d, depth, heads, mlp = VARIANTS[name]
   c.model.patch_size, c.model.hidden_dim, c.model.depth = p, d, depth
   c.model.num_heads, c.model.mlp_ratio = heads, mlp
@@ -152,6 +166,8 @@ def parse_arg(arg: str | None, presets: tuple[str, ...]) -> str:
   """Checks a config argument (`file.py:name`) against the known presets."""
   arg = arg or ''
   if arg not in presets:
-    raise ValueError(f'config argument {arg!r}: expected one of '
-                     f'{sorted(k or "<none>" for k in presets)}.')
+    raise ValueError(
+        f'config argument {arg!r}: expected one of '
+        f'{sorted(k or "<none>" for k in presets)}.'
+    )
   return arg

@@ -21,10 +21,12 @@ from ml_collections import config_flags
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.',
-                                          lock_config=True)
-_INPUT = flags.DEFINE_enum('input', 'none', ['none', 'tf', 'device'],
-                           'What feeds the train step.')
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file.', lock_config=True
+)
+_INPUT = flags.DEFINE_enum(
+    'input', 'none', ['none', 'tf', 'device'], 'What feeds the train step.'
+)
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repeats per figure.')
 _SECONDS = flags.DEFINE_float('seconds', 10.0, 'Length of one repeat.')
 flags.mark_flags_as_required(['config'])
@@ -57,10 +59,11 @@ def main(argv):
   if _INPUT.value == 'none':
     rng = np.random.default_rng(0)
     counts = np.full(num_classes, 100)
-    host = {'image': rng.integers(0, 256, (batch, 32, 32, 3), np.uint8),
-            'label': rng.integers(0, num_classes, batch).astype(np.int32)}
-    fixed = sharding.host_batch_to_global(host,
-                                          sharding.batch_sharding(mesh))
+    host = {
+        'image': rng.integers(0, 256, (batch, 32, 32, 3), np.uint8),
+        'label': rng.integers(0, num_classes, batch).astype(np.int32),
+    }
+    fixed = sharding.host_batch_to_global(host, sharding.batch_sharding(mesh))
     batches = lambda start, end: (fixed for _ in range(start, end))
   else:
     with config.unlocked():
@@ -73,13 +76,20 @@ def main(argv):
   schedule = optax.constant_schedule(1e-4)
   tx = optimizers.make_optimizer(config.optim, schedule)
   objective = objectives.Classification(
-      model, losses.make_classification_loss(config.loss, counts, 100))
-  step = train.make_train_step(objective, schedule, config, num_classes,
-                               jax.random.key(1), mesh)
-  state = jax.jit(lambda key: train_state.create(
-      model, train_state.init_params(model, key), tx,
-      config.optim.ema_decay > 0),
-                  out_shardings=sharding.replicated(mesh))(jax.random.key(0))
+      model, losses.make_classification_loss(config.loss, counts, 100)
+  )
+  step = train.make_train_step(
+      objective, schedule, config, num_classes, jax.random.key(1), mesh
+  )
+  state = jax.jit(
+      lambda key: train_state.create(
+          model,
+          train_state.init_params(model, key),
+          tx,
+          config.optim.ema_decay > 0,
+      ),
+      out_shardings=sharding.replicated(mesh),
+  )(jax.random.key(0))
   metrics = train.make_metrics_cls(()).empty()
   position = [0]
 
@@ -95,10 +105,13 @@ def main(argv):
   train_rate, train_rates = _timed(run_train, batch)
 
   predict = classification.make_predict_fn(
-      classification.model_logits(model), mesh)
+      classification.model_logits(model), mesh
+  )
   eval_batch = config.eval.speed_batch
-  images = jax.device_put(np.zeros((eval_batch,) + sources.IMAGE_SHAPE,
-                                   np.uint8), sharding.batch_sharding(mesh))
+  images = jax.device_put(
+      np.zeros((eval_batch,) + sources.IMAGE_SHAPE, np.uint8),
+      sharding.batch_sharding(mesh),
+  )
 
   def run_infer(n):
     start = time.perf_counter()
@@ -109,16 +122,22 @@ def main(argv):
 
   infer_rate, infer_rates = _timed(run_infer, eval_batch)
   spread = lambda r: f'(min {min(r):.0f}, max {max(r):.0f})'
-  print(f'device: {jax.device_count()} x {jax.devices()[0].device_kind}; '
-        f'jax {jax.__version__}; model {config.model.name} '
-        f'dim {config.model.hidden_dim} depth {config.model.depth} patch '
-        f'{config.model.patch_size} dtype {config.model.dtype}; '
-        f'{cost.param_count(state.params):,} parameters, '
-        f'{cost.vit_macs(model) / 1e6:.1f} M MACs/image')
-  print(f'train  (batch {batch}, input {_INPUT.value}): {train_rate:.0f} '
-        f'images/s {spread(train_rates)}, median of {_REPEATS.value}')
-  print(f'infer  (batch {eval_batch}): {infer_rate:.0f} images/s '
-        f'{spread(infer_rates)}, median of {_REPEATS.value}')
+  print(
+      f'device: {jax.device_count()} x {jax.devices()[0].device_kind}; '
+      f'jax {jax.__version__}; model {config.model.name} '
+      f'dim {config.model.hidden_dim} depth {config.model.depth} patch '
+      f'{config.model.patch_size} dtype {config.model.dtype}; '
+      f'{cost.param_count(state.params):,} parameters, '
+      f'{cost.vit_macs(model) / 1e6:.1f} M MACs/image'
+  )
+  print(
+      f'train  (batch {batch}, input {_INPUT.value}): {train_rate:.0f} '
+      f'images/s {spread(train_rates)}, median of {_REPEATS.value}'
+  )
+  print(
+      f'infer  (batch {eval_batch}): {infer_rate:.0f} images/s '
+      f'{spread(infer_rates)}, median of {_REPEATS.value}'
+  )
 
 
 if __name__ == '__main__':

@@ -30,14 +30,19 @@ _SEED = flags.DEFINE_integer('seed', 0, 'Seed of the per-class draw.')
 def main(argv):
   del argv
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   base = common.base().data
   out = Path(_OUT.value).expanduser()
-  plan = ((base.train_dir, 'train', base.train_profile),
-          (base.test_dir, 'test', (base.test_per_class,) * 10))
+  plan = (
+      (base.train_dir, 'train', base.train_profile),
+      (base.test_dir, 'test', (base.test_per_class,) * 10),
+  )
   for rel, _, _ in plan:
     if (out / rel).exists() and any((out / rel).iterdir()):
-      raise SystemExit(f'{out / rel} already holds data; choose an empty '
-                       '--out or remove it first.')
+      raise SystemExit(
+          f'{out / rel} already holds data; choose an empty '
+          '--out or remove it first.'
+      )
   for rel, split, counts in plan:
     ds = tfds.load('cifar10', split=split, as_supervised=True)
     parts = list(tfds.as_numpy(ds.batch(10_000)))

@@ -25,7 +25,8 @@ def vit_workdir(trained_vit_workdir):
 
 
 def test_dynamic_vit_starts_from_the_vit_and_reports_against_it(
-    smoke_config, vit_workdir, tmp_path):
+    smoke_config, vit_workdir, tmp_path
+):
   c = _sparse_config(dvit_config.get_config, smoke_config, vit_workdir)
   report = train.train_and_evaluate(c, str(tmp_path / 'dvit'))
   assert report['teacher']['step'] > 0
@@ -34,28 +35,42 @@ def test_dynamic_vit_starts_from_the_vit_and_reports_against_it(
   assert cost['predictor_macs_per_image'] > 0
   assert cost['macs_per_image'] < t_cost['macs_per_image']
   assert cost['parameters'] > t_cost['parameters']  # + the predictors
-  records = [json.loads(l) for l in
-             (tmp_path / 'dvit' / 'metrics.jsonl').read_text().splitlines()]
+  records = [
+      json.loads(l)
+      for l in (tmp_path / 'dvit' / 'metrics.jsonl').read_text().splitlines()
+  ]
   train_records = [r for r in records if r['split'] == 'train']
   for key in ('ratio_loss', 'kl_loss', 'token_loss', 'keep_0'):
     assert np.isfinite(train_records[-1][key]), key
 
 
 def test_the_predictors_train_at_the_full_rate_the_backbone_frozen_first():
-  params = {'embed': {'kernel': 1.}, 'cls': 1.,
-            'blocks_0': {'kernel': 1.},
-            'predictors_0': {'in_conv': {'kernel': 1.}}}
+  params = {
+      'embed': {'kernel': 1.0},
+      'cls': 1.0,
+      'blocks_0': {'kernel': 1.0},
+      'predictors_0': {'in_conv': {'kernel': 1.0}},
+  }
   dense = {k: v for k, v in params.items() if k != 'predictors_0'}
   assert optimizers.param_groups(params, dense, ('cls',)) == {
-      'embed': {'kernel': 'backbone'}, 'cls': 'frozen',
+      'embed': {'kernel': 'backbone'},
+      'cls': 'frozen',
       'blocks_0': {'kernel': 'backbone'},
-      'predictors_0': {'in_conv': {'kernel': 'new'}}}
+      'predictors_0': {'in_conv': {'kernel': 'new'}},
+  }
   c = dvit_config.get_config('smoke')
   c.optim.warmup_epochs = 0.0
   c.sparse.freeze_backbone_fraction = 0.5
   tx, _ = optimizers.finetune_optimizer(
-      c.optim, c.sparse, params, total_steps=10, steps_per_epoch=10,
-      batch_size=c.train.batch_size, dense=dense, frozen_names=('cls',))
+      c.optim,
+      c.sparse,
+      params,
+      total_steps=10,
+      steps_per_epoch=10,
+      batch_size=c.train.batch_size,
+      dense=dense,
+      frozen_names=('cls',),
+  )
   params = jax.tree.map(lambda v: np.full((2, 2), v, np.float32), params)
   grads = jax.tree.map(np.ones_like, params)
   updates, _ = tx.update(grads, tx.init(params), params)
@@ -64,22 +79,24 @@ def test_the_predictors_train_at_the_full_rate_the_backbone_frozen_first():
   assert not np.any(updates['cls'])
 
 
-def test_dynamic_vit_without_a_teacher_is_the_ablation(smoke_config,
-                                                       vit_workdir, tmp_path):
+def test_dynamic_vit_without_a_teacher_is_the_ablation(
+    smoke_config, vit_workdir, tmp_path
+):
   c = _sparse_config(dvit_config.get_config, smoke_config, vit_workdir)
   c.sparse.distill = False
   train.train_and_evaluate(c, str(tmp_path / 'dvit'))
-  last = json.loads((tmp_path / 'dvit' / 'metrics.jsonl').read_text()
-                    .splitlines()[-2])
+  last = json.loads(
+      (tmp_path / 'dvit' / 'metrics.jsonl').read_text().splitlines()[-2]
+  )
   assert 'kl_loss' not in last and 'ratio_loss' in last
 
 
-def test_avit_calibrates_its_gate_and_reports_depths(smoke_config,
-                                                     vit_workdir, tmp_path):
+def test_avit_calibrates_its_gate_and_reports_depths(
+    smoke_config, vit_workdir, tmp_path
+):
   c = _sparse_config(avit_config.get_config, smoke_config, vit_workdir)
   report = train.train_and_evaluate(c, str(tmp_path / 'avit'))
-  calibration = json.loads((tmp_path / 'avit' / 'calibration.json')
-                           .read_text())
+  calibration = json.loads((tmp_path / 'avit' / 'calibration.json').read_text())
   sp = report['sparsity']
   assert sp['gate_center'] == calibration['gate_center']
   assert 1.0 <= sp['mean_depth_per_token'] <= 2.0
@@ -92,17 +109,20 @@ def test_avit_calibrates_its_gate_and_reports_depths(smoke_config,
 
 
 def test_a_missing_vit_workdir_says_how_to_make_it(smoke_config, tmp_path):
-  c = _sparse_config(dvit_config.get_config, smoke_config,
-                     tmp_path / 'nowhere')
-  with pytest.raises(checkpoint.CheckpointError,
-                     match='Train the ViT first: python -m vitjax.main'):
+  c = _sparse_config(dvit_config.get_config, smoke_config, tmp_path / 'nowhere')
+  with pytest.raises(
+      checkpoint.CheckpointError,
+      match='Train the ViT first: python -m vitjax.main',
+  ):
     train.train_and_evaluate(c, str(tmp_path / 'dvit'))
 
 
-def test_a_backbone_of_other_sizes_is_refused(smoke_config, vit_workdir,
-                                              tmp_path):
+def test_a_backbone_of_other_sizes_is_refused(
+    smoke_config, vit_workdir, tmp_path
+):
   c = _sparse_config(avit_config.get_config, smoke_config, vit_workdir)
   c.model.hidden_dim = 64
-  with pytest.raises(checkpoint.CheckpointError,
-                     match='model.hidden_dim is 64 here but 32'):
+  with pytest.raises(
+      checkpoint.CheckpointError, match='model.hidden_dim is 64 here but 32'
+  ):
     train.train_and_evaluate(c, str(tmp_path / 'avit'))

@@ -17,7 +17,7 @@ def test_class_weight_schemes():
   # The course's weights keep the mean weight per training image at 1.
   assert np.isclose((inv * COUNTS).sum() / COUNTS.sum(), 1.0)
   eff = losses.class_weights(COUNTS, 'effective', beta=0.99)
-  raw = (1 - 0.99) / (1 - 0.99 ** COUNTS)
+  raw = (1 - 0.99) / (1 - 0.99**COUNTS)
   np.testing.assert_allclose(eff, raw * 4 / raw.sum(), rtol=1e-5)
   assert eff[3] > eff[0]
   np.testing.assert_array_equal(losses.class_weights(COUNTS, 'none'), 1.0)
@@ -45,31 +45,44 @@ def test_focal_with_gamma_zero_is_ce_and_down_weights_easy_examples():
   logits, targets, _ = _batch()
   ones = jnp.ones(4)
   ce = losses.weighted_loss(logits, targets, ones, name='ce')
-  f0 = losses.weighted_loss(logits, targets, ones, name='focal',
-                            focal_gamma=0.0)
+  f0 = losses.weighted_loss(
+      logits, targets, ones, name='focal', focal_gamma=0.0
+  )
   np.testing.assert_allclose(f0, ce, rtol=1e-6)
-  f2 = losses.weighted_loss(logits, targets, ones, name='focal',
-                            focal_gamma=2.0)
+  f2 = losses.weighted_loss(
+      logits, targets, ones, name='focal', focal_gamma=2.0
+  )
   assert f2 < ce
+
   # Reference: -(1 - p_t)^2 log p_t, with its gradient through (1 - p_t).
   def ref(lg):
     logp = jax.nn.log_softmax(lg)
     pt = jnp.exp((logp * targets).sum(-1))
     return jnp.mean(-((1 - pt) ** 2) * (logp * targets).sum(-1))
+
   np.testing.assert_allclose(f2, ref(logits), rtol=1e-5)
-  g = jax.grad(lambda lg: losses.weighted_loss(
-      lg, targets, ones, name='focal', focal_gamma=2.0))(logits)
+  g = jax.grad(
+      lambda lg: losses.weighted_loss(
+          lg, targets, ones, name='focal', focal_gamma=2.0
+      )
+  )(logits)
   np.testing.assert_allclose(g, jax.grad(ref)(logits), rtol=1e-4, atol=1e-7)
 
 
 def test_logit_adjusted_loss_shifts_logits_by_the_log_prior():
   logits, targets, _ = _batch()
   log_prior = jnp.log(jnp.asarray(COUNTS / COUNTS.sum(), jnp.float32))
-  got = losses.weighted_loss(logits, targets, jnp.ones(4),
-                             name='logit_adjusted', log_prior=log_prior,
-                             logit_adjust_tau=1.5)
-  want = losses.weighted_loss(logits + 1.5 * log_prior, targets, jnp.ones(4),
-                              name='ce')
+  got = losses.weighted_loss(
+      logits,
+      targets,
+      jnp.ones(4),
+      name='logit_adjusted',
+      log_prior=log_prior,
+      logit_adjust_tau=1.5,
+  )
+  want = losses.weighted_loss(
+      logits + 1.5 * log_prior, targets, jnp.ones(4), name='ce'
+  )
   np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
@@ -80,8 +93,11 @@ def test_deferred_reweighting_switches_on_at_its_epoch():
   logits, targets, _ = _batch()
   plain = losses.weighted_loss(logits, targets, jnp.ones(4), name='ce')
   weighted = losses.weighted_loss(
-      logits, targets, jnp.asarray(losses.class_weights(COUNTS, 'inverse')),
-      name='ce')
+      logits,
+      targets,
+      jnp.asarray(losses.class_weights(COUNTS, 'inverse')),
+      name='ce',
+  )
   np.testing.assert_allclose(fn(logits, targets, jnp.int32(19)), plain)
   np.testing.assert_allclose(fn(logits, targets, jnp.int32(20)), weighted)
 
@@ -93,8 +109,7 @@ def test_unknown_loss_is_named():
     losses.make_classification_loss(cfg, COUNTS, 10)
 
 
-@pytest.mark.parametrize('mixup, cutmix', [(0.8, 0.0), (0.0, 1.0),
-                                           (0.8, 1.0)])
+@pytest.mark.parametrize('mixup, cutmix', [(0.8, 0.0), (0.0, 1.0), (0.8, 1.0)])
 def test_mixing_keeps_targets_normalised_and_consistent(mixup, cutmix):
   aug = common.base().aug
   aug.mixup_alpha, aug.cutmix_alpha = mixup, cutmix

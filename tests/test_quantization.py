@@ -27,13 +27,15 @@ def _random_model(seed=0, **kw):
   x = jnp.zeros((1, 32, 32, 3), jnp.uint8)
   params = model.init(jax.random.key(seed), x, train=False)['params']
   params['head']['kernel'] = jax.random.normal(
-      jax.random.key(seed + 1), params['head']['kernel'].shape)
+      jax.random.key(seed + 1), params['head']['kernel'].shape
+  )
   return model, params
 
 
 def _images(n=32, seed=0):
-  return jax.random.randint(jax.random.key(seed), (n, 32, 32, 3), 0,
-                            256).astype(jnp.uint8)
+  return jax.random.randint(
+      jax.random.key(seed), (n, 32, 32, 3), 0, 256
+  ).astype(jnp.uint8)
 
 
 def test_fake_quant_and_serving_give_the_same_predictions():
@@ -41,11 +43,13 @@ def test_fake_quant_and_serving_give_the_same_predictions():
   x = _images()
   fake = quantization.quantized_model(model, _quant_cfg(), 'fake')
   fake_logits = fake.apply({'params': params}, x, train=False)[0]
-  server = quantization.Int8Server.convert(model, _quant_cfg(
-      quant_path='serve'), params, (32, 32, 3))
+  server = quantization.Int8Server.convert(
+      model, _quant_cfg(quant_path='serve'), params, (32, 32, 3)
+  )
   serve_logits = server.predict(x)
-  np.testing.assert_array_equal(np.argmax(fake_logits, -1),
-                                np.argmax(serve_logits, -1))
+  np.testing.assert_array_equal(
+      np.argmax(fake_logits, -1), np.argmax(serve_logits, -1)
+  )
   np.testing.assert_allclose(fake_logits, serve_logits, atol=0.02)
   float_logits = model.apply({'params': params}, x, train=False)[0]
   assert not np.allclose(float_logits, fake_logits)  # int8 really ran
@@ -56,10 +60,13 @@ def test_the_fallback_reproduces_aqt_fake_quant():
   x = _images()
   aqt = quantization.quantized_model(model, _quant_cfg(), 'fake')
   fallback = quantization.quantized_model(
-      model, _quant_cfg(quant_backend='fallback'), 'fake')
+      model, _quant_cfg(quant_backend='fallback'), 'fake'
+  )
   np.testing.assert_allclose(
       aqt.apply({'params': params}, x, train=False)[0],
-      fallback.apply({'params': params}, x, train=False)[0], atol=1e-5)
+      fallback.apply({'params': params}, x, train=False)[0],
+      atol=1e-5,
+  )
 
 
 def test_saved_int8_restores_without_float_kernels(tmp_path):
@@ -69,8 +76,9 @@ def test_saved_int8_restores_without_float_kernels(tmp_path):
   cfg = _quant_cfg(quant_path='serve')
   server = quantization.Int8Server.convert(model, cfg, params, (32, 32, 3))
   disk = server.save(tmp_path / 'int8')
-  restored = quantization.Int8Server.load(tmp_path / 'int8', model, cfg,
-                                          params, (32, 32, 3))
+  restored = quantization.Int8Server.load(
+      tmp_path / 'int8', model, cfg, params, (32, 32, 3)
+  )
   x = _images()
   np.testing.assert_array_equal(server.predict(x), restored.predict(x))
   # No float copy of a quantized kernel is stored or loaded ...
@@ -87,20 +95,26 @@ def test_saved_int8_restores_without_float_kernels(tmp_path):
 def test_each_layer_gets_its_own_frozen_weights():
   model, params = _random_model()
   server = quantization.Int8Server.convert(
-      model, _quant_cfg(quant_path='serve'), params, (32, 32, 3))
-  frozen = [np.asarray(v) for v in jax.tree.leaves(server.frozen)
-            if v.dtype == jnp.int8]
+      model, _quant_cfg(quant_path='serve'), params, (32, 32, 3)
+  )
+  frozen = [
+      np.asarray(v)
+      for v in jax.tree.leaves(server.frozen)
+      if v.dtype == jnp.int8
+  ]
   assert len(frozen) == 2 * 6  # 2 blocks x (q, k, v, out, fc1, fc2)
   assert not np.array_equal(frozen[0], frozen[-1])
 
 
-def test_a_trained_model_keeps_its_predictions_in_int8(smoke_config,
-                                                        trained_vit_workdir):
+def test_a_trained_model_keeps_its_predictions_in_int8(
+    smoke_config, trained_vit_workdir
+):
   smoke_config.eval.quant = 'int8'
   for path in ('fake', 'serve'):
     smoke_config.eval.quant_path = path
-    report = evaluate.evaluate_checkpoint(smoke_config, trained_vit_workdir,
-                                       'best')
+    report = evaluate.evaluate_checkpoint(
+        smoke_config, trained_vit_workdir, 'best'
+    )
     q = report['quantization']
     assert q['test_agreement_with_float'] >= 0.98, path
     assert report['precision'] == 'int8'
@@ -114,5 +128,5 @@ def test_bad_quant_settings_are_named():
   model, _ = _random_model()
   with pytest.raises(ValueError, match="eval.quant_path='serve' needs"):
     quantization.quantized_model(
-        model, _quant_cfg(quant_path='serve', quant_backend='fallback'),
-        'serve')
+        model, _quant_cfg(quant_path='serve', quant_backend='fallback'), 'serve'
+    )

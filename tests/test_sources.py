@@ -49,8 +49,9 @@ def test_course_split_sizes():
   assert (len(train), len(val)) == (32022, 3558)
   assert not set(train) & set(val)
   per_class = np.bincount(labels[val], minlength=10)
-  np.testing.assert_allclose(per_class, np.array(
-      common.COURSE_TRAIN_PROFILE) * 0.1, atol=1)
+  np.testing.assert_allclose(
+      per_class, np.array(common.COURSE_TRAIN_PROFILE) * 0.1, atol=1
+  )
 
 
 def test_real_course_data(course_data_root, tmp_path):
@@ -78,16 +79,22 @@ def test_tfds_source_draws_the_profile(tmp_path):
   assert d.class_names[0] == 'airplane'
 
 
-@pytest.mark.parametrize('case, message', [
-    ('missing_root', 'is not a folder'),
-    ('misnamed_split', "has no folder 'CIFAR10_unbalance'.*Did you mean 'CIFAR10_unbalanced'"),
-    ('empty_class', 'has no images'),
-    ('stray_file', 'holds files beside its class folders'),
-    ('bad_image', 'does not decode'),
-    ('wrong_size', 'must be 32x32'),
-    ('class_mismatch', 'are not those of'),
-    ('non_image', 'not images'),
-])
+@pytest.mark.parametrize(
+    'case, message',
+    [
+        ('missing_root', 'is not a folder'),
+        (
+            'misnamed_split',
+            "has no folder 'CIFAR10_unbalance'.*Did you mean 'CIFAR10_unbalanced'",
+        ),
+        ('empty_class', 'has no images'),
+        ('stray_file', 'holds files beside its class folders'),
+        ('bad_image', 'does not decode'),
+        ('wrong_size', 'must be 32x32'),
+        ('class_mismatch', 'are not those of'),
+        ('non_image', 'not images'),
+    ],
+)
 def test_bad_input_gets_one_clear_error(tmp_path, case, message):
   root = make_image_tree(tmp_path / 'd', [3] * 3, [2] * 3)
   train = root / TRAIN_DIR
@@ -104,6 +111,7 @@ def test_bad_input_gets_one_clear_error(tmp_path, case, message):
     (train / '2' / 'broken.jpg').write_bytes(b'not a jpeg')
   elif case == 'wrong_size':
     from PIL import Image  # pylint: disable=g-import-not-at-top
+
     Image.new('RGB', (64, 48)).save(train / '0' / 'big.png')
   elif case == 'class_mismatch':
     (root / TEST_DIR / '2').rename(root / TEST_DIR / '7')

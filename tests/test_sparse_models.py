@@ -11,13 +11,21 @@ from vitjax.evaluators import cost
 from vitjax.models import avit, dynamic_vit
 from vitjax.models.vit import EncoderBlock, ViT
 
-SIZES = dict(num_classes=10, patch_size=4, hidden_dim=32, depth=6,
-             num_heads=2, mlp_ratio=2.0, stem='patch')
+SIZES = dict(
+    num_classes=10,
+    patch_size=4,
+    hidden_dim=32,
+    depth=6,
+    num_heads=2,
+    mlp_ratio=2.0,
+    stem='patch',
+)
 
 
 def _images(n=6, seed=0):
-  return jax.random.randint(jax.random.key(seed), (n, 32, 32, 3), 0,
-                            256).astype(jnp.uint8)
+  return jax.random.randint(
+      jax.random.key(seed), (n, 32, 32, 3), 0, 256
+  ).astype(jnp.uint8)
 
 
 def _dense_params(seed=0):
@@ -25,14 +33,17 @@ def _dense_params(seed=0):
   params = vit.init(jax.random.key(seed), _images(1), train=False)['params']
   # A non-zero head, so that logits depend on the features.
   params['head']['kernel'] = jax.random.normal(
-      jax.random.key(seed + 1), params['head']['kernel'].shape)
+      jax.random.key(seed + 1), params['head']['kernel'].shape
+  )
   return vit, params
 
 
 def _with_dense(model, dense_params, seed=0):
-  params = model.init({'params': jax.random.key(seed),
-                       'gumbel': jax.random.key(seed)}, _images(1),
-                      train=False)['params']
+  params = model.init(
+      {'params': jax.random.key(seed), 'gumbel': jax.random.key(seed)},
+      _images(1),
+      train=False,
+  )['params']
   return {**params, **dense_params}
 
 
@@ -44,9 +55,11 @@ def test_keep_ratio_one_gives_the_dense_logits():
   model = dynamic_vit.DynamicViT(**SIZES, keep_ratio=1.0)
   params = _with_dense(model, dense)
   x = _images()
-  np.testing.assert_allclose(model.apply({'params': params}, x, train=False)[0],
-                             vit.apply({'params': dense}, x, train=False)[0],
-                             atol=1e-5)
+  np.testing.assert_allclose(
+      model.apply({'params': params}, x, train=False)[0],
+      vit.apply({'params': dense}, x, train=False)[0],
+      atol=1e-5,
+  )
 
 
 def test_policy_attention_gives_kept_tokens_the_subset_output():
@@ -78,23 +91,33 @@ def test_straight_through_gradients_reach_the_predictors():
   labels = jnp.arange(6) % 10
 
   def loss(p):
-    logits, aux = model.apply({'params': p}, x, train=True,
-                              rngs={'gumbel': jax.random.key(3)})
+    logits, aux = model.apply(
+        {'params': p}, x, train=True, rngs={'gumbel': jax.random.key(3)}
+    )
     # The classification loss alone: only attention carries the policy.
     return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(6), labels])
 
   grads = jax.grad(loss)(params)
   for s in range(3):
-    norm = float(jnp.sqrt(sum(jnp.sum(g ** 2) for g in
-                              jax.tree.leaves(grads[f'predictors_{s}']))))
+    norm = float(
+        jnp.sqrt(
+            sum(
+                jnp.sum(g**2) for g in jax.tree.leaves(grads[f'predictors_{s}'])
+            )
+        )
+    )
     assert norm > 0, s
 
 
 def test_train_policies_are_cumulative_and_hard():
   model = dynamic_vit.DynamicViT(**SIZES)
   params = _with_dense(model, _dense_params()[1])
-  _, aux = model.apply({'params': params}, _images(), train=True,
-                       rngs={'gumbel': jax.random.key(0)})
+  _, aux = model.apply(
+      {'params': params},
+      _images(),
+      train=True,
+      rngs={'gumbel': jax.random.key(0)},
+  )
   p = np.asarray(aux['policies'])
   assert set(np.unique(p)) <= {0.0, 1.0}
   assert (p[1] <= p[0]).all() and (p[2] <= p[1]).all()
@@ -105,10 +128,12 @@ def test_macs_at_rho_07_with_predictors():
   dense = models.create(c.model, 10)
   c.model.name = 'dynamic_vit'
   with c.unlocked():
-    c.model.keep_ratio, c.model.stage_blocks, c.model.gumbel_tau = 0.7, (), 1.
+    c.model.keep_ratio, c.model.stage_blocks, c.model.gumbel_tau = 0.7, (), 1.0
   sparse = models.create(c.model, 10)
-  ratio = (cost.model_macs(sparse)['macs_per_image'] /
-           cost.model_macs(dense)['macs_per_image'])
+  ratio = (
+      cost.model_macs(sparse)['macs_per_image']
+      / cost.model_macs(dense)['macs_per_image']
+  )
   assert ratio <= 0.72
 
 
@@ -120,16 +145,18 @@ def test_no_halting_gives_the_dense_logits():
   model = avit.AViT(**SIZES, gate_center=1e9)
   x = _images()
   logits, aux = model.apply({'params': dense}, x, train=False)
-  np.testing.assert_allclose(logits, vit.apply({'params': dense}, x,
-                                               train=False)[0], atol=1e-5)
+  np.testing.assert_allclose(
+      logits, vit.apply({'params': dense}, x, train=False)[0], atol=1e-5
+  )
   np.testing.assert_array_equal(aux['depth'], 6.0)
 
 
 def _calibrated(target=2.0):
   _, dense = _dense_params()
   probe = avit.AViT(**SIZES, gate_center=1e9)
-  inputs = probe.apply({'params': dense}, _images(16, seed=5),
-                       train=False)[1]['gate_inputs']
+  inputs = probe.apply({'params': dense}, _images(16, seed=5), train=False)[1][
+      'gate_inputs'
+  ]
   beta = avit.calibrate_gate_center(np.asarray(inputs), 10.0, target)
   return avit.AViT(**SIZES, gate_center=beta), dense, inputs, beta
 
@@ -168,16 +195,19 @@ def test_token_removal_in_pieces_of_different_widths():
   x = _images(16, seed=7)
   l1, a1 = model.apply({'params': params}, x, train=False)
   # Pieces of 3 images: the last one is short, and widths differ by piece.
-  l2, a2 = avit.token_removal_apply(model, {'params': params}, x,
-                                    images_per_piece=3)
+  l2, a2 = avit.token_removal_apply(
+      model, {'params': params}, x, images_per_piece=3
+  )
   np.testing.assert_allclose(l1, l2, atol=1e-4)
   np.testing.assert_array_equal(a1['depth'], a2['depth'])
   widths = set()
   for active in np.asarray(a1['active'])[1:]:
     pieces, where = avit.removal_plan(active, 3)
     widths |= {p.rows.shape[1] for p in pieces}
-    assert all(p.rows.shape[1] % 8 == 0 or p.rows.shape[1] == active.shape[1]
-               for p in pieces)
+    assert all(
+        p.rows.shape[1] % 8 == 0 or p.rows.shape[1] == active.shape[1]
+        for p in pieces
+    )
     # Every active token has exactly one output row; the others read zeros.
     b, n = active.shape
     rows = np.concatenate([p.rows[p.valid] for p in pieces])
@@ -190,9 +220,10 @@ def test_token_removal_in_pieces_of_different_widths():
 def test_ponder_loss_has_gradient_at_the_calibrated_gate():
   model, params, _, _ = _calibrated(0.2)
   x = _images()
-  grads = jax.grad(lambda p: model.apply({'params': p}, x, train=False)[1][
-      'ponder'].mean())(params)
-  norm = np.sqrt(sum(float(jnp.sum(g ** 2)) for g in jax.tree.leaves(grads)))
+  grads = jax.grad(
+      lambda p: model.apply({'params': p}, x, train=False)[1]['ponder'].mean()
+  )(params)
+  norm = np.sqrt(sum(float(jnp.sum(g**2)) for g in jax.tree.leaves(grads)))
   assert norm > 1e-6
 
 

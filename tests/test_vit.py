@@ -27,11 +27,14 @@ def _params(model, seed=0):
   return model.init({'params': jax.random.key(seed)}, x, train=False)['params']
 
 
-@pytest.mark.parametrize('variant, count', [
-    ('seed', 10_732_426),  # the course's model: "about 10.7M"
-    ('micro/4', 546_186),
-    ('nano/4', 21_162),
-])
+@pytest.mark.parametrize(
+    'variant, count',
+    [
+        ('seed', 10_732_426),  # the course's model: "about 10.7M"
+        ('micro/4', 546_186),
+        ('nano/4', 21_162),
+    ],
+)
 def test_parameter_counts_are_pinned(variant, count):
   model = _model(variant)
   shapes = jax.eval_shape(lambda: _params(model))
@@ -42,8 +45,9 @@ def test_forward_shapes_and_aux():
   model = _model('nano/4')
   params = _params(model)
   images = jax.random.randint(jax.random.key(1), (3, 32, 32, 3), 0, 256)
-  logits, aux = model.apply({'params': params}, images.astype(jnp.uint8),
-                            train=False)
+  logits, aux = model.apply(
+      {'params': params}, images.astype(jnp.uint8), train=False
+  )
   assert logits.shape == (3, 10) and logits.dtype == jnp.float32
   assert aux['tokens'].shape == (3, 64, 32)
   assert aux['pre_logits'].shape == (3, 32)
@@ -55,8 +59,9 @@ def test_train_mode_uses_dropout_keys_and_eval_is_deterministic():
   x = jnp.full((2, 32, 32, 3), 100, jnp.uint8)
   ev = lambda: model.apply({'params': params}, x, train=False)[0]
   np.testing.assert_array_equal(ev(), ev())
-  tr = lambda k: model.apply({'params': params}, x, train=True,
-                             rngs={'dropout': jax.random.key(k)})[1]['tokens']
+  tr = lambda k: model.apply(
+      {'params': params}, x, train=True, rngs={'dropout': jax.random.key(k)}
+  )[1]['tokens']
   assert not np.allclose(tr(0), tr(1))
 
 
@@ -78,8 +83,9 @@ def test_bfloat16_model_tracks_float32():
   bf16 = _model('nano/4', dtype='bfloat16')
   params = _params(f32)
   # Non-zero head so that logits carry the features.
-  params['head']['kernel'] = jax.random.normal(jax.random.key(2),
-                                               params['head']['kernel'].shape)
+  params['head']['kernel'] = jax.random.normal(
+      jax.random.key(2), params['head']['kernel'].shape
+  )
   x = jax.random.randint(jax.random.key(3), (8, 32, 32, 3), 0, 256)
   a = f32.apply({'params': params}, x, train=False)[0]
   b = bf16.apply({'params': params}, x, train=False)[0]
@@ -87,13 +93,15 @@ def test_bfloat16_model_tracks_float32():
   np.testing.assert_allclose(a, b, atol=0.1 * float(jnp.abs(a).max()))
 
 
-@pytest.mark.parametrize('dtype, tol', [(jnp.float32, 1e-5),
-                                        (jnp.bfloat16, 0.03)])
+@pytest.mark.parametrize(
+    'dtype, tol', [(jnp.float32, 1e-5), (jnp.bfloat16, 0.03)]
+)
 @pytest.mark.parametrize('with_mask', [False, True])
 def test_attention_matches_flax_values_and_gradients(dtype, tol, with_mask):
   ks = jax.random.split(jax.random.key(0), 4)
-  q, k, v = (jax.random.normal(key, (3, 7, 2, 8)).astype(dtype)
-             for key in ks[:3])
+  q, k, v = (
+      jax.random.normal(key, (3, 7, 2, 8)).astype(dtype) for key in ks[:3]
+  )
   # Image 1 hides two keys; image 2 hides all (rows come out uniform).
   mask = np.ones((3, 1, 1, 7), bool)
   mask[1, ..., [2, 5]] = False
@@ -105,10 +113,13 @@ def test_attention_matches_flax_values_and_gradients(dtype, tol, with_mask):
     return lambda *qkv: (fn(*qkv, mask=mask).astype(jnp.float32) * g).sum()
 
   ref = lambda *a, mask: nn.dot_product_attention(
-      *(t.astype(jnp.float32) for t in a), mask=mask)
+      *(t.astype(jnp.float32) for t in a), mask=mask
+  )
   np.testing.assert_allclose(
       attention.dot_product_attention(q, k, v, mask=mask).astype(jnp.float32),
-      ref(q, k, v, mask=mask), atol=tol)
+      ref(q, k, v, mask=mask),
+      atol=tol,
+  )
   got = jax.grad(loss(attention.dot_product_attention), (0, 1, 2))(q, k, v)
   want = jax.grad(loss(ref), (0, 1, 2))(q, k, v)
   for a, b in zip(got, want):
@@ -116,19 +127,32 @@ def test_attention_matches_flax_values_and_gradients(dtype, tol, with_mask):
     np.testing.assert_allclose(a.astype(jnp.float32), b, atol=tol * 3)
 
 
-@pytest.mark.parametrize('features, axis, in_shape', [
-    (7, -1, (3, 5, 8)),  # MLP, head
-    ((2, 4), -1, (3, 5, 8)),  # query, key, value
-    (7, (-2, -1), (3, 5, 2, 4)),  # attention output
-])
+@pytest.mark.parametrize(
+    'features, axis, in_shape',
+    [
+        (7, -1, (3, 5, 8)),  # MLP, head
+        ((2, 4), -1, (3, 5, 8)),  # query, key, value
+        (7, (-2, -1), (3, 5, 2, 4)),  # attention output
+    ],
+)
 @pytest.mark.parametrize('dtype', [jnp.float32, jnp.bfloat16])
 def test_dense_matches_flax_dense_general(features, axis, in_shape, dtype):
   x = jax.random.normal(jax.random.key(1), in_shape)
   init = nn.initializers.truncated_normal(0.02)
-  ours = dense.Dense(features, axis, dtype=dtype, kernel_init=init,
-                     dot_general_cls=bf16_dot.Bf16Dot)
-  flax = nn.DenseGeneral(features, axis, dtype=dtype, kernel_init=init,
-                         dot_general_cls=bf16_dot.Bf16Dot)
+  ours = dense.Dense(
+      features,
+      axis,
+      dtype=dtype,
+      kernel_init=init,
+      dot_general_cls=bf16_dot.Bf16Dot,
+  )
+  flax = nn.DenseGeneral(
+      features,
+      axis,
+      dtype=dtype,
+      kernel_init=init,
+      dot_general_cls=bf16_dot.Bf16Dot,
+  )
   params = ours.init(jax.random.key(0), x)
   # Same names, shapes and initial values, so checkpoints carry over.
   reference = flax.init(jax.random.key(0), x)
@@ -136,12 +160,12 @@ def test_dense_matches_flax_dense_general(features, axis, in_shape, dtype):
   for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(reference)):
     np.testing.assert_array_equal(a, b)
   params = jax.tree.map(  # a nonzero bias
-      lambda p: p + jax.random.normal(jax.random.key(2), p.shape), params)
+      lambda p: p + jax.random.normal(jax.random.key(2), p.shape), params
+  )
   g = jax.random.normal(jax.random.key(3), ours.apply(params, x).shape)
   loss = lambda m: lambda p: (m.apply(p, x).astype(jnp.float32) * g).sum()
   tol = 1e-5 if dtype == jnp.float32 else 0.02
-  np.testing.assert_allclose(loss(ours)(params), loss(flax)(params),
-                             rtol=tol)
+  np.testing.assert_allclose(loss(ours)(params), loss(flax)(params), rtol=tol)
   got, want = jax.grad(loss(ours))(params), jax.grad(loss(flax))(params)
   for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     assert a.dtype == jnp.float32
@@ -155,23 +179,29 @@ def test_self_attention_matches_flax_multi_head_attention():
   flax = nn.MultiHeadDotProductAttention(num_heads=4)
   params = ours.init(jax.random.key(1), x, deterministic=True)
   ref = flax.init(jax.random.key(1), x, x, deterministic=True)
-  assert (jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, ref))
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, ref)
   params = jax.tree.map(
-      lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape),
-      params)
+      lambda p: p + 0.1 * jax.random.normal(jax.random.key(2), p.shape), params
+  )
   np.testing.assert_allclose(
       ours.apply(params, x, mask, deterministic=True),
-      flax.apply(params, x, x, mask=mask, deterministic=True), atol=1e-5)
+      flax.apply(params, x, x, mask=mask, deterministic=True),
+      atol=1e-5,
+  )
 
 
-@pytest.mark.parametrize('lhs_shape, rhs_shape, dims', [
-    ((3, 5, 8), (8, 7), (((2,), (0,)), ((), ()))),  # Dense
-    ((3, 5, 8), (8, 2, 4), (((2,), (0,)), ((), ()))),  # qkv DenseGeneral
-    ((3, 5, 4, 6), (4, 6, 7), (((2, 3), (0, 1)), ((), ()))),  # attn out
-    ((3, 8, 5), (7, 8), (((1,), (1,)), ((), ()))),  # transposed operands
-])
-def test_bf16_dot_gradients_match_a_float32_reference(lhs_shape, rhs_shape,
-                                                       dims):
+@pytest.mark.parametrize(
+    'lhs_shape, rhs_shape, dims',
+    [
+        ((3, 5, 8), (8, 7), (((2,), (0,)), ((), ()))),  # Dense
+        ((3, 5, 8), (8, 2, 4), (((2,), (0,)), ((), ()))),  # qkv DenseGeneral
+        ((3, 5, 4, 6), (4, 6, 7), (((2, 3), (0, 1)), ((), ()))),  # attn out
+        ((3, 8, 5), (7, 8), (((1,), (1,)), ((), ()))),  # transposed operands
+    ],
+)
+def test_bf16_dot_gradients_match_a_float32_reference(
+    lhs_shape, rhs_shape, dims
+):
   k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
   lhs = jax.random.normal(k1, lhs_shape).astype(jnp.bfloat16)
   rhs = jax.random.normal(k2, rhs_shape).astype(jnp.bfloat16)
@@ -180,8 +210,9 @@ def test_bf16_dot_gradients_match_a_float32_reference(lhs_shape, rhs_shape,
   assert out.dtype == jnp.bfloat16
   g = jax.random.normal(k3, out.shape)
   f = lambda a, b: (dot(a, b, dims).astype(jnp.float32) * g).sum()
-  ref = lambda a, b: (lax.dot_general(a.astype(jnp.float32),
-                                      b.astype(jnp.float32), dims) * g).sum()
+  ref = lambda a, b: (
+      lax.dot_general(a.astype(jnp.float32), b.astype(jnp.float32), dims) * g
+  ).sum()
   got = jax.grad(f, argnums=(0, 1))(lhs, rhs)
   want = jax.grad(ref, argnums=(0, 1))(lhs, rhs)
   for a, b in zip(got, want):

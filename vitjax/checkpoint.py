@@ -40,7 +40,8 @@ class Checkpoints:
       raise CheckpointError(
           f'{str(workdir)!r} holds checkpoints in the layout of an earlier '
           'vitjax (checkpoints/latest, checkpoints/best); this one keeps them '
-          f'in {STEPS_DIR}/. Train again in a new --workdir.')
+          f'in {STEPS_DIR}/. Train again in a new --workdir.'
+      )
     # orbax's asynchronous writers need absolute paths; `--workdir` is
     # usually relative (checkpoints/vit_cpu).
     self.directory = workdir.absolute() / STEPS_DIR
@@ -48,13 +49,24 @@ class Checkpoints:
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
-            create=True, best_fn=_rank,
-            preservation_policy=policy.AnyPreservationPolicy([
-                policy.LatestN(keep),
-                policy.BestN(get_metric_fn=_rank, n=1,
-                             keep_checkpoints_without_metrics=False)])),
-        item_handlers={'state': ocp.StandardCheckpointHandler(),
-                       'meta': ocp.JsonCheckpointHandler()})
+            create=True,
+            best_fn=_rank,
+            preservation_policy=policy.AnyPreservationPolicy(
+                [
+                    policy.LatestN(keep),
+                    policy.BestN(
+                        get_metric_fn=_rank,
+                        n=1,
+                        keep_checkpoints_without_metrics=False,
+                    ),
+                ]
+            ),
+        ),
+        item_handlers={
+            'state': ocp.StandardCheckpointHandler(),
+            'meta': ocp.JsonCheckpointHandler(),
+        },
+    )
 
   def __enter__(self) -> 'Checkpoints':
     return self
@@ -62,18 +74,23 @@ class Checkpoints:
   def __exit__(self, *exc) -> None:
     self.close()
 
-  def save(self, state: Any, meta: dict[str, Any],
-           val_score: float | None) -> None:
+  def save(
+      self, state: Any, meta: dict[str, Any], val_score: float | None
+  ) -> None:
     """Saves state at meta['step']; val_score ranks it (None: not validated,
     so never the best)."""
     step = int(meta['step'])
     if step in self._manager.all_steps():
       return
     self._manager.save(
-        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                      meta=ocp.args.JsonSave(meta)),
-        metrics=None if val_score is None else {_SCORE: val_score,
-                                                'step': step})
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)
+        ),
+        metrics=None
+        if val_score is None
+        else {_SCORE: val_score, 'step': step},
+    )
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -91,24 +108,33 @@ class Checkpoints:
   def best_score(self) -> float:
     """The best validation balanced accuracy saved so far, or -inf."""
     step = self.best_step()
-    return -np.inf if step is None else float(
-        self._manager.metrics(step)[_SCORE])
+    return (
+        -np.inf if step is None else float(self._manager.metrics(step)[_SCORE])
+    )
 
   def read_meta(self, which: str | int = 'latest') -> dict[str, Any] | None:
     step = self._locate(which, required=False)
     if step is None:
       return None
-    return dict(self._manager.restore(step, args=ocp.args.Composite(
-        meta=ocp.args.JsonRestore())).meta)
+    return dict(
+        self._manager.restore(
+            step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())
+        ).meta
+    )
 
-  def restore(self, abstract_state: Any, which: str | int = 'latest'
-              ) -> tuple[Any, dict[str, Any]]:
+  def restore(
+      self, abstract_state: Any, which: str | int = 'latest'
+  ) -> tuple[Any, dict[str, Any]]:
     """Restores `which` ('latest', 'best' or a step) onto abstract_state."""
     step = self._locate(which, required=True)
     self._check_fits(step, abstract_state)
-    restored = self._manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract_state),
-        meta=ocp.args.JsonRestore()))
+    restored = self._manager.restore(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(abstract_state),
+            meta=ocp.args.JsonRestore(),
+        ),
+    )
     return restored.state, dict(restored.meta)
 
   def _locate(self, which: str | int, *, required: bool) -> int | None:
@@ -123,43 +149,59 @@ class Checkpoints:
       except ValueError:
         raise CheckpointError(
             f"eval.checkpoint={which!r}: expected 'best', 'latest' or a step "
-            'number.') from None
+            'number.'
+        ) from None
       if step not in steps:
         if not required:
           return None
         raise CheckpointError(
             f'no checkpoint at step {step} in {str(self.directory)!r}; it '
-            f'has steps {sorted(steps)} (best: {self.best_step()}).')
+            f'has steps {sorted(steps)} (best: {self.best_step()}).'
+        )
     if step is None and required:
-      what = ('no checkpoint' if not steps else
-              f'no validated checkpoint (steps {sorted(steps)})')
+      what = (
+          'no checkpoint'
+          if not steps
+          else f'no validated checkpoint (steps {sorted(steps)})'
+      )
       raise CheckpointError(
           f'{what} in {str(self.directory)!r} for eval.checkpoint='
           f'{which!r}. Train first: python -m vitjax.main --config=<the same '
-          f'config> --workdir={str(self.directory.parent)!r}')
+          f'config> --workdir={str(self.directory.parent)!r}'
+      )
     return step
 
   def _check_fits(self, step: int, abstract_state: Any) -> None:
     """Names the first array whose saved shape differs from the model's."""
-    saved = {_path(p): tuple(m.shape) for p, m in
-             jax.tree_util.tree_flatten_with_path(
-                 self._manager.item_metadata(step)['state'])[0]
-             if hasattr(m, 'shape')}
-    wanted = {_path(p): tuple(np.shape(a)) for p, a in
-              jax.tree_util.tree_flatten_with_path(abstract_state)[0]}
+    saved = {
+        _path(p): tuple(m.shape)
+        for p, m in jax.tree_util.tree_flatten_with_path(
+            self._manager.item_metadata(step)['state']
+        )[0]
+        if hasattr(m, 'shape')
+    }
+    wanted = {
+        _path(p): tuple(np.shape(a))
+        for p, a in jax.tree_util.tree_flatten_with_path(abstract_state)[0]
+    }
     where = f'the checkpoint at step {step} in {str(self.directory)!r}'
-    hint = ('Evaluate with the config that trained it (its config.json is '
-            f'in {str(self.directory.parent)!r}), or use another --workdir.')
+    hint = (
+        'Evaluate with the config that trained it (its config.json is '
+        f'in {str(self.directory.parent)!r}), or use another --workdir.'
+    )
     missing = sorted(set(wanted) - set(saved))
     if missing:
-      raise CheckpointError(f'{where} has no {missing[0]} (and '
-                            f'{len(missing) - 1} more arrays the model '
-                            'needs). ' + hint)
+      raise CheckpointError(
+          f'{where} has no {missing[0]} (and '
+          f'{len(missing) - 1} more arrays the model '
+          'needs). ' + hint
+      )
     for path, shape in wanted.items():
       if saved[path] != shape:
-        raise CheckpointError(f'{where} does not fit the model: {path} is '
-                              f'{saved[path]} there but {shape} here. '
-                              + hint)
+        raise CheckpointError(
+            f'{where} does not fit the model: {path} is '
+            f'{saved[path]} there but {shape} here. ' + hint
+        )
 
 
 def _path(keys) -> str:

@@ -22,10 +22,15 @@ from vitjax.evaluators import sparsity
 from vitjax.evaluators.classification import Predictor
 
 
-def evaluate_checkpoint(config: ConfigDict, workdir: str | Path,
-                        which: str | int, *, data=None, mesh=None,
-                        family: families.ModelFamily | None = None
-                        ) -> dict[str, Any]:
+def evaluate_checkpoint(
+    config: ConfigDict,
+    workdir: str | Path,
+    which: str | int,
+    *,
+    data=None,
+    mesh=None,
+    family: families.ModelFamily | None = None,
+) -> dict[str, Any]:
   """Restores a checkpoint, evaluates it on val and test, writes the report.
 
   With eval.quant='int8' the checkpoint is evaluated in int8 (see
@@ -39,9 +44,9 @@ def evaluate_checkpoint(config: ConfigDict, workdir: str | Path,
   family = family or families.build(config, data, 1, mesh, workdir)
   # The optimizer's structure, not its schedule, shapes the saved state.
   tx, _ = family.make_optimizer(1)
-  abstract = train_state.abstract(family.model, tx,
-                                  config.optim.ema_decay > 0,
-                                  sharding.replicated(mesh))
+  abstract = train_state.abstract(
+      family.model, tx, config.optim.ema_decay > 0, sharding.replicated(mesh)
+  )
   with checkpoint.Checkpoints(workdir) as ckpts:
     state, meta = ckpts.restore(abstract, which)
     # The run's whole training time is in its latest checkpoint.
@@ -50,14 +55,18 @@ def evaluate_checkpoint(config: ConfigDict, workdir: str | Path,
   ev = config.eval
   float_predictor = Predictor(family.model, {'params': params})
   name = str(which)
-  report = {'checkpoint': f'{which} (step {meta["step"]})',
-            'workdir': str(workdir), 'step': int(meta['step']),
-            'model': config.model.name,
-            'class_names': list(data.class_names),
-            'train_seconds': float(train_seconds)}
+  report = {
+      'checkpoint': f'{which} (step {meta["step"]})',
+      'workdir': str(workdir),
+      'step': int(meta['step']),
+      'model': config.model.name,
+      'class_names': list(data.class_names),
+      'train_seconds': float(train_seconds),
+  }
   if ev.quant == 'int8':
     predictor, report['quantization'] = _int8_predictor(
-        config, float_predictor, data, mesh, workdir / 'int8' / name)
+        config, float_predictor, data, mesh, workdir / 'int8' / name
+    )
     name += '_int8'
   elif ev.quant == 'none':
     predictor = float_predictor
@@ -65,52 +74,85 @@ def evaluate_checkpoint(config: ConfigDict, workdir: str | Path,
     raise ValueError(f"eval.quant={ev.quant!r}: expected 'none' or 'int8'.")
   report['precision'] = 'int8' if ev.quant == 'int8' else 'float'
   report['sparsity'] = sparsity.sparsity_report(
-      predictor, data.test.images, ev.batch_size, ev.speed_batch,
-      ev.speed_seconds)
+      predictor,
+      data.test.images,
+      ev.batch_size,
+      ev.speed_batch,
+      ev.speed_seconds,
+  )
   report.update(_accuracy(predictor, data, ev.batch_size, mesh))
   report['cost'] = cost.cost_report(
-      predictor, mesh, ev.speed_batch, ev.speed_seconds,
+      predictor,
+      mesh,
+      ev.speed_batch,
+      ev.speed_seconds,
       # A-ViT's cost depends on the images: count what the test set ran.
       report['sparsity'].get('tokens_per_block')
-      if config.model.name == 'avit' else None, float_params=params)
+      if config.model.name == 'avit'
+      else None,
+      float_params=params,
+  )
   if family.teacher is not None:
-    teacher = Predictor(family.teacher.model,
-                        {'params': family.teacher.params})
+    teacher = Predictor(family.teacher.model, {'params': family.teacher.params})
     report['teacher'] = {
-        'workdir': config.sparse.init_from, 'step': family.teacher.step,
+        'workdir': config.sparse.init_from,
+        'step': family.teacher.step,
         **_accuracy(teacher, data, ev.batch_size, mesh),
-        'cost': cost.cost_report(teacher, mesh, ev.speed_batch,
-                                 ev.speed_seconds)}
+        'cost': cost.cost_report(
+            teacher, mesh, ev.speed_batch, ev.speed_seconds
+        ),
+    }
   if jax.process_index() == 0:
-    path = report_lib.write_report(report, workdir / 'eval', name,
-                                   data.class_names,
-                                   workdir / 'metrics.jsonl')
+    path = report_lib.write_report(
+        report,
+        workdir / 'eval',
+        name,
+        data.class_names,
+        workdir / 'metrics.jsonl',
+    )
     logging.info('Wrote %s', path)
     report_lib.print_report(report, data.class_names)
   return report
 
 
-def _accuracy(predictor: Predictor, data: sources.Dataset, batch_size: int,
-              mesh) -> dict[str, Any]:
+def _accuracy(
+    predictor: Predictor, data: sources.Dataset, batch_size: int, mesh
+) -> dict[str, Any]:
   """{'val': metrics, 'test': metrics} of the predictor."""
   predict_fn = classification.make_predict_fn(predictor.logits, mesh)
-  return {name: classification.evaluate_split(
-      predict_fn, predictor.variables, split, batch_size, mesh,
-      data.num_classes) for name, split in (('val', data.val),
-                                            ('test', data.test))}
+  return {
+      name: classification.evaluate_split(
+          predict_fn,
+          predictor.variables,
+          split,
+          batch_size,
+          mesh,
+          data.num_classes,
+      )
+      for name, split in (('val', data.val), ('test', data.test))
+  }
 
 
-def _int8_predictor(config: ConfigDict, float_predictor: Predictor,
-                    data: sources.Dataset, mesh, save_dir: Path
-                    ) -> tuple[Predictor, dict[str, Any]]:
+def _int8_predictor(
+    config: ConfigDict,
+    float_predictor: Predictor,
+    data: sources.Dataset,
+    mesh,
+    save_dir: Path,
+) -> tuple[Predictor, dict[str, Any]]:
   """The int8 predictor of eval.quant_path, and what to report about it."""
   ev = config.eval
   model, params = float_predictor.model, float_predictor.params
-  info = {'path': ev.quant_path, 'backend': ev.quant_backend,
-          'head': ev.quant_head, 'attention_einsums': ev.quant_attention}
+  info = {
+      'path': ev.quant_path,
+      'backend': ev.quant_backend,
+      'head': ev.quant_head,
+      'attention_einsums': ev.quant_attention,
+  }
   if ev.quant_path == 'fake':
-    predictor = Predictor(quantization.quantized_model(model, ev, 'fake'),
-                          {'params': params})
+    predictor = Predictor(
+        quantization.quantized_model(model, ev, 'fake'), {'params': params}
+    )
   else:
     server = quantization.Int8Server.convert(model, ev, params)
     info.update(quantization.weight_bytes(params, server))
@@ -119,15 +161,21 @@ def _int8_predictor(config: ConfigDict, float_predictor: Predictor,
       info['checkpoint'] = str(save_dir)
     # Serve what was saved: the round trip is part of the check.
     server = quantization.Int8Server.load(save_dir, model, ev, params)
-    predictor = Predictor(server.model,
-                          {'params': server.params, 'aqt': server.frozen},
-                          prepare=server.prepare)
+    predictor = Predictor(
+        server.model,
+        {'params': server.params, 'aqt': server.frozen},
+        prepare=server.prepare,
+    )
   # How often int8 and float agree, image by image, on the test set.
   preds = []
   for p in (float_predictor, predictor):
     logits = classification.predict(
-        classification.make_predict_fn(p.logits, mesh), p.variables,
-        data.test.images, ev.batch_size, mesh)
+        classification.make_predict_fn(p.logits, mesh),
+        p.variables,
+        data.test.images,
+        ev.batch_size,
+        mesh,
+    )
     preds.append(np.argmax(logits, -1))
   info['test_agreement_with_float'] = float(np.mean(preds[0] == preds[1]))
   return predictor, info

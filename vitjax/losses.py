@@ -28,8 +28,9 @@ BASE_LOSSES = ('ce', 'focal', 'logit_adjusted')
 WEIGHT_SCHEMES = ('none', 'inverse', 'effective')
 
 
-def class_weights(counts: np.ndarray, scheme: str, beta: float = 0.9999
-                  ) -> np.ndarray:
+def class_weights(
+    counts: np.ndarray, scheme: str, beta: float = 0.9999
+) -> np.ndarray:
   """Per-class weights from training counts.
 
   'inverse' is the course's total / (C * n_c) (mean weight per image is 1);
@@ -46,15 +47,22 @@ def class_weights(counts: np.ndarray, scheme: str, beta: float = 0.9999
     w = (1.0 - beta) / (1.0 - np.power(beta, counts))
     w = w * c / w.sum()
   else:
-    raise ValueError(f'loss.class_weights={scheme!r}: expected one of '
-                     f'{WEIGHT_SCHEMES}.')
+    raise ValueError(
+        f'loss.class_weights={scheme!r}: expected one of ' f'{WEIGHT_SCHEMES}.'
+    )
   return w.astype(np.float32)
 
 
-def weighted_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array,
-                  *, name: str, focal_gamma: float = 2.0,
-                  log_prior: jax.Array | None = None,
-                  logit_adjust_tau: float = 1.0) -> jax.Array:
+def weighted_loss(
+    logits: jax.Array,
+    targets: jax.Array,
+    weights: jax.Array,
+    *,
+    name: str,
+    focal_gamma: float = 2.0,
+    log_prior: jax.Array | None = None,
+    logit_adjust_tau: float = 1.0,
+) -> jax.Array:
   """Mean loss over the batch (see the module docstring for each `name`)."""
   logits = logits.astype(jnp.float32)
   scaled = targets * weights
@@ -64,33 +72,44 @@ def weighted_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array,
     # The modulating factor stays inside the gradient, as in the paper.
     p = jax.nn.softmax(logits)
     per_example = optax.softmax_cross_entropy(
-        logits, scaled * (1.0 - p) ** focal_gamma)
+        logits, scaled * (1.0 - p) ** focal_gamma
+    )
   elif name == 'logit_adjusted':
     per_example = optax.softmax_cross_entropy(
-        logits + logit_adjust_tau * log_prior, scaled)
+        logits + logit_adjust_tau * log_prior, scaled
+    )
   else:
     raise ValueError(f'loss.name={name!r}: expected one of {BASE_LOSSES}.')
   return per_example.sum() / jnp.maximum(scaled.sum(), 1e-12)
 
 
-def make_classification_loss(loss_cfg, train_counts: np.ndarray,
-                             steps_per_epoch: int
-                             ) -> Callable[[jax.Array, jax.Array, jax.Array],
-                                           jax.Array]:
+def make_classification_loss(
+    loss_cfg, train_counts: np.ndarray, steps_per_epoch: int
+) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
   """Returns loss(logits, targets, step) for config.loss."""
   if loss_cfg.name not in BASE_LOSSES:
-    raise ValueError(f'loss.name={loss_cfg.name!r}: expected one of '
-                     f'{BASE_LOSSES}.')
-  weights = jnp.asarray(class_weights(train_counts, loss_cfg.class_weights,
-                                      loss_cfg.effective_beta))
+    raise ValueError(
+        f'loss.name={loss_cfg.name!r}: expected one of ' f'{BASE_LOSSES}.'
+    )
+  weights = jnp.asarray(
+      class_weights(
+          train_counts, loss_cfg.class_weights, loss_cfg.effective_beta
+      )
+  )
   prior = np.asarray(train_counts, np.float64) / np.sum(train_counts)
   log_prior = jnp.asarray(np.log(prior), jnp.float32)
   reweight_step = int(round(loss_cfg.reweight_from_epoch * steps_per_epoch))
 
   def loss_fn(logits, targets, step):
     w = jnp.where(step >= reweight_step, weights, jnp.ones_like(weights))
-    return weighted_loss(logits, targets, w, name=loss_cfg.name,
-                         focal_gamma=loss_cfg.focal_gamma, log_prior=log_prior,
-                         logit_adjust_tau=loss_cfg.logit_adjust_tau)
+    return weighted_loss(
+        logits,
+        targets,
+        w,
+        name=loss_cfg.name,
+        focal_gamma=loss_cfg.focal_gamma,
+        log_prior=log_prior,
+        logit_adjust_tau=loss_cfg.logit_adjust_tau,
+    )
 
   return loss_fn

@@ -1,8 +1,8 @@
 """Command line: train or evaluate a model from a config file.
 
-  python -m vitjax.main --config=configs/vit.py --workdir=checkpoints/vit
-  python -m vitjax.main --config=configs/vit.py --workdir=... --mode=eval
-  python -m vitjax.main --config=configs/vit.py:cpu --config.model.depth=6 ...
+python -m vitjax.main --config=configs/vit.py --workdir=checkpoints/vit
+python -m vitjax.main --config=configs/vit.py --workdir=... --mode=eval
+python -m vitjax.main --config=configs/vit.py:cpu --config.model.depth=6 ...
 """
 
 import logging as std_logging
@@ -14,20 +14,31 @@ from ml_collections import config_flags
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TF only feeds data
 
 _CONFIG = config_flags.DEFINE_config_file(
-    'config', None, 'Config file, optionally with an argument: file.py:arg.',
-    lock_config=True)
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Run folder: checkpoints, '
-                               'metrics, TensorBoard events, reports.')
-_MODE = flags.DEFINE_enum('mode', 'train', ['train', 'eval'],
-                          'train (resumes if the workdir has a checkpoint), '
-                          'or eval (restores eval.checkpoint).')
+    'config',
+    None,
+    'Config file, optionally with an argument: file.py:arg.',
+    lock_config=True,
+)
+_WORKDIR = flags.DEFINE_string(
+    'workdir',
+    None,
+    'Run folder: checkpoints, ' 'metrics, TensorBoard events, reports.',
+)
+_MODE = flags.DEFINE_enum(
+    'mode',
+    'train',
+    ['train', 'eval'],
+    'train (resumes if the workdir has a checkpoint), '
+    'or eval (restores eval.checkpoint).',
+)
 flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def _quiet_orbax(record: std_logging.LogRecord) -> bool:
   """Drops orbax's INFO chatter (dozens of lines per save) from the log."""
   return record.levelno >= std_logging.WARNING or (
-      f'{os.sep}orbax{os.sep}' not in record.pathname)
+      f'{os.sep}orbax{os.sep}' not in record.pathname
+  )
 
 
 def main(argv):
@@ -37,19 +48,24 @@ def main(argv):
   # pylint: disable=g-import-not-at-top
   import jax
   from vitjax import evaluate, train
+
   try:
     from vitjax.data import tf_pipeline
+
     tf_pipeline.hide_accelerators_from_tf()
   except ImportError:  # no TensorFlow: the device pipeline needs none
     pass
-  logging.info('JAX %s on %d device(s): %s', jax.__version__,
-               jax.device_count(), jax.devices()[0].device_kind)
+  logging.info(
+      'JAX %s on %d device(s): %s',
+      jax.__version__,
+      jax.device_count(),
+      jax.devices()[0].device_kind,
+  )
   config = _CONFIG.value
   if _MODE.value == 'train':
     train.train_and_evaluate(config, _WORKDIR.value)
   else:
-    evaluate.evaluate_checkpoint(config, _WORKDIR.value,
-                                 config.eval.checkpoint)
+    evaluate.evaluate_checkpoint(config, _WORKDIR.value, config.eval.checkpoint)
 
 
 if __name__ == '__main__':

@@ -32,8 +32,7 @@ class JsonlWriter(metric_writers.MetricWriter):
     """Drops records past `step`, written by a run that died before saving."""
     if not self.path.exists():
       return
-    keep = [json.dumps(r) for r in read_records(self.path)
-            if r['step'] <= step]
+    keep = [json.dumps(r) for r in read_records(self.path) if r['step'] <= step]
     tmp = self.path.with_suffix('.tmp')
     tmp.write_text(''.join(line + '\n' for line in keep))
     tmp.replace(self.path)
@@ -45,8 +44,9 @@ class JsonlWriter(metric_writers.MetricWriter):
       records[split][name] = np.asarray(value).tolist()
     with open(self.path, 'a') as f:
       for split, values in records.items():
-        f.write(json.dumps({'split': split, 'step': int(step), **values})
-                + '\n')
+        f.write(
+            json.dumps({'split': split, 'step': int(step), **values}) + '\n'
+        )
 
   # Only scalars belong in metrics.jsonl.
   def write_summaries(self, step, values, metadata=None):
@@ -89,8 +89,9 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     try:
       records.append(json.loads(line))
     except json.JSONDecodeError:
-      logging.warning('%s line %d is not JSON (cut short?); skipped.', path,
-                      number)
+      logging.warning(
+          '%s line %d is not JSON (cut short?); skipped.', path, number
+      )
   return records
 
 
@@ -98,6 +99,8 @@ def create(workdir: Path, resume_step: int) -> metric_writers.MetricWriter:
   """The log on every process; TensorBoard and metrics.jsonl on process 0."""
   writers = [metric_writers.LoggingWriter()]
   if jax.process_index() == 0:
-    writers += [metric_writers.SummaryWriter(str(workdir)),
-                JsonlWriter(workdir / 'metrics.jsonl', resume_step)]
+    writers += [
+        metric_writers.SummaryWriter(str(workdir)),
+        JsonlWriter(workdir / 'metrics.jsonl', resume_step),
+    ]
   return metric_writers.MultiWriter(writers)

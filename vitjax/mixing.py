@@ -13,8 +13,9 @@ import jax
 import jax.numpy as jnp
 
 
-def mix(key: jax.Array, images: jax.Array, targets: jax.Array, aug_cfg
-        ) -> tuple[jax.Array, jax.Array]:
+def mix(
+    key: jax.Array, images: jax.Array, targets: jax.Array, aug_cfg
+) -> tuple[jax.Array, jax.Array]:
   """images [b, h, w, c] (any dtype, 0..255), targets [b, classes] soft."""
   use_mixup = aug_cfg.mixup_alpha > 0
   use_cutmix = aug_cfg.cutmix_alpha > 0

@@ -16,12 +16,12 @@ import jax.numpy as jnp
 import optax
 
 
-def _kl_from_teacher(teacher_logits: jax.Array, logits: jax.Array
-                     ) -> jax.Array:
+def _kl_from_teacher(teacher_logits: jax.Array, logits: jax.Array) -> jax.Array:
   """Mean KL(p_teacher || p) over the batch; the teacher is a constant."""
   return optax.losses.kl_divergence_with_log_targets(
       jax.nn.log_softmax(logits),
-      jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits))).mean()
+      jax.nn.log_softmax(jax.lax.stop_gradient(teacher_logits)),
+  ).mean()
 
 
 class Classification:
@@ -29,17 +29,25 @@ class Classification:
 
   extra_metrics: tuple[str, ...] = ()
 
-  def __init__(self, model: nn.Module,
-               loss_fn: Callable[[jax.Array, jax.Array, jax.Array],
-                                 jax.Array]):
+  def __init__(
+      self,
+      model: nn.Module,
+      loss_fn: Callable[[jax.Array, jax.Array, jax.Array], jax.Array],
+  ):
     self.model = model
     self.loss_fn = loss_fn
 
-  def __call__(self, params: Any, images: jax.Array, targets: jax.Array,
-               step: jax.Array, rngs: dict[str, jax.Array]
-               ) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
-    logits, _ = self.model.apply({'params': params}, images, train=True,
-                                 rngs=rngs)
+  def __call__(
+      self,
+      params: Any,
+      images: jax.Array,
+      targets: jax.Array,
+      step: jax.Array,
+      rngs: dict[str, jax.Array],
+  ) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
+    logits, _ = self.model.apply(
+        {'params': params}, images, train=True, rngs=rngs
+    )
     return self.loss_fn(logits, targets, step), (logits, {})
 
 
@@ -53,21 +61,33 @@ class DynamicViTObjective:
   the tokens kept at the last stage. teacher=None turns distillation off.
   """
 
-  def __init__(self, model: nn.Module, loss_fn: Callable, teacher, *,
-               ratio_weight: float, kl_weight: float, token_weight: float):
+  def __init__(
+      self,
+      model: nn.Module,
+      loss_fn: Callable,
+      teacher,
+      *,
+      ratio_weight: float,
+      kl_weight: float,
+      token_weight: float,
+  ):
     self.model, self.loss_fn, self.teacher = model, loss_fn, teacher
     self.ratio_weight = ratio_weight
     self.kl_weight, self.token_weight = kl_weight, token_weight
     stages = len(model.stages())
-    self.targets = jnp.array([model.keep_ratio ** (s + 1)
-                              for s in range(stages)])
-    self.extra_metrics = (('cls_loss', 'ratio_loss') +
-                          (('kl_loss', 'token_loss') if teacher else ()) +
-                          tuple(f'keep_{s}' for s in range(stages)))
+    self.targets = jnp.array(
+        [model.keep_ratio ** (s + 1) for s in range(stages)]
+    )
+    self.extra_metrics = (
+        ('cls_loss', 'ratio_loss')
+        + (('kl_loss', 'token_loss') if teacher else ())
+        + tuple(f'keep_{s}' for s in range(stages))
+    )
 
   def __call__(self, params, images, targets, step, rngs):
-    logits, aux = self.model.apply({'params': params}, images, train=True,
-                                   rngs=rngs)
+    logits, aux = self.model.apply(
+        {'params': params}, images, train=True, rngs=rngs
+    )
     policies = aux['policies']  # [stages, b, n]
     kept = policies.mean(-1)  # [stages, b]
     cls_loss = self.loss_fn(logits, targets, step)
@@ -77,26 +97,30 @@ class DynamicViTObjective:
     extras.update({f'keep_{s}': kept[s].mean() for s in range(len(kept))})
     if self.teacher is not None:
       t_logits, t_aux = self.teacher.model.apply(
-          {'params': self.teacher.params}, images, train=False)
+          {'params': self.teacher.params}, images, train=False
+      )
       t_tokens = jax.lax.stop_gradient(t_aux['tokens']).astype(jnp.float32)
       kl = _kl_from_teacher(t_logits, logits)
       keep = policies[-1][..., None]
       err = (aux['tokens'].astype(jnp.float32) - t_tokens) ** 2
       token = jnp.sum(keep * err) / jnp.maximum(
-          jnp.sum(keep) * err.shape[-1], 1.0)
+          jnp.sum(keep) * err.shape[-1], 1.0
+      )
       loss = loss + self.kl_weight * kl + self.token_weight * token
       extras.update(kl_loss=kl, token_loss=token)
     return loss, (logits, extras)
 
 
-def halting_prior(depth: int, mean: float, std: float, faithful: bool
-                  ) -> jax.Array:
+def halting_prior(
+    depth: int, mean: float, std: float, faithful: bool
+) -> jax.Array:
   """A-ViT's target distribution of halting over blocks: a Gaussian at
   `mean`. The official code rescales it so its mass before `mean` is 0.98
   (so it does not sum to 1); the corrected one is normalised."""
   blocks = jnp.arange(depth, dtype=jnp.float32)
-  pdf = jnp.exp(-0.5 * ((blocks - mean) / std) ** 2) / (std * jnp.sqrt(
-      2 * jnp.pi))
+  pdf = jnp.exp(-0.5 * ((blocks - mean) / std) ** 2) / (
+      std * jnp.sqrt(2 * jnp.pi)
+  )
   if faithful:
     return pdf * 0.98 / jnp.sum(jnp.where(blocks < mean, pdf, 0.0))
   return pdf / pdf.sum()
@@ -114,16 +138,30 @@ class AViTObjective:
   batch mean, a normalised T, a plain KL).
   """
 
-  def __init__(self, model: nn.Module, loss_fn: Callable, teacher, *,
-               ponder_weight: float, distr_weight: float, prior_mean: float,
-               prior_std: float, faithful: bool, kl_weight: float):
+  def __init__(
+      self,
+      model: nn.Module,
+      loss_fn: Callable,
+      teacher,
+      *,
+      ponder_weight: float,
+      distr_weight: float,
+      prior_mean: float,
+      prior_std: float,
+      faithful: bool,
+      kl_weight: float,
+  ):
     self.model, self.loss_fn, self.teacher = model, loss_fn, teacher
     self.ponder_weight, self.distr_weight = ponder_weight, distr_weight
     self.kl_weight, self.faithful = kl_weight, faithful
     self.prior = halting_prior(model.depth, prior_mean, prior_std, faithful)
-    self.extra_metrics = ('cls_loss', 'ponder_loss', 'distr_loss',
-                          'mean_depth', 'cls_depth') + (
-                              ('kl_loss',) if teacher else ())
+    self.extra_metrics = (
+        'cls_loss',
+        'ponder_loss',
+        'distr_loss',
+        'mean_depth',
+        'cls_depth',
+    ) + (('kl_loss',) if teacher else ())
 
   def halting_distribution(self, aux) -> jax.Array:
     if self.faithful:
@@ -133,8 +171,9 @@ class AViTObjective:
     return jnp.clip(h / jnp.sum(h), 0.01, 0.99)
 
   def __call__(self, params, images, targets, step, rngs):
-    logits, aux = self.model.apply({'params': params}, images, train=True,
-                                   rngs=rngs)
+    logits, aux = self.model.apply(
+        {'params': params}, images, train=True, rngs=rngs
+    )
     cls_loss = self.loss_fn(logits, targets, step)
     ponder = aux['ponder'].mean()
     h = self.halting_distribution(aux)
@@ -143,12 +182,17 @@ class AViTObjective:
     if self.faithful:
       distr = distr / self.model.depth
     loss = cls_loss + self.ponder_weight * ponder + self.distr_weight * distr
-    extras = {'cls_loss': cls_loss, 'ponder_loss': ponder,
-              'distr_loss': distr, 'mean_depth': aux['depth'].mean(),
-              'cls_depth': aux['depth'][:, 0].mean()}
+    extras = {
+        'cls_loss': cls_loss,
+        'ponder_loss': ponder,
+        'distr_loss': distr,
+        'mean_depth': aux['depth'].mean(),
+        'cls_depth': aux['depth'][:, 0].mean(),
+    }
     if self.teacher is not None:
       t_logits, _ = self.teacher.model.apply(
-          {'params': self.teacher.params}, images, train=False)
+          {'params': self.teacher.params}, images, train=False
+      )
       kl = _kl_from_teacher(t_logits, logits)
       loss = loss + self.kl_weight * kl
       extras['kl_loss'] = kl

@@ -42,25 +42,34 @@ BACKENDS = ('aqt', 'fallback')
 
 def _check(quant_cfg) -> None:
   if quant_cfg.quant_path not in PATHS:
-    raise ValueError(f'eval.quant_path={quant_cfg.quant_path!r}: expected one '
-                     f'of {PATHS}.')
+    raise ValueError(
+        f'eval.quant_path={quant_cfg.quant_path!r}: expected one '
+        f'of {PATHS}.'
+    )
   if quant_cfg.quant_backend not in BACKENDS:
-    raise ValueError(f'eval.quant_backend={quant_cfg.quant_backend!r}: '
-                     f'expected one of {BACKENDS}.')
+    raise ValueError(
+        f'eval.quant_backend={quant_cfg.quant_backend!r}: '
+        f'expected one of {BACKENDS}.'
+    )
   if quant_cfg.quant_backend == 'fallback' and quant_cfg.quant_path == 'serve':
-    raise ValueError("eval.quant_path='serve' needs eval.quant_backend='aqt' "
-                     '(the fallback only fake-quantizes).')
+    raise ValueError(
+        "eval.quant_path='serve' needs eval.quant_backend='aqt' "
+        '(the fallback only fake-quantizes).'
+    )
 
 
 def _aqt_config(fake: bool):
   from aqt.jax.v2 import aqt_dot_general, config  # pylint: disable=g-import-not-at-top
+
   cfg = config.config_v4(fwd_bits=8, dlhs_bits=None, drhs_bits=None)
   if fake:
     mode = aqt_dot_general.DequantMode.THIS_INPUT
-    config.set_fwd_dequant_mode(cfg, lhs_dequant_mode=mode,
-                                rhs_dequant_mode=mode)
-    config.set_accumulator_dtype(cfg, fwd_dtype=None, dlhs_dtype=config.SKIP,
-                                 drhs_dtype=config.SKIP)
+    config.set_fwd_dequant_mode(
+        cfg, lhs_dequant_mode=mode, rhs_dequant_mode=mode
+    )
+    config.set_accumulator_dtype(
+        cfg, fwd_dtype=None, dlhs_dtype=config.SKIP, drhs_dtype=config.SKIP
+    )
   return cfg
 
 
@@ -70,13 +79,20 @@ def _dot_general_cls(quant_cfg, stage: str) -> Callable[[], Any]:
   if quant_cfg.quant_backend == 'fallback':
     return FakeQuantDot
   from aqt.jax.v2.flax import aqt_flax  # pylint: disable=g-import-not-at-top
-  mode = {'fake': aqt_flax.QuantMode.TRAIN,
-          'convert': aqt_flax.QuantMode.CONVERT,
-          'serve': aqt_flax.QuantMode.SERVE}[stage]
+
+  mode = {
+      'fake': aqt_flax.QuantMode.TRAIN,
+      'convert': aqt_flax.QuantMode.CONVERT,
+      'serve': aqt_flax.QuantMode.SERVE,
+  }[stage]
   return functools.partial(
-      aqt_flax.AqtDotGeneral, _aqt_config(stage == 'fake'), prng_name=None,
-      lhs_quant_mode=aqt_flax.QuantMode.TRAIN, rhs_quant_mode=mode,
-      rhs_freeze_mode=aqt_flax.FreezerMode.CALIBRATION_AND_VALUE)
+      aqt_flax.AqtDotGeneral,
+      _aqt_config(stage == 'fake'),
+      prng_name=None,
+      lhs_quant_mode=aqt_flax.QuantMode.TRAIN,
+      rhs_quant_mode=mode,
+      rhs_freeze_mode=aqt_flax.FreezerMode.CALIBRATION_AND_VALUE,
+  )
 
 
 def _einsum_cls(quant_cfg) -> Callable[[], Any] | None:
@@ -86,18 +102,22 @@ def _einsum_cls(quant_cfg) -> Callable[[], Any] | None:
     raise ValueError("eval.quant_attention needs eval.quant_backend='aqt'.")
   from aqt.jax.v2.flax import aqt_flax  # pylint: disable=g-import-not-at-top
   # Both operands are activations, quantized per call.
-  return functools.partial(aqt_flax.AqtEinsum, _aqt_config(
-      quant_cfg.quant_path == 'fake'), prng_name=None)
+  return functools.partial(
+      aqt_flax.AqtEinsum,
+      _aqt_config(quant_cfg.quant_path == 'fake'),
+      prng_name=None,
+  )
 
 
 def quantized_model(model: nn.Module, quant_cfg, stage: str) -> nn.Module:
   """The same model with int8 injected into its Dense layers (see top)."""
   _check(quant_cfg)
   dot = _dot_general_cls(quant_cfg, stage)
-  return model.clone(dot_general_cls=dot,
-                     head_dot_general_cls=dot if quant_cfg.quant_head
-                     else None,
-                     attention_einsum_cls=_einsum_cls(quant_cfg))
+  return model.clone(
+      dot_general_cls=dot,
+      head_dot_general_cls=dot if quant_cfg.quant_head else None,
+      attention_einsum_cls=_einsum_cls(quant_cfg),
+  )
 
 
 class FakeQuantDot:
@@ -108,13 +128,24 @@ class FakeQuantDot:
   half to even, clipped to +-127, dequantized, then multiplied in float.
   """
 
-  def __call__(self, lhs, rhs, dimension_numbers, precision=None,
-               preferred_element_type=None, **kwargs):
+  def __call__(
+      self,
+      lhs,
+      rhs,
+      dimension_numbers,
+      precision=None,
+      preferred_element_type=None,
+      **kwargs,
+  ):
     (lc, rc), _ = dimension_numbers
     return jax.lax.dot_general(
-        fake_quant(lhs, tuple(lc)), fake_quant(rhs, tuple(rc)),
-        dimension_numbers, precision=precision,
-        preferred_element_type=preferred_element_type, **kwargs)
+        fake_quant(lhs, tuple(lc)),
+        fake_quant(rhs, tuple(rc)),
+        dimension_numbers,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+        **kwargs,
+    )
 
 
 def fake_quant(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
@@ -132,7 +163,8 @@ def is_quantized_kernel(path: tuple[str, ...], quant_cfg) -> bool:
   if any(p.startswith('predictors_') for p in path):
     return False
   return bool(names & set(_BLOCK_LAYERS)) or (
-      quant_cfg.quant_head and path[0] == 'head')
+      quant_cfg.quant_head and path[0] == 'head'
+  )
 
 
 def _split(params: Any, quant_cfg) -> tuple[Any, dict[str, Any]]:
@@ -168,18 +200,32 @@ def _with_zero_kernels(params: Any, removed: dict[str, Any]) -> Any:
 class Int8Server:
   """A frozen int8 model: what CONVERT produced, run with SERVE."""
 
-  def __init__(self, model: nn.Module, quant_cfg, params: Any, frozen: Any,
-               removed: dict[str, Any]):
+  def __init__(
+      self,
+      model: nn.Module,
+      quant_cfg,
+      params: Any,
+      frozen: Any,
+      removed: dict[str, Any],
+  ):
     self.model = quantized_model(model, quant_cfg, 'serve')
     self.params, self.frozen, self.removed = params, frozen, removed
 
   @classmethod
-  def convert(cls, model: nn.Module, quant_cfg, params: Any,
-              image_shape: tuple[int, ...] = IMAGE_SHAPE) -> 'Int8Server':
+  def convert(
+      cls,
+      model: nn.Module,
+      quant_cfg,
+      params: Any,
+      image_shape: tuple[int, ...] = IMAGE_SHAPE,
+  ) -> 'Int8Server':
     converter = quantized_model(model, quant_cfg, 'convert')
     dummy = jnp.zeros((1,) + tuple(image_shape), jnp.uint8)
-    _, variables = jax.jit(lambda p: converter.apply(
-        {'params': p}, dummy, train=False, mutable=['aqt']))(params)
+    _, variables = jax.jit(
+        lambda p: converter.apply(
+            {'params': p}, dummy, train=False, mutable=['aqt']
+        )
+    )(params)
     float_free, removed = _split(params, quant_cfg)
     return cls(model, quant_cfg, float_free, variables['aqt'], removed)
 
@@ -189,37 +235,48 @@ class Int8Server:
     Call it inside the jitted function: the zero kernels are dead code there
     and never materialise.
     """
-    return {'params': _with_zero_kernels(variables['params'], self.removed),
-            'aqt': variables['aqt']}
+    return {
+        'params': _with_zero_kernels(variables['params'], self.removed),
+        'aqt': variables['aqt'],
+    }
 
   def predict(self, images: jax.Array) -> jax.Array:
     apply = lambda v, x: self.model.apply(self.prepare(v), x, train=False)[0]
-    return jax.jit(apply)({'params': self.params, 'aqt': self.frozen},
-                          images)
+    return jax.jit(apply)({'params': self.params, 'aqt': self.frozen}, images)
 
   def save(self, directory: Path) -> int:
     """Writes an orbax checkpoint; returns its bytes on disk."""
     directory = Path(directory)
     checkpointer = ocp.StandardCheckpointer()
-    checkpointer.save(directory.absolute(),
-                      {'params': self.params, 'aqt': self.frozen},
-                      force=True)
+    checkpointer.save(
+        directory.absolute(),
+        {'params': self.params, 'aqt': self.frozen},
+        force=True,
+    )
     checkpointer.wait_until_finished()
     return sum(f.stat().st_size for f in directory.rglob('*') if f.is_file())
 
   @classmethod
-  def load(cls, directory: Path, model: nn.Module, quant_cfg,
-           float_params: Any, image_shape: tuple[int, ...] = IMAGE_SHAPE
-           ) -> 'Int8Server':
+  def load(
+      cls,
+      directory: Path,
+      model: nn.Module,
+      quant_cfg,
+      float_params: Any,
+      image_shape: tuple[int, ...] = IMAGE_SHAPE,
+  ) -> 'Int8Server':
     """Restores a saved server; float_params only give the tree's shapes."""
     template = cls.convert(model, quant_cfg, float_params, image_shape)
     abstract = jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-        {'params': template.params, 'aqt': template.frozen})
+        {'params': template.params, 'aqt': template.frozen},
+    )
     restored = ocp.StandardCheckpointer().restore(
-        Path(directory).absolute(), abstract)
-    return cls(model, quant_cfg, restored['params'], restored['aqt'],
-               template.removed)
+        Path(directory).absolute(), abstract
+    )
+    return cls(
+        model, quant_cfg, restored['params'], restored['aqt'], template.removed
+    )
 
 
 def weight_bytes(params: Any, server: 'Int8Server') -> dict[str, int]:
@@ -227,9 +284,13 @@ def weight_bytes(params: Any, server: 'Int8Server') -> dict[str, int]:
   plus their float32 scales (read off the CONVERT output), and of the
   whole model in each form."""
   as_float = sum(4 * int(np.prod(s.shape)) for s in server.removed.values())
-  as_int8 = sum(int(np.asarray(x).nbytes)
-                for x in jax.tree.leaves(server.frozen))
+  as_int8 = sum(
+      int(np.asarray(x).nbytes) for x in jax.tree.leaves(server.frozen)
+  )
   total = sum(4 * int(np.size(x)) for x in jax.tree.leaves(params))
-  return {'float32_kernel_bytes': as_float, 'int8_kernel_bytes': as_int8,
-          'float32_model_bytes': total,
-          'int8_model_bytes': total - as_float + as_int8}
+  return {
+      'float32_kernel_bytes': as_float,
+      'int8_kernel_bytes': as_int8,
+      'float32_model_bytes': total,
+      'int8_model_bytes': total - as_float + as_int8,
+  }

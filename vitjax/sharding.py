@@ -21,8 +21,9 @@ def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   devices = jax.devices() if devices is None else list(devices)
   # Auto axes: every jit states its shardings, as jax.jit has always done
   # (make_mesh's default, Explicit, would make shardings part of types).
-  return jax.make_mesh((len(devices),), (AXIS,),
-                       (jax.sharding.AxisType.Auto,), devices=devices)
+  return jax.make_mesh(
+      (len(devices),), (AXIS,), (jax.sharding.AxisType.Auto,), devices=devices
+  )
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:
@@ -36,22 +37,26 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def with_sharding(tree: Any, sharding: jax.sharding.Sharding) -> Any:
   """Shapes and dtypes of `tree` placed on `sharding` (for orbax restores)."""
   return jax.tree.map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-      tree)
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), tree
+  )
 
 
 def check_batch(batch_size: int, mesh: Mesh, what: str) -> None:
   if batch_size % mesh.size:
-    raise ValueError(f'{what}={batch_size} must be a multiple of the '
-                     f'{mesh.size} devices.')
+    raise ValueError(
+        f'{what}={batch_size} must be a multiple of the '
+        f'{mesh.size} devices.'
+    )
 
 
-def host_batch_to_global(batch: dict[str, np.ndarray],
-                         sharding: jax.sharding.Sharding
-                         ) -> dict[str, jax.Array]:
+def host_batch_to_global(
+    batch: dict[str, np.ndarray], sharding: jax.sharding.Sharding
+) -> dict[str, jax.Array]:
   """This host's slice of a batch -> global arrays sharded over the mesh."""
-  return {k: jax.make_array_from_process_local_data(sharding, v)
-          for k, v in batch.items()}
+  return {
+      k: jax.make_array_from_process_local_data(sharding, v)
+      for k, v in batch.items()
+  }
 
 
 def to_host(tree: Any) -> Any:

@@ -24,14 +24,20 @@ class TensorboardScalarWriter:
     # pylint: disable=g-import-not-at-top
     from tensorboard.compat.proto import event_pb2, summary_pb2
     from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
     self._event, self._summary = event_pb2, summary_pb2
     self._writer = EventFileWriter(str(logdir))
 
   def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
-    values = [self._summary.Summary.Value(tag=k, simple_value=float(v))
-              for k, v in scalars.items()]
-    self._writer.add_event(self._event.Event(
-        step=int(step), summary=self._summary.Summary(value=values)))
+    values = [
+        self._summary.Summary.Value(tag=k, simple_value=float(v))
+        for k, v in scalars.items()
+    ]
+    self._writer.add_event(
+        self._event.Event(
+            step=int(step), summary=self._summary.Summary(value=values)
+        )
+    )
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
     del hparams  # a run's config.json holds them

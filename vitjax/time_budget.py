@@ -23,10 +23,15 @@ _WARMUP_STEPS, _TIMED_STEPS = 6, 30
 _MARGIN = 0.85
 
 
-def fit_steps(budget_minutes: float, t_start: float, *,
-              run_step: Callable[[dict[str, jax.Array]], Any],
-              batches: Iterator[dict[str, jax.Array]],
-              validate: Callable[[], Any], eval_every: int) -> int:
+def fit_steps(
+    budget_minutes: float,
+    t_start: float,
+    *,
+    run_step: Callable[[dict[str, jax.Array]], Any],
+    batches: Iterator[dict[str, jax.Array]],
+    validate: Callable[[], Any],
+    eval_every: int,
+) -> int:
   """The number of steps that ends training inside the budget.
 
   run_step(batch) runs one step of a throwaway state and returns something
@@ -50,10 +55,19 @@ def fit_steps(budget_minutes: float, t_start: float, *,
   left = budget - (time.monotonic() - t_start) - compile_seconds
   steps = int(_MARGIN * left / (t_step + t_eval / eval_every))
   if steps < 1:
-    raise ValueError(f'train.time_budget_minutes={budget_minutes:g} leaves '
-                     f'no time to train ({time.monotonic() - t0:.0f} s went '
-                     'to set-up and timing); raise it.')
-  logging.info('Time budget %.1f min: %.3f s/step, validation %.1f s every %d '
-               'steps, %.0f s left -> %d steps.', budget_minutes, t_step,
-               t_eval, eval_every, left, steps)
+    raise ValueError(
+        f'train.time_budget_minutes={budget_minutes:g} leaves '
+        f'no time to train ({time.monotonic() - t0:.0f} s went '
+        'to set-up and timing); raise it.'
+    )
+  logging.info(
+      'Time budget %.1f min: %.3f s/step, validation %.1f s every %d '
+      'steps, %.0f s left -> %d steps.',
+      budget_minutes,
+      t_step,
+      t_eval,
+      eval_every,
+      left,
+      steps,
+  )
   return steps

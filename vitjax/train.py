@@ -37,9 +37,14 @@ def make_metrics_cls(extra: tuple[str, ...]) -> type[metrics.Collection]:
   return metrics.Collection.create(**fields)
 
 
-def make_train_step(objective, schedule: optax.Schedule, config: ConfigDict,
-                    num_classes: int, base_key: jax.Array, mesh
-                    ) -> Callable:
+def make_train_step(
+    objective,
+    schedule: optax.Schedule,
+    config: ConfigDict,
+    num_classes: int,
+    base_key: jax.Array,
+    mesh,
+) -> Callable:
   """The jitted (state, batch, metrics) -> (state, metrics) update."""
   aug = config.aug
   ema_decay = config.optim.ema_decay
@@ -50,40 +55,56 @@ def make_train_step(objective, schedule: optax.Schedule, config: ConfigDict,
     key = jax.random.fold_in(base_key, state.step)
     k_mix, k_dropout, k_model = jax.random.split(key, 3)
     labels = batch['label']
-    targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes),
-                                  aug.label_smoothing)
+    targets = optax.smooth_labels(
+        jax.nn.one_hot(labels, num_classes), aug.label_smoothing
+    )
     images, targets = mixing.mix(k_mix, batch['image'], targets, aug)
     rngs = {'dropout': k_dropout, 'gumbel': k_model}
 
     def loss_of(params):
       return objective(params, images, targets, state.step, rngs)
 
-    (loss, (logits, extras)), grads = jax.value_and_grad(
-        loss_of, has_aux=True)(state.params)
+    (loss, (logits, extras)), grads = jax.value_and_grad(loss_of, has_aux=True)(
+        state.params
+    )
     new_state = state.apply_gradients(grads=grads)
     if state.ema_params is not None:
-      new_state = new_state.replace(ema_params=optax.incremental_update(
-          new_state.params, state.ema_params, 1.0 - ema_decay))
+      new_state = new_state.replace(
+          ema_params=optax.incremental_update(
+              new_state.params, state.ema_params, 1.0 - ema_decay
+          )
+      )
     window = metrics_cls.single_from_model_output(
-        loss=loss, accuracy=jnp.mean(jnp.argmax(logits, -1) == labels),
+        loss=loss,
+        accuracy=jnp.mean(jnp.argmax(logits, -1) == labels),
         grad_norm=optax.tree.norm(grads),
-        learning_rate=schedule(state.step), **extras)
+        learning_rate=schedule(state.step),
+        **extras,
+    )
     return new_state, metrics_acc.merge(window)
 
   repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  return jax.jit(step_fn, donate_argnums=(0, 2),
-                 in_shardings=(repl, data, repl), out_shardings=(repl, repl))
+  return jax.jit(
+      step_fn,
+      donate_argnums=(0, 2),
+      in_shardings=(repl, data, repl),
+      out_shardings=(repl, repl),
+  )
 
 
-def train_and_evaluate(config: ConfigDict, workdir: str | Path
-                       ) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ConfigDict, workdir: str | Path
+) -> dict[str, Any]:
   """Trains (or resumes) in workdir, then evaluates the best checkpoint."""
   t_start = time.monotonic()
   workdir = Path(workdir).expanduser()
   if config.train.distributed:
     jax.distributed.initialize()
-  lock = (workdir_lib.WorkdirLock(workdir) if jax.process_index() == 0
-          else contextlib.nullcontext())
+  lock = (
+      workdir_lib.WorkdirLock(workdir)
+      if jax.process_index() == 0
+      else contextlib.nullcontext()
+  )
   with lock:
     workdir_lib.save_or_check_config(config, workdir)
     data = sources.load(config.data, config.seed)
@@ -92,8 +113,7 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path
     batch_size = config.train.batch_size
     sharding.check_batch(batch_size, mesh, 'train.batch_size')
     steps_per_epoch = math.ceil(len(data.train) / batch_size)
-    eval_every = max(1, round(config.train.eval_every_epochs *
-                              steps_per_epoch))
+    eval_every = max(1, round(config.train.eval_every_epochs * steps_per_epoch))
     log_every = config.train.log_every_steps
     family = families.build(config, data, steps_per_epoch, mesh, workdir)
     pipeline = pipelines.make(config, data, mesh)
@@ -102,20 +122,30 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path
     use_ema = config.optim.ema_decay > 0
     metrics_cls = make_metrics_cls(family.objective.extra_metrics)
     predict_fn = classification.make_predict_fn(
-        classification.model_logits(family.model), mesh)
+        classification.model_logits(family.model), mesh
+    )
 
     def validate(params) -> dict[str, Any]:
       return classification.evaluate_split(
-          predict_fn, {'params': params}, data.val, config.eval.batch_size,
-          mesh, data.num_classes)
+          predict_fn,
+          {'params': params},
+          data.val,
+          config.eval.batch_size,
+          mesh,
+          data.num_classes,
+      )
 
     def compile_for(total_steps: int):
       tx, schedule = family.make_optimizer(total_steps)
-      step = make_train_step(family.objective, schedule, config,
-                             data.num_classes, step_key, mesh)
-      init = jax.jit(lambda key: train_state.create(
-          family.model, family.init_params(key), tx, use_ema),
-                     out_shardings=sharding.replicated(mesh))
+      step = make_train_step(
+          family.objective, schedule, config, data.num_classes, step_key, mesh
+      )
+      init = jax.jit(
+          lambda key: train_state.create(
+              family.model, family.init_params(key), tx, use_ema
+          ),
+          out_shardings=sharding.replicated(mesh),
+      )
       return tx, step, init
 
     ckpts = checkpoint.Checkpoints(workdir, config.train.keep_checkpoints)
@@ -123,36 +153,60 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path
     if resumed:
       total_steps = int(resumed['total_steps'])
     elif config.train.time_budget_minutes > 0:
-      total_steps = _steps_for_budget(config, compile_for, init_key,
-                                      metrics_cls, pipeline, validate,
-                                      eval_every, len(data.train), t_start)
+      total_steps = _steps_for_budget(
+          config,
+          compile_for,
+          init_key,
+          metrics_cls,
+          pipeline,
+          validate,
+          eval_every,
+          len(data.train),
+          t_start,
+      )
     else:
-      total_steps = math.ceil(config.train.epochs * len(data.train)
-                              / batch_size)
+      total_steps = math.ceil(
+          config.train.epochs * len(data.train) / batch_size
+      )
     tx, train_step, init = compile_for(total_steps)
     if resumed:
-      state, meta = ckpts.restore(train_state.abstract(
-          family.model, tx, use_ema, sharding.replicated(mesh)), 'latest')
+      state, meta = ckpts.restore(
+          train_state.abstract(
+              family.model, tx, use_ema, sharding.replicated(mesh)
+          ),
+          'latest',
+      )
       start, train_seconds = int(meta['step']), float(meta['train_seconds'])
-      logging.info('Resuming from step %d of %d (best validation balanced '
-                   'accuracy so far %.4f).', start, total_steps,
-                   ckpts.best_score())
+      logging.info(
+          'Resuming from step %d of %d (best validation balanced '
+          'accuracy so far %.4f).',
+          start,
+          total_steps,
+          ckpts.best_score(),
+      )
     else:
       state, start, train_seconds = init(init_key), 0, 0.0
-    parameter_overview.log_parameter_overview(state.params,
-                                              include_stats=False)
-    logging.info('Model %s: %d steps of %d images (%.1f epochs, %d steps per '
-                 'epoch).', config.model.name, total_steps, batch_size,
-                 total_steps / steps_per_epoch, steps_per_epoch)
+    parameter_overview.log_parameter_overview(state.params, include_stats=False)
+    logging.info(
+        'Model %s: %d steps of %d images (%.1f epochs, %d steps per ' 'epoch).',
+        config.model.name,
+        total_steps,
+        batch_size,
+        total_steps / steps_per_epoch,
+        steps_per_epoch,
+    )
 
     writer = metric_writers.create(workdir, resume_step=start)
     report_progress = periodic_actions.ReportProgress(
-        num_train_steps=total_steps, every_steps=log_every, every_secs=None)
+        num_train_steps=total_steps, every_steps=log_every, every_secs=None
+    )
     window, window_start = metrics_cls.empty(), start
     t_window = time.monotonic()
     with _StopRequest() as stop:
-      for step, batch in zip(range(start + 1, total_steps + 1),
-                             pipeline.batches(start, total_steps)):
+      for step, batch in zip(
+          range(start + 1, total_steps + 1),
+          pipeline.batches(start, total_steps),
+      ):
         state, window = train_step(state, batch, window)
         validate_now = step % eval_every == 0 or step == total_steps
         if step % log_every == 0 or validate_now or stop.requested:
@@ -161,11 +215,15 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path
           seconds = time.monotonic() - t_window
           _stop_if_diverged(scalars, window_start, step, ckpts)
           train_seconds += seconds
-          scalars.update(epoch=step / steps_per_epoch,
-                         images_per_second=(step - window_start) * batch_size
-                         / max(seconds, 1e-9))
-          writer.write_scalars(step, {f'train/{k}': v
-                                      for k, v in scalars.items()})
+          scalars.update(
+              epoch=step / steps_per_epoch,
+              images_per_second=(step - window_start)
+              * batch_size
+              / max(seconds, 1e-9),
+          )
+          writer.write_scalars(
+              step, {f'train/{k}': v for k, v in scalars.items()}
+          )
           window, window_start = metrics_cls.empty(), step
           t_window = time.monotonic()
         report_progress(step)
@@ -174,11 +232,28 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path
           if validate_now:
             val = validate(state.eval_params(config.eval.use_ema))
             val_score = val['balanced_accuracy']
-            writer.write_scalars(step, {f'val/{k}': val[k] for k in (
-                'loss', 'accuracy', 'balanced_accuracy',
-                'worst_class_recall')} | {'val/epoch': step / steps_per_epoch})
-          ckpts.save(state, {'step': step, 'total_steps': total_steps,
-                             'train_seconds': train_seconds}, val_score)
+            writer.write_scalars(
+                step,
+                {
+                    f'val/{k}': val[k]
+                    for k in (
+                        'loss',
+                        'accuracy',
+                        'balanced_accuracy',
+                        'worst_class_recall',
+                    )
+                }
+                | {'val/epoch': step / steps_per_epoch},
+            )
+          ckpts.save(
+              state,
+              {
+                  'step': step,
+                  'total_steps': total_steps,
+                  'train_seconds': train_seconds,
+              },
+              val_score,
+          )
           writer.flush()
           t_window = time.monotonic()  # validating and saving are not training
         if stop.requested:
@@ -187,17 +262,26 @@ def train_and_evaluate(config: ConfigDict, workdir: str | Path
     ckpts.wait()
     ckpts.close()
     writer.close()
-    return evaluate.evaluate_checkpoint(config, workdir, 'best', data=data,
-                                        mesh=mesh, family=family)
+    return evaluate.evaluate_checkpoint(
+        config, workdir, 'best', data=data, mesh=mesh, family=family
+    )
 
 
-def _steps_for_budget(config: ConfigDict, compile_for: Callable, key,
-                      metrics_cls, pipeline: pipelines.Pipeline,
-                      validate: Callable, eval_every: int, num_train: int,
-                      t_start: float) -> int:
+def _steps_for_budget(
+    config: ConfigDict,
+    compile_for: Callable,
+    key,
+    metrics_cls,
+    pipeline: pipelines.Pipeline,
+    validate: Callable,
+    eval_every: int,
+    num_train: int,
+    t_start: float,
+) -> int:
   """Times steps of a throwaway state (see vitjax/time_budget.py)."""
-  provisional = math.ceil(config.train.epochs * num_train
-                          / config.train.batch_size)
+  provisional = math.ceil(
+      config.train.epochs * num_train / config.train.batch_size
+  )
   _, step, init = compile_for(provisional)
   state, window = init(key), metrics_cls.empty()
 
@@ -207,13 +291,21 @@ def _steps_for_budget(config: ConfigDict, compile_for: Callable, key,
     return state.step
 
   return time_budget.fit_steps(
-      config.train.time_budget_minutes, t_start, run_step=run_step,
+      config.train.time_budget_minutes,
+      t_start,
+      run_step=run_step,
       batches=pipeline.batches(0, provisional),
-      validate=lambda: validate(state.params), eval_every=eval_every)
+      validate=lambda: validate(state.params),
+      eval_every=eval_every,
+  )
 
 
-def _stop_if_diverged(scalars: dict[str, float], window_start: int, step: int,
-                      ckpts: checkpoint.Checkpoints) -> None:
+def _stop_if_diverged(
+    scalars: dict[str, float],
+    window_start: int,
+    step: int,
+    ckpts: checkpoint.Checkpoints,
+) -> None:
   if all(math.isfinite(v) for v in scalars.values()):
     return
   raise FloatingPointError(
@@ -221,15 +313,20 @@ def _stop_if_diverged(scalars: dict[str, float], window_start: int, step: int,
       f'{window_start + 1}-{step}. The last good checkpoint (step '
       f'{ckpts.latest_step()}) is kept in {str(ckpts.directory)!r}; lower '
       'optim.lr or raise optim.warmup_epochs and start a fresh --workdir, '
-      'or rerun to resume from it.')
+      'or rerun to resume from it.'
+  )
 
 
 def _log_data(data: sources.Dataset) -> None:
   for name in ('train', 'val', 'test'):
     split = getattr(data, name)
     counts = split.counts(data.num_classes)
-    logging.info('%s: %d images; per class %s', name, len(split),
-                 dict(zip(data.class_names, counts.tolist())))
+    logging.info(
+        '%s: %d images; per class %s',
+        name,
+        len(split),
+        dict(zip(data.class_names, counts.tolist())),
+    )
 
 
 class _StopRequest:
@@ -244,8 +341,9 @@ class _StopRequest:
 
   def __enter__(self) -> '_StopRequest':
     try:
-      self._previous = {s: signal.signal(s, self._handle)
-                        for s in self._SIGNALS}
+      self._previous = {
+          s: signal.signal(s, self._handle) for s in self._SIGNALS
+      }
     except ValueError:  # not the main thread
       self._previous = {}
     return self
@@ -257,6 +355,7 @@ class _StopRequest:
   def _handle(self, signum, frame):
     del frame
     self.requested = signal.Signals(signum).name
-    logging.warning('%s: saving the latest step, then stopping.',
-                    self.requested)
+    logging.warning(
+        '%s: saving the latest step, then stopping.', self.requested
+    )
     signal.signal(signum, signal.SIG_DFL)

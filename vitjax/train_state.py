@@ -19,8 +19,11 @@ class TrainState(train_state.TrainState):
 
   def eval_params(self, use_ema: bool = True) -> Any:
     """The weights to evaluate: the EMA's when asked and kept."""
-    return self.ema_params if use_ema and self.ema_params is not None else (
-        self.params)
+    return (
+        self.ema_params
+        if use_ema and self.ema_params is not None
+        else (self.params)
+    )
 
 
 def init_params(model: nn.Module, key: jax.Array) -> Any:
@@ -28,18 +31,32 @@ def init_params(model: nn.Module, key: jax.Array) -> Any:
   return model.init({'params': key}, dummy, train=False)['params']
 
 
-def create(model: nn.Module, params: Any, tx: optax.GradientTransformation,
-           use_ema: bool) -> TrainState:
+def create(
+    model: nn.Module,
+    params: Any,
+    tx: optax.GradientTransformation,
+    use_ema: bool,
+) -> TrainState:
   # An int32 step (TrainState.create's is a Python int), as it is restored.
-  return TrainState(step=jnp.zeros((), jnp.int32), apply_fn=model.apply,
-                    params=params, tx=tx, opt_state=tx.init(params),
-                    ema_params=params if use_ema else None)
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      apply_fn=model.apply,
+      params=params,
+      tx=tx,
+      opt_state=tx.init(params),
+      ema_params=params if use_ema else None,
+  )
 
 
-def abstract(model: nn.Module, tx: optax.GradientTransformation,
-             use_ema: bool, placement: jax.sharding.Sharding) -> TrainState:
+def abstract(
+    model: nn.Module,
+    tx: optax.GradientTransformation,
+    use_ema: bool,
+    placement: jax.sharding.Sharding,
+) -> TrainState:
   """The state's shapes and dtypes on `placement`, to restore onto."""
   shapes = jax.eval_shape(
       lambda key: create(model, init_params(model, key), tx, use_ema),
-      jax.random.key(0))
+      jax.random.key(0),
+  )
   return sharding.with_sharding(shapes, placement)

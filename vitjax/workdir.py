@@ -65,8 +65,10 @@ def save_or_check_config(config: ConfigDict, workdir: Path) -> None:
     if diffs:
       raise ValueError(
           f'workdir {str(workdir)!r} holds a run with another config: '
-          + '; '.join(diffs[:5]) + '. Rerun with the same config and '
-          'overrides to resume it, or pass a new --workdir.')
+          + '; '.join(diffs[:5])
+          + '. Rerun with the same config and '
+          'overrides to resume it, or pass a new --workdir.'
+      )
   elif jax.process_index() == 0:
     workdir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix('.tmp')

@@ -20,9 +20,21 @@ from __future__ import annotations
 import math
 from typing import Any
 
-OPS = ('identity', 'autocontrast', 'posterize', 'solarize', 'color',
-       'contrast', 'brightness', 'sharpness', 'rotate', 'shear_x', 'shear_y',
-       'translate_x', 'translate_y')
+OPS = (
+    'identity',
+    'autocontrast',
+    'posterize',
+    'solarize',
+    'color',
+    'contrast',
+    'brightness',
+    'sharpness',
+    'rotate',
+    'shear_x',
+    'shear_y',
+    'translate_x',
+    'translate_y',
+)
 _FIRST_GEOMETRIC = OPS.index('rotate')
 MAX_ROTATE_DEGREES = 30.0
 MAX_SHEAR = 0.3
@@ -85,9 +97,10 @@ def _randaugment_layer(x, op, sign, m: float, xp):
       'posterize': lambda: _posterize(x, round(MAX_POSTERIZE_BITS * m), xp),
       'solarize': lambda: xp.where(x >= 256.0 * (1.0 - m), 255.0 - x, x),
       'color': lambda: gray + factor * (x - gray),
-      'contrast': lambda: (xp.mean(gray, axis=(1, 2, 3), keepdims=True)
-                           + factor * (x - xp.mean(gray, axis=(1, 2, 3),
-                                                   keepdims=True))),
+      'contrast': lambda: (
+          xp.mean(gray, axis=(1, 2, 3), keepdims=True)
+          + factor * (x - xp.mean(gray, axis=(1, 2, 3), keepdims=True))
+      ),
       'brightness': lambda: x * factor,
       'sharpness': lambda: _sharpness(x, factor, xp),
   }
@@ -98,7 +111,7 @@ def _randaugment_layer(x, op, sign, m: float, xp):
 
 
 def _luma(x, xp):
-  r, g, b = (x[..., i:i + 1] for i in range(3))
+  r, g, b = (x[..., i : i + 1] for i in range(3))
   return _LUMA[0] * r + _LUMA[1] * g + _LUMA[2] * b
 
 
@@ -111,7 +124,7 @@ def _autocontrast(x, xp):
 
 
 def _posterize(x, bits_dropped: int, xp):
-  step = float(2 ** bits_dropped)
+  step = float(2**bits_dropped)
   return xp.floor(x / step) * step
 
 
@@ -119,13 +132,16 @@ def _sharpness(x, factor, xp):
   """PIL's SHARPEN blend: 3x3 kernel [[1,1,1],[1,5,1],[1,1,1]]/13, border kept."""
   _, h, w, _ = x.shape
   p = xp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)), mode='constant')
-  box = sum(p[:, dy:dy + h, dx:dx + w, :] for dy in range(3) for dx in range(3))
+  box = sum(
+      p[:, dy : dy + h, dx : dx + w, :] for dy in range(3) for dx in range(3)
+  )
   blur = (box + 4.0 * x) / 13.0
   rows, cols = xp.arange(h, dtype=xp.int32), xp.arange(w, dtype=xp.int32)
   inner_r = xp.logical_and(rows > 0, rows < h - 1)
   inner_c = xp.logical_and(cols > 0, cols < w - 1)
-  inner = xp.logical_and(xp.reshape(inner_r, (1, h, 1, 1)),
-                         xp.reshape(inner_c, (1, 1, w, 1)))
+  inner = xp.logical_and(
+      xp.reshape(inner_r, (1, h, 1, 1)), xp.reshape(inner_c, (1, 1, w, 1))
+  )
   blur = xp.where(inner, blur, x)
   return blur + factor * (x - blur)
 
@@ -158,9 +174,10 @@ def _warp(x, params, xp):
   p = lambda i: xp.reshape(params[:, i], (b, 1, 1))
   src_x = xp.floor(p(0) * xs + p(1) * ys + p(2) + 0.5)
   src_y = xp.floor(p(3) * xs + p(4) * ys + p(5) + 0.5)
-  valid = ((src_x >= 0) & (src_x <= w - 1) & (src_y >= 0) & (src_y <= h - 1))
-  idx = xp.asarray(xp.clip(src_y, 0, h - 1) * w + xp.clip(src_x, 0, w - 1),
-                   dtype=xp.int32)
+  valid = (src_x >= 0) & (src_x <= w - 1) & (src_y >= 0) & (src_y <= h - 1)
+  idx = xp.asarray(
+      xp.clip(src_y, 0, h - 1) * w + xp.clip(src_x, 0, w - 1), dtype=xp.int32
+  )
   flat = xp.reshape(x, (b, h * w, ch))
   out = xp.take_along_axis(flat, xp.reshape(idx, (b, h * w, 1)), axis=1)
   out = xp.reshape(out, (b, h, w, ch))

@@ -24,20 +24,35 @@ _DATA_STREAM = 0x5EED  # keeps data keys apart from the model's keys
 class DevicePipeline:
   """Training batches as global jax Arrays: {'image': uint8, 'label': int32}."""
 
-  def __init__(self, split: Split, plan: sampling.Plan, aug_cfg, *, seed: int,
-               global_batch: int,
-               batch_sharding: jax.sharding.Sharding | None = None):
+  def __init__(
+      self,
+      split: Split,
+      plan: sampling.Plan,
+      aug_cfg,
+      *,
+      seed: int,
+      global_batch: int,
+      batch_sharding: jax.sharding.Sharding | None = None,
+  ):
     if global_batch > plan.num_examples:
-      raise ValueError(f'train.batch_size={global_batch} exceeds the '
-                       f'{plan.num_examples} training images.')
-    replicated = (None if batch_sharding is None else
-                  sharding.replicated(batch_sharding.mesh))
+      raise ValueError(
+          f'train.batch_size={global_batch} exceeds the '
+          f'{plan.num_examples} training images.'
+      )
+    replicated = (
+        None
+        if batch_sharding is None
+        else sharding.replicated(batch_sharding.mesh)
+    )
     put = lambda a: jax.device_put(a, replicated)
     self._tables = {
-        'images': put(split.images), 'labels': put(split.labels),
-        'by_class': put(plan.by_class), 'starts': put(plan.class_starts),
+        'images': put(split.images),
+        'labels': put(split.labels),
+        'by_class': put(plan.by_class),
+        'starts': put(plan.class_starts),
         'counts': put(plan.class_counts),
-        'log_probs': put(np.log(plan.class_probs))}
+        'log_probs': put(np.log(plan.class_probs)),
+    }
     self._plan = plan
     self._aug_cfg = aug_cfg
     self._global = global_batch
@@ -66,13 +81,16 @@ class DevicePipeline:
     k_aug = jax.random.fold_in(k_aug, step)
     draws = {}
     for k, (name, (shape, bound)) in enumerate(
-        augment.draw_shapes(self._aug_cfg, self._global).items()):
-      draws[name] = jax.random.randint(jax.random.fold_in(k_aug, k), shape, 0,
-                                       bound, dtype=jnp.int32)
+        augment.draw_shapes(self._aug_cfg, self._global).items()
+    ):
+      draws[name] = jax.random.randint(
+          jax.random.fold_in(k_aug, k), shape, 0, bound, dtype=jnp.int32
+      )
     images = augment.augment(tables['images'][idx], draws, self._aug_cfg, jnp)
     return {'image': images, 'label': tables['labels'][idx]}
 
-  def batches(self, start_step: int, end_step: int
-              ) -> Iterator[dict[str, jax.Array]]:
+  def batches(
+      self, start_step: int, end_step: int
+  ) -> Iterator[dict[str, jax.Array]]:
     for step in range(start_step, end_step):
       yield self._make(self._tables, jnp.int32(step))

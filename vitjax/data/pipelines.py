@@ -30,8 +30,9 @@ PIPELINES = ('tf', 'device')
 
 class Pipeline(Protocol):
 
-  def batches(self, start_step: int, end_step: int
-              ) -> Iterator[dict[str, jax.Array]]:
+  def batches(
+      self, start_step: int, end_step: int
+  ) -> Iterator[dict[str, jax.Array]]:
     """The batches of steps start_step .. end_step - 1."""
 
 
@@ -39,33 +40,54 @@ def make(config: ConfigDict, data: Dataset, mesh: Mesh) -> Pipeline:
   """The configured pipeline over the training split, sampled as
   `data.sampling`."""
   split = data.train
-  plan = sampling.make_plan(split.labels, data.num_classes,
-                            config.data.sampling)
-  common = dict(seed=config.seed, global_batch=config.train.batch_size,
-                batch_sharding=sharding.batch_sharding(mesh))
+  plan = sampling.make_plan(
+      split.labels, data.num_classes, config.data.sampling
+  )
+  common = dict(
+      seed=config.seed,
+      global_batch=config.train.batch_size,
+      batch_sharding=sharding.batch_sharding(mesh),
+  )
   # pylint: disable=g-import-not-at-top
   if config.data.pipeline == 'tf':
     from vitjax.data import tf_pipeline
-    return tf_pipeline.TfPipeline(split, plan, config.aug,
-                                  host_id=jax.process_index(),
-                                  num_hosts=jax.process_count(), **common)
+
+    return tf_pipeline.TfPipeline(
+        split,
+        plan,
+        config.aug,
+        host_id=jax.process_index(),
+        num_hosts=jax.process_count(),
+        **common,
+    )
   if config.data.pipeline == 'device':
     from vitjax.data import device_pipeline
+
     return device_pipeline.DevicePipeline(split, plan, config.aug, **common)
-  raise ValueError(f'data.pipeline={config.data.pipeline!r}: expected one '
-                   f'of {PIPELINES}.')
+  raise ValueError(
+      f'data.pipeline={config.data.pipeline!r}: expected one '
+      f'of {PIPELINES}.'
+  )
 
 
-def log_sampled_classes(pipeline: Pipeline, config: ConfigDict,
-                        data: Dataset) -> None:
+def log_sampled_classes(
+    pipeline: Pipeline, config: ConfigDict, data: Dataset
+) -> None:
   """Logs the class counts of the first data.log_sampled_images draws."""
   n = config.data.log_sampled_images
   if n <= 0:
     return
   steps = math.ceil(n / config.train.batch_size)
-  labels = np.concatenate([np.asarray(sharding.to_host(b['label']))
-                           for b in pipeline.batches(0, steps)])[:n]
+  labels = np.concatenate(
+      [
+          np.asarray(sharding.to_host(b['label']))
+          for b in pipeline.batches(0, steps)
+      ]
+  )[:n]
   counts = np.bincount(labels, minlength=data.num_classes)
-  logging.info('first %d sampled images (%s sampling), per class %s', n,
-               config.data.sampling,
-               dict(zip(data.class_names, counts.tolist())))
+  logging.info(
+      'first %d sampled images (%s sampling), per class %s',
+      n,
+      config.data.sampling,
+      dict(zip(data.class_names, counts.tolist())),
+  )

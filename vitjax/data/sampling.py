@@ -24,6 +24,7 @@ MODES = ('natural', 'balanced', 'sqrt')
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """Index tables a pipeline needs to draw batches in one sampling mode."""
+
   mode: str
   num_examples: int
   class_probs: np.ndarray  # float32 [C]: chance a draw is of class c
@@ -49,5 +50,11 @@ def make_plan(labels: np.ndarray, num_classes: int, mode: str) -> Plan:
   counts = np.bincount(labels, minlength=num_classes).astype(np.int32)
   by_class = np.argsort(labels, kind='stable').astype(np.int32)
   starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int32)
-  return Plan(mode, len(labels), class_probabilities(counts, mode), counts,
-              starts, by_class)
+  return Plan(
+      mode,
+      len(labels),
+      class_probabilities(counts, mode),
+      counts,
+      starts,
+      by_class,
+  )

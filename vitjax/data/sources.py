@@ -57,16 +57,19 @@ def load(data_config, seed: int) -> Dataset:
   elif data_config.source == 'tfds':
     train, test, names = _load_tfds(data_config, seed)
   else:
-    raise DataError(f"data.source={data_config.source!r}: expected 'folder' "
-                    "or 'tfds'.")
-  train_idx, val_idx = stratified_split(train.labels, data_config.val_fraction,
-                                        seed)
+    raise DataError(
+        f"data.source={data_config.source!r}: expected 'folder' " "or 'tfds'."
+    )
+  train_idx, val_idx = stratified_split(
+      train.labels, data_config.val_fraction, seed
+  )
   take = lambda s, i: Split(s.images[i], s.labels[i])
   return Dataset(take(train, train_idx), take(train, val_idx), test, names)
 
 
-def stratified_split(labels: np.ndarray, fraction: float, seed: int
-                     ) -> tuple[np.ndarray, np.ndarray]:
+def stratified_split(
+    labels: np.ndarray, fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
   """Seeded per-class split; the held-out total is round(fraction * n).
 
   Per-class shares are rounded by largest remainder, so the course's 35,580
@@ -95,31 +98,47 @@ def draw_profile(labels: np.ndarray, counts, seed: int) -> np.ndarray:
   for c, k in enumerate(counts):
     pool = np.flatnonzero(labels == c)
     if len(pool) < k:
-      raise DataError(f'class {c} has {len(pool)} images in the source, fewer '
-                      f'than the {k} the profile asks for.')
+      raise DataError(
+          f'class {c} has {len(pool)} images in the source, fewer '
+          f'than the {k} the profile asks for.'
+      )
     out.append(np.sort(rng.choice(pool, size=k, replace=False)))
   return np.concatenate(out)
 
 
 # --- tfds ----------------------------------------------------------------
 
-CIFAR10_NAMES = ('airplane', 'automobile', 'bird', 'cat', 'deer', 'dog',
-                 'frog', 'horse', 'ship', 'truck')
+CIFAR10_NAMES = (
+    'airplane',
+    'automobile',
+    'bird',
+    'cat',
+    'deer',
+    'dog',
+    'frog',
+    'horse',
+    'ship',
+    'truck',
+)
 
 
 def _load_tfds(cfg, seed: int) -> tuple[Split, Split, tuple[str, ...]]:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   out = []
-  for split, counts in (('train', cfg.train_profile),
-                        ('test', (cfg.test_per_class,) * 10)):
+  for split, counts in (
+      ('train', cfg.train_profile),
+      ('test', (cfg.test_per_class,) * 10),
+  ):
     # Batches of 10k and a concatenate: batch_size=-1 aborts under mocking.
     ds = tfds.load('cifar10', split=split, as_supervised=True)
     parts = list(tfds.as_numpy(ds.batch(10_000)))
     images = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
     idx = draw_profile(labels, counts, seed)
-    out.append(Split(images[idx].astype(np.uint8),
-                     labels[idx].astype(np.int32)))
+    out.append(
+        Split(images[idx].astype(np.uint8), labels[idx].astype(np.int32))
+    )
   return out[0], out[1], CIFAR10_NAMES
 
 
@@ -134,9 +153,11 @@ def _load_folders(cfg) -> tuple[Split, Split, tuple[str, ...]]:
         f'({cfg.train_dir}/<class>/ and {cfg.test_dir}/<class>/), point '
         '--config.data.root at it, or build it from tfds with '
         '`python scripts/prepare_data.py --out=<root>` (or use '
-        '--config.data.source=tfds).')
-  train_dir, test_dir = (_split_dir(root, d) for d in (cfg.train_dir,
-                                                       cfg.test_dir))
+        '--config.data.source=tfds).'
+    )
+  train_dir, test_dir = (
+      _split_dir(root, d) for d in (cfg.train_dir, cfg.test_dir)
+  )
   train_files = _class_files(train_dir)
   names = tuple(train_files)
   test_files = _class_files(test_dir)
@@ -144,7 +165,8 @@ def _load_folders(cfg) -> tuple[Split, Split, tuple[str, ...]]:
     raise DataError(
         f'the class folders of {test_dir} ({sorted(test_files)}) are not '
         f'those of {train_dir} ({sorted(names)}). Both splits need the same '
-        'class folders.')
+        'class folders.'
+    )
   cache = Path(cfg.cache_dir).expanduser()
   train = _decode_cached(train_files, names, cache)
   test = _decode_cached(test_files, names, cache)
@@ -168,7 +190,8 @@ def _split_dir(root: Path, rel: str) -> Path:
       raise DataError(
           f'{str(path)!r} is missing: {str(parent)!r} has no folder {part!r} '
           f'(it has {siblings}).{hint} Fix the folder name or set '
-          '--config.data.train_dir / --config.data.test_dir.')
+          '--config.data.train_dir / --config.data.test_dir.'
+      )
     parent = parent / part
   raise AssertionError('unreachable')
 
@@ -186,24 +209,33 @@ def _class_files(split_dir: Path) -> dict[str, list[Path]]:
     for f in sorted(entry.iterdir()):
       if f.name.startswith('.'):
         continue
-      (images if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
-       else others).append(f)
+      (
+          images
+          if f.suffix.lower() in IMAGE_SUFFIXES and f.is_file()
+          else others
+      ).append(f)
     if others:
       raise DataError(
           f'{str(entry)!r} holds entries that are not images: '
           f'{[o.name for o in others[:5]]}. A class folder may hold only '
-          f'image files ({", ".join(IMAGE_SUFFIXES)}); move the rest out.')
+          f'image files ({", ".join(IMAGE_SUFFIXES)}); move the rest out.'
+      )
     if not images:
-      raise DataError(f'class folder {str(entry)!r} has no images. Remove it '
-                      'or fill it; every class needs examples.')
+      raise DataError(
+          f'class folder {str(entry)!r} has no images. Remove it '
+          'or fill it; every class needs examples.'
+      )
     files[entry.name] = images
   if strays:
     raise DataError(
         f'{str(split_dir)!r} holds files beside its class folders: '
-        f'{strays[:5]}. It must hold one folder per class; move them out.')
+        f'{strays[:5]}. It must hold one folder per class; move them out.'
+    )
   if len(files) < 2:
-    raise DataError(f'{str(split_dir)!r} has {len(files)} class folder(s); a '
-                    'classifier needs one folder per class, at least two.')
+    raise DataError(
+        f'{str(split_dir)!r} has {len(files)} class folder(s); a '
+        'classifier needs one folder per class, at least two.'
+    )
   # Folder names are labels: numeric names sort numerically (so '10' follows
   # '9'), any other names sort as text.
   names = list(files)
@@ -212,11 +244,13 @@ def _class_files(split_dir: Path) -> dict[str, list[Path]]:
   return {n: files[n] for n in names}
 
 
-def _decode_cached(files: dict[str, list[Path]], names: tuple[str, ...],
-                   cache_dir: Path) -> Split:
+def _decode_cached(
+    files: dict[str, list[Path]], names: tuple[str, ...], cache_dir: Path
+) -> Split:
   paths = [p for n in names for p in files[n]]
-  labels = np.concatenate([np.full(len(files[n]), i, np.int32)
-                           for i, n in enumerate(names)])
+  labels = np.concatenate(
+      [np.full(len(files[n]), i, np.int32) for i, n in enumerate(names)]
+  )
   key = hashlib.sha1()
   for p in paths:
     st = p.stat()
@@ -244,9 +278,13 @@ def _decode(path: Path) -> np.ndarray:
       im.load()
       arr = np.asarray(im.convert('RGB'))
   except (UnidentifiedImageError, OSError, ValueError) as e:
-    raise DataError(f'{str(path)!r} does not decode as an image ({e}). '
-                    'Replace or delete the file.') from None
+    raise DataError(
+        f'{str(path)!r} does not decode as an image ({e}). '
+        'Replace or delete the file.'
+    ) from None
   if arr.shape != IMAGE_SHAPE:
-    raise DataError(f'{str(path)!r} is {arr.shape[1]}x{arr.shape[0]} pixels; '
-                    'every image must be 32x32 (CIFAR). Resize or remove it.')
+    raise DataError(
+        f'{str(path)!r} is {arr.shape[1]}x{arr.shape[0]} pixels; '
+        'every image must be 32x32 (CIFAR). Resize or remove it.'
+    )
   return arr

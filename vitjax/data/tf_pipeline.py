@@ -32,15 +32,28 @@ class TfPipeline:
   """Training batches {'image': uint8, 'label': int32}: global jax Arrays
   on `batch_sharding`, or without one this host's slice as NumPy arrays."""
 
-  def __init__(self, split: Split, plan: sampling.Plan, aug_cfg, *, seed: int,
-               global_batch: int, host_id: int = 0, num_hosts: int = 1,
-               batch_sharding: jax.sharding.Sharding | None = None):
+  def __init__(
+      self,
+      split: Split,
+      plan: sampling.Plan,
+      aug_cfg,
+      *,
+      seed: int,
+      global_batch: int,
+      host_id: int = 0,
+      num_hosts: int = 1,
+      batch_sharding: jax.sharding.Sharding | None = None,
+  ):
     if global_batch % num_hosts:
-      raise ValueError(f'train.batch_size={global_batch} does not divide '
-                       f'over {num_hosts} hosts.')
+      raise ValueError(
+          f'train.batch_size={global_batch} does not divide '
+          f'over {num_hosts} hosts.'
+      )
     if global_batch > plan.num_examples:
-      raise ValueError(f'train.batch_size={global_batch} exceeds the '
-                       f'{plan.num_examples} training images.')
+      raise ValueError(
+          f'train.batch_size={global_batch} exceeds the '
+          f'{plan.num_examples} training images.'
+      )
     self._local = global_batch // num_hosts
     self._offset = host_id * self._local
     self._global = global_batch
@@ -65,17 +78,21 @@ class TfPipeline:
       # A batch spans at most two epochs (batch <= n); one scalar-seeded
       # shuffle each (batched seeds trip a padding bug in TF 2.21).
       shuffle = lambda e: tf.random.experimental.index_shuffle(
-          i, tf.stack([tf.cast(self._seed, tf.int64), e]), n - 1)
+          i, tf.stack([tf.cast(self._seed, tf.int64), e]), n - 1
+      )
       first = epoch[0]
-      return tf.cast(tf.where(epoch == first, shuffle(first),
-                              shuffle(first + 1)), tf.int32)
+      return tf.cast(
+          tf.where(epoch == first, shuffle(first), shuffle(first + 1)), tf.int32
+      )
     fold = tf.random.experimental.stateless_fold_in
     cls = tf.random.stateless_categorical(
-        self._log_probs, g, fold(seed, _SAMPLE_CLASS), dtype=tf.int32)[0]
+        self._log_probs, g, fold(seed, _SAMPLE_CLASS), dtype=tf.int32
+    )[0]
     u = tf.random.stateless_uniform([g], fold(seed, _SAMPLE_INDEX))
     count = tf.gather(self._counts, cls)
-    within = tf.minimum(tf.cast(u * tf.cast(count, tf.float32), tf.int32),
-                        count - 1)
+    within = tf.minimum(
+        tf.cast(u * tf.cast(count, tf.float32), tf.int32), count - 1
+    )
     return tf.gather(self._by_class, tf.gather(self._starts, cls) + within)
 
   def _batch(self, step):
@@ -86,22 +103,29 @@ class TfPipeline:
     aug_seed = tf.random.experimental.stateless_fold_in(seed, _AUGMENT)
     draws = {}
     for k, (name, (shape, bound)) in enumerate(
-        augment.draw_shapes(self._aug_cfg, self._global).items()):
+        augment.draw_shapes(self._aug_cfg, self._global).items()
+    ):
       full = tf.random.stateless_uniform(
-          shape, tf.random.experimental.stateless_fold_in(aug_seed, k),
-          maxval=bound, dtype=tf.int32)
+          shape,
+          tf.random.experimental.stateless_fold_in(aug_seed, k),
+          maxval=bound,
+          dtype=tf.int32,
+      )
       draws[name] = full[..., local]
     images = augment.augment(images, draws, self._aug_cfg, tnp)
     return {'image': images, 'label': tf.gather(self._labels, idx)}
 
-  def batches(self, start_step: int, end_step: int
-              ) -> Iterator[dict[str, np.ndarray | jax.Array]]:
+  def batches(
+      self, start_step: int, end_step: int
+  ) -> Iterator[dict[str, np.ndarray | jax.Array]]:
     ds = tf.data.Dataset.range(start_step, end_step)
-    ds = ds.map(self._batch, num_parallel_calls=tf.data.AUTOTUNE,
-                deterministic=True)
+    ds = ds.map(
+        self._batch, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+    )
     for batch in ds.prefetch(2).as_numpy_iterator():
       yield batch if self._sharding is None else (
-          sharding.host_batch_to_global(batch, self._sharding))
+          sharding.host_batch_to_global(batch, self._sharding)
+      )
 
 
 def hide_accelerators_from_tf() -> None:

@@ -24,8 +24,9 @@ def _unchanged(variables: Any) -> Any:
 
 def model_logits(model: nn.Module) -> LogitsFn:
   """The inference logits of `model`, for variables given per call."""
-  return lambda variables, images: model.apply(variables, images,
-                                               train=False)[0]
+  return lambda variables, images: model.apply(variables, images, train=False)[
+      0
+  ]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,6 +36,7 @@ class Predictor:
   `prepare` runs inside the jitted call: the int8 server uses it to rebuild
   the zero float kernels that aqtp declares but never reads.
   """
+
   model: nn.Module
   variables: Any  # {'params': ...} plus, for int8 serving, {'aqt': ...}
   prepare: Callable[[Any], Any] = _unchanged
@@ -52,30 +54,39 @@ class Predictor:
 
 def make_predict_fn(logits: LogitsFn, mesh) -> LogitsFn:
   """`logits` jitted with the batch sharded over the mesh."""
-  return jax.jit(logits, in_shardings=(sharding.replicated(mesh),
-                                       sharding.batch_sharding(mesh)),
-                 out_shardings=sharding.batch_sharding(mesh))
+  return jax.jit(
+      logits,
+      in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
+      out_shardings=sharding.batch_sharding(mesh),
+  )
 
 
-def predict(predict_fn: LogitsFn, variables: Any, images: np.ndarray,
-            batch_size: int, mesh) -> np.ndarray:
+def predict(
+    predict_fn: LogitsFn,
+    variables: Any,
+    images: np.ndarray,
+    batch_size: int,
+    mesh,
+) -> np.ndarray:
   """Logits for every image; the last batch is padded, then trimmed."""
   sharding.check_batch(batch_size, mesh, 'eval.batch_size')
   placement = sharding.batch_sharding(mesh)
   out = []
   for start in range(0, len(images), batch_size):
-    chunk = images[start:start + batch_size]
+    chunk = images[start : start + batch_size]
     n = len(chunk)
     if n < batch_size:
-      chunk = np.concatenate([chunk, np.zeros((batch_size - n,) +
-                                              chunk.shape[1:], chunk.dtype)])
+      chunk = np.concatenate(
+          [chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)]
+      )
     logits = predict_fn(variables, jax.device_put(chunk, placement))
     out.append(sharding.to_host(logits)[:n])
   return np.concatenate(out)
 
 
-def classification_metrics(labels: np.ndarray, logits: np.ndarray,
-                           num_classes: int) -> dict[str, Any]:
+def classification_metrics(
+    labels: np.ndarray, logits: np.ndarray, num_classes: int
+) -> dict[str, Any]:
   """Top-1, balanced accuracy, per-class recall/precision, confusion."""
   labels = np.asarray(labels)
   preds = np.argmax(logits, axis=-1)
@@ -83,12 +94,15 @@ def classification_metrics(labels: np.ndarray, logits: np.ndarray,
   np.add.at(cm, (labels, preds), 1)
   support = cm.sum(1)
   predicted = cm.sum(0)
-  recall = np.divide(np.diag(cm), support, out=np.zeros(num_classes),
-                     where=support > 0)
-  precision = np.divide(np.diag(cm), predicted, out=np.zeros(num_classes),
-                        where=predicted > 0)
+  recall = np.divide(
+      np.diag(cm), support, out=np.zeros(num_classes), where=support > 0
+  )
+  precision = np.divide(
+      np.diag(cm), predicted, out=np.zeros(num_classes), where=predicted > 0
+  )
   loss = optax.softmax_cross_entropy_with_integer_labels(
-      jnp.asarray(logits, jnp.float32), jnp.asarray(labels)).mean()
+      jnp.asarray(logits, jnp.float32), jnp.asarray(labels)
+  ).mean()
   return {
       'num_images': int(len(labels)),
       'loss': float(loss),
@@ -101,7 +115,13 @@ def classification_metrics(labels: np.ndarray, logits: np.ndarray,
   }
 
 
-def evaluate_split(predict_fn: LogitsFn, variables: Any, split: Split,
-                   batch_size: int, mesh, num_classes: int) -> dict[str, Any]:
+def evaluate_split(
+    predict_fn: LogitsFn,
+    variables: Any,
+    split: Split,
+    batch_size: int,
+    mesh,
+    num_classes: int,
+) -> dict[str, Any]:
   logits = predict(predict_fn, variables, split.images, batch_size, mesh)
   return classification_metrics(split.labels, logits, num_classes)

@@ -29,8 +29,9 @@ def block_macs(tokens: float, dim: int, mlp_ratio: float) -> float:
   return 4 * tokens * dim * dim + 2 * tokens * dim * mlp + 2 * tokens**2 * dim
 
 
-def vit_macs(model, image_size: int = 32,
-             tokens_per_block: Sequence[float] | None = None) -> float:
+def vit_macs(
+    model, image_size: int = 32, tokens_per_block: Sequence[float] | None = None
+) -> float:
   """MACs per image of a ViT-family model, without any token predictors.
 
   `tokens_per_block` (cls included) is what each block really processed:
@@ -54,17 +55,20 @@ def vit_macs(model, image_size: int = 32,
   return macs + c * model.num_classes
 
 
-def model_macs(model, image_size: int = 32,
-               tokens_per_block: Sequence[float] | None = None
-               ) -> dict[str, float]:
+def model_macs(
+    model, image_size: int = 32, tokens_per_block: Sequence[float] | None = None
+) -> dict[str, float]:
   """{'macs_per_image': all of it, 'predictor_macs_per_image': the token
   predictors' share (DynamicViT; 0 for other models)}."""
   patches = (image_size // model.patch_size) ** 2
-  predictors = (model.predictor_macs(patches)
-                if hasattr(model, 'predictor_macs') else 0.0)
+  predictors = (
+      model.predictor_macs(patches) if hasattr(model, 'predictor_macs') else 0.0
+  )
   backbone = vit_macs(model, image_size, tokens_per_block)
-  return {'macs_per_image': backbone + predictors,
-          'predictor_macs_per_image': predictors}
+  return {
+      'macs_per_image': backbone + predictors,
+      'predictor_macs_per_image': predictors,
+  }
 
 
 def xla_flops(fn: Callable, *args) -> float:
@@ -75,8 +79,9 @@ def xla_flops(fn: Callable, *args) -> float:
   return float(cost.get('flops', float('nan'))) if cost else float('nan')
 
 
-def images_per_second(fn: Callable, *args, batch: int, repeats: int = 5,
-                      min_seconds: float = 0.5) -> float:
+def images_per_second(
+    fn: Callable, *args, batch: int, repeats: int = 5, min_seconds: float = 0.5
+) -> float:
   """Median throughput of an already jitted fn(*args) over `repeats` runs.
 
   Each run loops long enough (min_seconds) to average out timer noise.
@@ -95,9 +100,14 @@ def images_per_second(fn: Callable, *args, batch: int, repeats: int = 5,
   return statistics.median(rates)
 
 
-def cost_report(predictor: Predictor, mesh, speed_batch: int,
-                speed_seconds: float = 0.5, tokens_per_block=None,
-                float_params: Any = None) -> dict[str, Any]:
+def cost_report(
+    predictor: Predictor,
+    mesh,
+    speed_batch: int,
+    speed_seconds: float = 0.5,
+    tokens_per_block=None,
+    float_params: Any = None,
+) -> dict[str, Any]:
   """Parameters, MACs per image (analytic and XLA's count), speed.
 
   tokens_per_block: measured per-block token counts (A-ViT); by default the
@@ -108,20 +118,26 @@ def cost_report(predictor: Predictor, mesh, speed_batch: int,
   model, variables = predictor.model, predictor.variables
   predict_fn = make_predict_fn(predictor.logits, mesh)
   batch = max(speed_batch // mesh.size, 1) * mesh.size
-  images = jax.device_put(np.zeros((batch,) + IMAGE_SHAPE, np.uint8),
-                          sharding.batch_sharding(mesh))
+  images = jax.device_put(
+      np.zeros((batch,) + IMAGE_SHAPE, np.uint8), sharding.batch_sharding(mesh)
+  )
   single = np.zeros((1,) + IMAGE_SHAPE, np.uint8)
   one = jax.jit(predictor.logits)
   return {
       'parameters': param_count(
-          variables['params'] if float_params is None else float_params),
+          variables['params'] if float_params is None else float_params
+      ),
       **model_macs(model, IMAGE_SHAPE[0], tokens_per_block),
       'xla_flops_per_image': xla_flops(one, variables, single),
       'inference_images_per_second': images_per_second(
-          predict_fn, variables, images, batch=batch,
-          min_seconds=speed_seconds),
+          predict_fn, variables, images, batch=batch, min_seconds=speed_seconds
+      ),
       'inference_batch': batch,
-      'latency_ms_batch1': 1000.0 / images_per_second(
-          one, variables, single, batch=1, min_seconds=speed_seconds),
+      'latency_ms_batch1': (
+          1000.0
+          / images_per_second(
+              one, variables, single, batch=1, min_seconds=speed_seconds
+          )
+      ),
       'device': f'{jax.device_count()} x {jax.devices()[0].device_kind}',
   }

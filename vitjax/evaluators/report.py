@@ -21,8 +21,13 @@ def serving_images_per_second(report: dict[str, Any]) -> tuple[float, str]:
   return report['cost']['inference_images_per_second'], ''
 
 
-def write_report(report: dict[str, Any], out_dir: Path, name: str,
-                 class_names: tuple[str, ...], metrics_jsonl: Path) -> Path:
+def write_report(
+    report: dict[str, Any],
+    out_dir: Path,
+    name: str,
+    class_names: tuple[str, ...],
+    metrics_jsonl: Path,
+) -> Path:
   """Writes the JSON report and its figures; returns the JSON's path."""
   out_dir.mkdir(parents=True, exist_ok=True)
   path = out_dir / f'report_{name}.json'
@@ -32,73 +37,97 @@ def write_report(report: dict[str, Any], out_dir: Path, name: str,
   for split in ('test', 'val'):
     m = report[split]
     title = f'{split}, {name}: balanced accuracy {m["balanced_accuracy"]:.4f}'
-    plots.confusion_matrix(np.array(m['confusion_matrix']), class_names,
-                           out_dir / f'confusion_{split}.png', title)
-    plots.per_class_recall(m['per_class_recall'], class_names,
-                           out_dir / f'recall_{split}.png', title)
+    plots.confusion_matrix(
+        np.array(m['confusion_matrix']),
+        class_names,
+        out_dir / f'confusion_{split}.png',
+        title,
+    )
+    plots.per_class_recall(
+        m['per_class_recall'],
+        class_names,
+        out_dir / f'recall_{split}.png',
+        title,
+    )
   if 'halting_distribution' in report.get('sparsity', {}):
     sp = report['sparsity']
     plots.halting_distribution(
-        sp['halting_distribution'], out_dir / 'halting.png',
-        f'{name}: mean depth {sp["mean_depth_per_token"]:.2f} blocks/token')
+        sp['halting_distribution'],
+        out_dir / 'halting.png',
+        f'{name}: mean depth {sp["mean_depth_per_token"]:.2f} blocks/token',
+    )
   records = metric_writers.read_records(metrics_jsonl)
   if records:
-    plots.training_curves(records, out_dir / 'curves.png',
-                          title=f'{report.get("model", "")} {name}')
+    plots.training_curves(
+        records,
+        out_dir / 'curves.png',
+        title=f'{report.get("model", "")} {name}',
+    )
   return path
 
 
 def format_table(report: dict[str, Any], class_names: tuple[str, ...]) -> str:
   rows = [f'{"":>20} {"val":>8} {"test":>8}']
   for key in ('accuracy', 'balanced_accuracy', 'worst_class_recall', 'loss'):
-    rows.append(f'{key:>20} {report["val"][key]:8.4f} '
-                f'{report["test"][key]:8.4f}')
+    rows.append(
+        f'{key:>20} {report["val"][key]:8.4f} ' f'{report["test"][key]:8.4f}'
+    )
   rows.append('per-class recall / precision (test):')
   t = report['test']
   for i, name in enumerate(class_names):
-    rows.append(f'{name:>20} {t["per_class_recall"][i]:8.4f} '
-                f'{t["per_class_precision"][i]:8.4f}')
+    rows.append(
+        f'{name:>20} {t["per_class_recall"][i]:8.4f} '
+        f'{t["per_class_precision"][i]:8.4f}'
+    )
   c = report['cost']
   sp = report.get('sparsity', {})
   if 'teacher' in report:
     t = report['teacher']
     rate, path = serving_images_per_second(report)
-    rows.append(f'teacher (dense ViT) test balanced accuracy '
-                f'{t["test"]["balanced_accuracy"]:.4f}; drop '
-                f'{t["test"]["balanced_accuracy"] - report["test"]["balanced_accuracy"]:+.4f}; '
-                f'MACs ratio {c["macs_per_image"] / t["cost"]["macs_per_image"]:.3f}; '
-                f'speed-up at batch {c["inference_batch"]} '
-                f'{rate / t["cost"]["inference_images_per_second"]:.2f}x'
-                f'{f" ({path})" if path else ""}, '
-                f'at batch 1 {t["cost"]["latency_ms_batch1"] / c["latency_ms_batch1"]:.2f}x'
-                + (' (masked)' if path else ''))
+    rows.append(
+        f'teacher (dense ViT) test balanced accuracy '
+        f'{t["test"]["balanced_accuracy"]:.4f}; drop '
+        f'{t["test"]["balanced_accuracy"] - report["test"]["balanced_accuracy"]:+.4f}; '
+        f'MACs ratio {c["macs_per_image"] / t["cost"]["macs_per_image"]:.3f}; '
+        f'speed-up at batch {c["inference_batch"]} '
+        f'{rate / t["cost"]["inference_images_per_second"]:.2f}x'
+        f'{f" ({path})" if path else ""}, '
+        f'at batch 1 {t["cost"]["latency_ms_batch1"] / c["latency_ms_batch1"]:.2f}x'
+        + (' (masked)' if path else '')
+    )
   q = report.get('quantization')
   if q:
-    line = (f'int8 ({q["path"]}, {q["backend"]}): agrees with float on '
-            f'{q["test_agreement_with_float"]:.4f} of test images')
+    line = (
+        f'int8 ({q["path"]}, {q["backend"]}): agrees with float on '
+        f'{q["test_agreement_with_float"]:.4f} of test images'
+    )
     if 'int8_kernel_bytes' in q:
-      line += (f'; quantized kernels {q["int8_kernel_bytes"]:,} B vs '
-               f'{q["float32_kernel_bytes"]:,} B float32 '
-               f'({q["int8_kernel_bytes"] / q["float32_kernel_bytes"]:.3f}x)'
-               f'; int8 checkpoint {q.get("checkpoint_bytes_on_disk", 0):,} B '
-               'on disk')
+      line += (
+          f'; quantized kernels {q["int8_kernel_bytes"]:,} B vs '
+          f'{q["float32_kernel_bytes"]:,} B float32 '
+          f'({q["int8_kernel_bytes"] / q["float32_kernel_bytes"]:.3f}x)'
+          f'; int8 checkpoint {q.get("checkpoint_bytes_on_disk", 0):,} B '
+          'on disk'
+      )
     rows.append(line)
   if 'mean_depth_per_token' in sp:
-    rows.append(f'A-ViT: mean depth {sp["mean_depth_per_token"]:.2f} blocks '
-                f'per token (class token {sp["mean_depth_cls_token"]:.2f}); '
-                f'token removal agrees on {sp["token_removal_agreement"]:.4f} '
-                f'of images; {sp["masked_images_per_second"]:.0f} images/s '
-                f'masked vs {sp["token_removal_images_per_second"]:.0f} with '
-                'token removal')
+    rows.append(
+        f'A-ViT: mean depth {sp["mean_depth_per_token"]:.2f} blocks '
+        f'per token (class token {sp["mean_depth_cls_token"]:.2f}); '
+        f'token removal agrees on {sp["token_removal_agreement"]:.4f} '
+        f'of images; {sp["masked_images_per_second"]:.0f} images/s '
+        f'masked vs {sp["token_removal_images_per_second"]:.0f} with '
+        'token removal'
+    )
   rows.append(
       f'parameters {c["parameters"]:,}; {c["macs_per_image"] / 1e6:.1f} M '
       f'MACs/image; {c["inference_images_per_second"]:.0f} images/s at batch '
       f'{c["inference_batch"]}; {c["latency_ms_batch1"]:.2f} ms at batch 1 '
-      f'({c["device"]})')
+      f'({c["device"]})'
+  )
   return '\n'.join(rows)
 
 
-def print_report(report: dict[str, Any], class_names: tuple[str, ...]
-                 ) -> None:
+def print_report(report: dict[str, Any], class_names: tuple[str, ...]) -> None:
   print(f'Evaluation of {report["checkpoint"]}:', flush=True)
   print(format_table(report, class_names), flush=True)

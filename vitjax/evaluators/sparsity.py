@@ -17,32 +17,45 @@ from vitjax.evaluators.classification import Predictor
 from vitjax.models import avit, dynamic_vit
 
 
-def sparsity_report(predictor: Predictor, images: np.ndarray,
-                    batch_size: int, speed_batch: int,
-                    speed_seconds: float) -> dict[str, Any]:
+def sparsity_report(
+    predictor: Predictor,
+    images: np.ndarray,
+    batch_size: int,
+    speed_batch: int,
+    speed_seconds: float,
+) -> dict[str, Any]:
   """{} for a dense model."""
   model = predictor.model
   patches = (images.shape[1] // model.patch_size) ** 2
   if isinstance(model, dynamic_vit.DynamicViT):
     keep = model.keep_counts(patches)
-    return {'stage_blocks': list(model.stages()), 'keep_counts': list(keep),
-            'keep_ratio_per_stage': [k / patches for k in keep],
-            'tokens_per_block': list(model.tokens_per_block(patches))}
+    return {
+        'stage_blocks': list(model.stages()),
+        'keep_counts': list(keep),
+        'keep_ratio_per_stage': [k / patches for k in keep],
+        'tokens_per_block': list(model.tokens_per_block(patches)),
+    }
   if isinstance(model, avit.AViT):
-    return _avit_report(predictor, images, batch_size, speed_batch,
-                        speed_seconds)
+    return _avit_report(
+        predictor, images, batch_size, speed_batch, speed_seconds
+    )
   return {}
 
 
-def _avit_report(predictor: Predictor, images: np.ndarray, batch_size: int,
-                 speed_batch: int, speed_seconds: float) -> dict[str, Any]:
+def _avit_report(
+    predictor: Predictor,
+    images: np.ndarray,
+    batch_size: int,
+    speed_batch: int,
+    speed_seconds: float,
+) -> dict[str, Any]:
   model = predictor.model
   masked = jax.jit(predictor.apply)
   ready = jax.jit(predictor.prepare)(predictor.variables)  # for removal
   removal = lambda v, x: avit.token_removal_apply(model, v, x)
   preds, removal_preds, depth, active = [], [], [], []
   for start in range(0, len(images), batch_size):
-    x = images[start:start + batch_size]
+    x = images[start : start + batch_size]
     logits, aux = masked(predictor.variables, x)
     preds.append(np.argmax(logits, -1))
     depth.append(np.asarray(aux['depth']))
@@ -50,25 +63,31 @@ def _avit_report(predictor: Predictor, images: np.ndarray, batch_size: int,
     removal_preds.append(np.argmax(removal(ready, x)[0], -1))
   depth = np.concatenate(depth)  # [n, tokens]
   tokens_per_block = np.concatenate(active, axis=1).mean(1)
-  halts_at = np.bincount(depth.astype(int).ravel() - 1,
-                         minlength=model.depth) / depth.size
+  halts_at = (
+      np.bincount(depth.astype(int).ravel() - 1, minlength=model.depth)
+      / depth.size
+  )
   # What A-ViT computes depends on the images, and the test set is sorted
   # by class: time a seeded sample of all classes, not the first class.
   sample = np.random.default_rng(0).permutation(len(images))[:speed_batch]
   speed_x = images[np.sort(sample)]
   rate = lambda fn, v: cost.images_per_second(
-      fn, v, speed_x, batch=len(speed_x), min_seconds=speed_seconds)
+      fn, v, speed_x, batch=len(speed_x), min_seconds=speed_seconds
+  )
   return {
       'gate_center': model.gate_center,
       'mean_depth_per_token': float(depth.mean()),
       'mean_depth_cls_token': float(depth[:, 0].mean()),
       'tokens_per_block': tokens_per_block.tolist(),
       'halting_distribution': halts_at.tolist(),
-      'token_removal_agreement': float(np.mean(
-          np.concatenate(preds) == np.concatenate(removal_preds))),
-      'masked_images_per_second': rate(lambda v, x: masked(v, x)[0],
-                                       predictor.variables),
+      'token_removal_agreement': float(
+          np.mean(np.concatenate(preds) == np.concatenate(removal_preds))
+      ),
+      'masked_images_per_second': rate(
+          lambda v, x: masked(v, x)[0], predictor.variables
+      ),
       'token_removal_images_per_second': rate(
-          lambda v, x: removal(v, x)[0], ready),
+          lambda v, x: removal(v, x)[0], ready
+      ),
       'speed_batch': int(len(speed_x)),
   }

@@ -12,7 +12,10 @@ from vitjax.models.dynamic_vit import DynamicViT
 from vitjax.models.vit import ViT
 
 MODELS: dict[str, type[nn.Module]] = {
-    'vit': ViT, 'dynamic_vit': DynamicViT, 'avit': AViT}
+    'vit': ViT,
+    'dynamic_vit': DynamicViT,
+    'avit': AViT,
+}
 
 
 def create(model_cfg, num_classes: int, **overrides) -> nn.Module:
@@ -29,8 +32,10 @@ def create(model_cfg, num_classes: int, **overrides) -> nn.Module:
   fields = {f.name for f in dataclasses.fields(cls)} - {'parent', 'name'}
   unknown = sorted(set(kwargs) - fields)
   if unknown:
-    raise ValueError(f'config.model has fields {unknown} that {cls.__name__} '
-                     f'does not take (it takes {sorted(fields)}).')
+    raise ValueError(
+        f'config.model has fields {unknown} that {cls.__name__} '
+        f'does not take (it takes {sorted(fields)}).'
+    )
   if kwargs.get('dtype') == 'bfloat16':
     # Fast bf16 matmuls with float32 accumulation (see bf16_dot.py).
     overrides.setdefault('dot_general_cls', Bf16Dot)

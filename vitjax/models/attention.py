@@ -74,13 +74,18 @@ def _backward(residuals, d_out):
 _attention.defvjp(_forward, _backward)
 
 
-def dot_product_attention(query: Array, key: Array, value: Array,
-                          mask: Array | None = None, *,
-                          dropout_rng: Array | None = None,
-                          dropout_rate: float = 0.0,
-                          broadcast_dropout: bool = True,
-                          deterministic: bool = True,
-                          dtype: Any = None) -> Array:
+def dot_product_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    mask: Array | None = None,
+    *,
+    dropout_rng: Array | None = None,
+    dropout_rate: float = 0.0,
+    broadcast_dropout: bool = True,
+    deterministic: bool = True,
+    dtype: Any = None,
+) -> Array:
   """`nn.dot_product_attention` with the fast backward pass above.
 
   query, key, value: [batch, tokens, heads, dim]; mask: bool, broadcastable
@@ -90,9 +95,17 @@ def dot_product_attention(query: Array, key: Array, value: Array,
   """
   if not deterministic and dropout_rate > 0.0:
     return nn.dot_product_attention(
-        query, key, value, mask=mask, dropout_rng=dropout_rng,
-        dropout_rate=dropout_rate, broadcast_dropout=broadcast_dropout,
-        deterministic=False, dtype=dtype, force_fp32_for_softmax=True)
+        query,
+        key,
+        value,
+        mask=mask,
+        dropout_rng=dropout_rng,
+        dropout_rate=dropout_rate,
+        broadcast_dropout=broadcast_dropout,
+        deterministic=False,
+        dtype=dtype,
+        force_fp32_for_softmax=True,
+    )
   dtype = dtype or query.dtype
   scale = np.sqrt(query.shape[-1]).astype(query.dtype)
   q, k, v = (t.swapaxes(1, 2) for t in (query / scale, key, value))
@@ -101,11 +114,18 @@ def dot_product_attention(query: Array, key: Array, value: Array,
   return _attention(q, k, v, mask).swapaxes(1, 2).astype(dtype)
 
 
-def policy_attention(query: Array, key: Array, value: Array, *,
-                     policy: Array, dropout_rng: Array | None = None,
-                     dropout_rate: float = 0.0, deterministic: bool = True,
-                     broadcast_dropout: bool = True, dtype: Any = None
-                     ) -> Array:
+def policy_attention(
+    query: Array,
+    key: Array,
+    value: Array,
+    *,
+    policy: Array,
+    dropout_rng: Array | None = None,
+    dropout_rate: float = 0.0,
+    deterministic: bool = True,
+    broadcast_dropout: bool = True,
+    dtype: Any = None,
+) -> Array:
   """Attention under a soft keep policy (DynamicViT's masked softmax).
 
   policy: [batch, keys], 1 = kept, 0 = dropped (straight-through hard
@@ -121,13 +141,16 @@ def policy_attention(query: Array, key: Array, value: Array, *,
   n = k.shape[1]
   p = policy.astype(jnp.float32)[:, None, None, :]
   gate = p + (1.0 - p) * jnp.eye(n, dtype=jnp.float32)
-  weights = jnp.exp(logits - jax.lax.stop_gradient(
-      logits.max(-1, keepdims=True))) * gate
+  weights = (
+      jnp.exp(logits - jax.lax.stop_gradient(logits.max(-1, keepdims=True)))
+      * gate
+  )
   eps = 1e-6
   weights = (weights + eps / n) / (weights.sum(-1, keepdims=True) + eps)
   if not deterministic and dropout_rate > 0.0:
-    shape = ((1, 1) + weights.shape[2:]) if broadcast_dropout else (
-        weights.shape)
+    shape = (
+        ((1, 1) + weights.shape[2:]) if broadcast_dropout else (weights.shape)
+    )
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, shape)
     weights = jnp.where(keep, weights / (1.0 - dropout_rate), 0.0)
   return jnp.einsum('bhqk,bkhd->bqhd', weights, v).astype(dtype)
@@ -143,6 +166,7 @@ class SelfAttention(nn.Module):
   (flax's `dot_product_attention`, which accepts them); otherwise
   `dot_product_attention` above, with `mask` (A-ViT hides halted tokens).
   """
+
   num_heads: int
   dtype: Any = jnp.float32
   kernel_init: Callable[..., Array] = nn.initializers.lecun_normal()
@@ -151,29 +175,55 @@ class SelfAttention(nn.Module):
   einsum_cls: Callable[[], Any] | None = None
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array | None = None, *,
-               policy: Array | None = None, deterministic: bool) -> Array:
+  def __call__(
+      self,
+      x: Array,
+      mask: Array | None = None,
+      *,
+      policy: Array | None = None,
+      deterministic: bool,
+  ) -> Array:
     dim = x.shape[-1]
     if dim % self.num_heads:
-      raise ValueError(f'hidden_dim {dim} is not a multiple of num_heads '
-                       f'{self.num_heads}.')
+      raise ValueError(
+          f'hidden_dim {dim} is not a multiple of num_heads '
+          f'{self.num_heads}.'
+      )
     project = functools.partial(
-        Dense, (self.num_heads, dim // self.num_heads), dtype=self.dtype,
-        kernel_init=self.kernel_init, dot_general_cls=self.dot_general_cls)
+        Dense,
+        (self.num_heads, dim // self.num_heads),
+        dtype=self.dtype,
+        kernel_init=self.kernel_init,
+        dot_general_cls=self.dot_general_cls,
+    )
     q, k, v = (project(name=n)(x) for n in ('query', 'key', 'value'))
-    dropout = {'dropout_rate': self.dropout_rate,
-               'deterministic': deterministic or self.dropout_rate == 0.0}
+    dropout = {
+        'dropout_rate': self.dropout_rate,
+        'deterministic': deterministic or self.dropout_rate == 0.0,
+    }
     if not dropout['deterministic']:
       dropout['dropout_rng'] = self.make_rng('dropout')
     if policy is not None:
       y = policy_attention(q, k, v, policy=policy, **dropout)
     elif self.einsum_cls is not None:
       y = nn.dot_product_attention(
-          q, k, v, mask=mask, dtype=self.dtype, force_fp32_for_softmax=True,
+          q,
+          k,
+          v,
+          mask=mask,
+          dtype=self.dtype,
+          force_fp32_for_softmax=True,
           qk_attn_weights_einsum=self.einsum_cls(),
-          attn_weights_value_einsum=self.einsum_cls(), **dropout)
+          attn_weights_value_einsum=self.einsum_cls(),
+          **dropout,
+      )
     else:
       y = dot_product_attention(q, k, v, mask, dtype=self.dtype, **dropout)
-    return Dense(dim, axis=(-2, -1), dtype=self.dtype,
-                 kernel_init=self.kernel_init,
-                 dot_general_cls=self.dot_general_cls, name='out')(y)
+    return Dense(
+        dim,
+        axis=(-2, -1),
+        dtype=self.dtype,
+        kernel_init=self.kernel_init,
+        dot_general_cls=self.dot_general_cls,
+        name='out',
+    )(y)

@@ -36,6 +36,7 @@ Array = jax.Array
 @flax.struct.dataclass
 class HaltState:
   """Per-token ACT bookkeeping carried through the blocks."""
+
   cumulative: Array  # [b, n] sum of h so far
   remainder: Array  # [b, n] 1 - sum of h before the current block
   active: Array  # bool [b, n]: still running
@@ -50,8 +51,14 @@ class HaltState:
   def start(cls, x: Array) -> 'HaltState':
     b, n, _ = x.shape
     zeros = jnp.zeros((b, n), jnp.float32)
-    return cls(zeros, jnp.ones((b, n), jnp.float32), jnp.ones((b, n), bool),
-               jnp.zeros(x.shape, jnp.float32), zeros, zeros)
+    return cls(
+        zeros,
+        jnp.ones((b, n), jnp.float32),
+        jnp.ones((b, n), bool),
+        jnp.zeros(x.shape, jnp.float32),
+        zeros,
+        zeros,
+    )
 
   def update(self, x: Array, h: Array, eps: float) -> 'HaltState':
     """Accounts block output x (halted tokens already zeroed) and scores h."""
@@ -70,7 +77,8 @@ class HaltState:
         depth=self.depth + active,
         scores=self.scores + (h_run,),
         raw_scores=self.raw_scores + (h,),
-        ran=self.ran + (active,))
+        ran=self.ran + (active,),
+    )
 
 
 def _zero_halted(x: Array, active: Array) -> Array:
@@ -85,6 +93,7 @@ class AViT(ViT):
   [depth, b, n]; 'gate_inputs' [depth, b, n] (x[:, :, 0] after each block,
   for calibrating gate_center).
   """
+
   gate_scale: float = 10.0  # gamma
   gate_center: float = 10.0  # beta: calibrate it on the dense model
   halting_eps: float = 0.01
@@ -92,18 +101,22 @@ class AViT(ViT):
   def halting_score(self, x: Array, i: int) -> Array:
     if i == self.depth - 1:
       return jnp.ones(x.shape[:2], jnp.float32)
-    return jax.nn.sigmoid(self.gate_scale * x[..., 0].astype(jnp.float32)
-                          - self.gate_center)
+    return jax.nn.sigmoid(
+        self.gate_scale * x[..., 0].astype(jnp.float32) - self.gate_center
+    )
 
-  def __call__(self, images: Array, *, train: bool
-               ) -> tuple[Array, dict[str, Array]]:
+  def __call__(
+      self, images: Array, *, train: bool
+  ) -> tuple[Array, dict[str, Array]]:
     x = self.tokens(images, train=train)
     state = HaltState.start(x)
     gate_inputs = []
     for i, block in enumerate(self.blocks):
       keys = state.active[:, None, None, :]  # halted tokens hide as keys
-      x = _zero_halted(block(_zero_halted(x, state.active), keys,
-                             deterministic=not train), state.active)
+      x = _zero_halted(
+          block(_zero_halted(x, state.active), keys, deterministic=not train),
+          state.active,
+      )
       gate_inputs.append(x[..., 0].astype(jnp.float32))
       state = state.update(x, self.halting_score(x, i), self.halting_eps)
     logits, aux = self.finish(state)
@@ -112,10 +125,13 @@ class AViT(ViT):
 
   def finish(self, state: HaltState) -> tuple[Array, dict[str, Array]]:
     logits, aux = self.classify(state.output)
-    aux.update(ponder=state.ponder, depth=state.depth,
-               halting=jnp.stack(state.scores),
-               raw_halting=jnp.stack(state.raw_scores),
-               active=jnp.stack(state.ran))
+    aux.update(
+        ponder=state.ponder,
+        depth=state.depth,
+        halting=jnp.stack(state.scores),
+        raw_halting=jnp.stack(state.raw_scores),
+        active=jnp.stack(state.ran),
+    )
     return logits, aux
 
   # Pieces for the token-removal path, which runs the same parameters.
@@ -137,13 +153,15 @@ IMAGES_PER_PIECE = 32
 @dataclasses.dataclass(frozen=True)
 class RemovalPiece:
   """One piece of a block's token-removal plan."""
+
   rows: np.ndarray  # int32 [images, width]: flat indices b * n + token
   valid: np.ndarray  # bool [images, width]: False for padding
   offset: int  # where its outputs start in the block's output rows
 
 
-def removal_plan(active: np.ndarray, images_per_piece: int = IMAGES_PER_PIECE
-                 ) -> tuple[list[RemovalPiece], np.ndarray]:
+def removal_plan(
+    active: np.ndarray, images_per_piece: int = IMAGES_PER_PIECE
+) -> tuple[list[RemovalPiece], np.ndarray]:
   """Host-side layout of one block's token-removal pass.
 
   active: bool [b, n]. Images are sorted by active count and cut into pieces;
@@ -161,7 +179,7 @@ def removal_plan(active: np.ndarray, images_per_piece: int = IMAGES_PER_PIECE
   where = np.full((b, n), zero_row, np.int32)
   pieces, offset = [], 0
   for start in range(0, b, images_per_piece):
-    imgs = by_count[start:start + images_per_piece]
+    imgs = by_count[start : start + images_per_piece]
     width = min(-(-int(counts[imgs].max()) // 8) * 8, n)
     if width == 0:  # every token of these images has halted
       continue
@@ -169,43 +187,61 @@ def removal_plan(active: np.ndarray, images_per_piece: int = IMAGES_PER_PIECE
     valid = np.take_along_axis(active[imgs], tokens, 1)
     slots = offset + np.arange(imgs.size * width).reshape(imgs.size, width)
     where[imgs[:, None], tokens] = np.where(valid, slots, zero_row)
-    pieces.append(RemovalPiece((imgs[:, None] * n + tokens).astype(np.int32),
-                               valid, offset))
+    pieces.append(
+        RemovalPiece(
+            (imgs[:, None] * n + tokens).astype(np.int32), valid, offset
+        )
+    )
     offset += imgs.size * width
   return pieces, where
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
-def _dense_block(model: AViT, variables: Any, x: Array, state: HaltState,
-                 i: int) -> tuple[Array, HaltState]:
+def _dense_block(
+    model: AViT, variables: Any, x: Array, state: HaltState, i: int
+) -> tuple[Array, HaltState]:
   """Block i on every token, while none has halted (always block 0)."""
   x = model.apply(variables, x, None, i, method=AViT.block_only)
   return x, state.update(x, model.halting_score(x, i), model.halting_eps)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(2,))
-def _removal_piece(model: AViT, variables: Any, out: Array, x: Array,
-                   rows: Array, valid: Array, i: int, offset: Array) -> Array:
+def _removal_piece(
+    model: AViT,
+    variables: Any,
+    out: Array,
+    x: Array,
+    rows: Array,
+    valid: Array,
+    i: int,
+    offset: Array,
+) -> Array:
   """Block i on one piece's gathered tokens, written into out [b*n+1, c]."""
   images, width = rows.shape
   xg = x.reshape(-1, x.shape[-1])[rows]
-  y = model.apply(variables, xg, valid[:, None, None, :], i,
-                  method=AViT.block_only)
+  y = model.apply(
+      variables, xg, valid[:, None, None, :], i, method=AViT.block_only
+  )
   y = _zero_halted(y, valid).reshape(images * width, -1)
   return jax.lax.dynamic_update_slice(out, y.astype(out.dtype), (offset, 0))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3))
-def _back_in_token_order(model: AViT, out: Array, where: Array, i: int,
-                         state: HaltState) -> tuple[Array, HaltState]:
+def _back_in_token_order(
+    model: AViT, out: Array, where: Array, i: int, state: HaltState
+) -> tuple[Array, HaltState]:
   """[b, n, c] from the pieces' output rows (zeros for skipped tokens)."""
   x = out[where]
   return x, state.update(x, model.halting_score(x, i), model.halting_eps)
 
 
-def token_removal_apply(model: AViT, variables: Any, images: Array, *,
-                        images_per_piece: int = IMAGES_PER_PIECE
-                        ) -> tuple[Array, dict[str, Array]]:
+def token_removal_apply(
+    model: AViT,
+    variables: Any,
+    images: Array,
+    *,
+    images_per_piece: int = IMAGES_PER_PIECE,
+) -> tuple[Array, dict[str, Array]]:
   """Inference that skips halted tokens (see the module docstring).
 
   variables: {'params': ...} (plus 'aqt' for int8 serving). Runs block by
@@ -224,8 +260,16 @@ def token_removal_apply(model: AViT, variables: Any, images: Array, *,
     pieces, where = removal_plan(active, images_per_piece)
     out = jnp.zeros((b * n + 1, c), x.dtype)
     for piece in pieces:
-      out = _removal_piece(model, variables, out, x, piece.rows, piece.valid,
-                           i, np.int32(piece.offset))
+      out = _removal_piece(
+          model,
+          variables,
+          out,
+          x,
+          piece.rows,
+          piece.valid,
+          i,
+          np.int32(piece.offset),
+      )
     x, state = _back_in_token_order(model, out, where, i, state)
   return _finish(model, variables, state)
 
@@ -240,8 +284,9 @@ def _finish(model, variables, state):
   return model.apply(variables, state, method=AViT.finish)
 
 
-def calibrate_gate_center(gate_inputs: np.ndarray, gate_scale: float,
-                          target_sum: float) -> float:
+def calibrate_gate_center(
+    gate_inputs: np.ndarray, gate_scale: float, target_sum: float
+) -> float:
   """beta such that the mean over tokens of sum_{l<D-1} sigmoid(gamma x0_l -
   beta) equals target_sum, on gate inputs [depth, ...] of the dense model.
 
@@ -249,7 +294,8 @@ def calibrate_gate_center(gate_inputs: np.ndarray, gate_scale: float,
   from saturation, so the ponder loss has gradient from the first step.
   """
   x0 = np.asarray(gate_inputs, np.float64)[:-1].reshape(
-      gate_inputs.shape[0] - 1, -1)
+      gate_inputs.shape[0] - 1, -1
+  )
 
   def halting_sum(beta):
     z = np.clip(gate_scale * x0 - beta, -60, 60)

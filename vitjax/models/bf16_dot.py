@@ -26,8 +26,9 @@ def _free_axes(ndim: int, contracting: tuple[int, ...]) -> list[int]:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _dot(lhs, rhs, contracting):
-  out = lax.dot_general(lhs, rhs, (contracting, ((), ())),
-                        preferred_element_type=jnp.float32)
+  out = lax.dot_general(
+      lhs, rhs, (contracting, ((), ())), preferred_element_type=jnp.float32
+  )
   return out.astype(lhs.dtype)
 
 
@@ -47,13 +48,21 @@ def _dot_bwd(contracting, residuals, g):
   # d_lhs: contract g's rhs-free axes with rhs's free axes. The result's
   # axes are lhs's free axes, then rhs's contracting axes in rhs order, each
   # standing for the lhs axis it was contracted with.
-  d_lhs = lax.dot_general(g, rhs, ((g_r, tuple(r_free)), ((), ())),
-                          preferred_element_type=jnp.float32)
+  d_lhs = lax.dot_general(
+      g,
+      rhs,
+      ((g_r, tuple(r_free)), ((), ())),
+      preferred_element_type=jnp.float32,
+  )
   labels = l_free + [lc[rc.index(a)] for a in sorted(rc)]
   d_lhs = jnp.transpose(d_lhs, np.argsort(labels))
   # d_rhs: contract lhs's free axes with g's lhs-free axes, likewise.
-  d_rhs = lax.dot_general(lhs, g, ((tuple(l_free), g_l), ((), ())),
-                          preferred_element_type=jnp.float32)
+  d_rhs = lax.dot_general(
+      lhs,
+      g,
+      ((tuple(l_free), g_l), ((), ())),
+      preferred_element_type=jnp.float32,
+  )
   labels = [rc[lc.index(a)] for a in sorted(lc)] + r_free
   d_rhs = jnp.transpose(d_rhs, np.argsort(labels))
   return d_lhs.astype(lhs.dtype), d_rhs.astype(rhs.dtype)
@@ -70,13 +79,28 @@ class Bf16Dot:
   else is passed to `lax.dot_general` unchanged.
   """
 
-  def __call__(self, lhs, rhs, dimension_numbers, precision=None,
-               preferred_element_type=None, **kwargs):
+  def __call__(
+      self,
+      lhs,
+      rhs,
+      dimension_numbers,
+      precision=None,
+      preferred_element_type=None,
+      **kwargs,
+  ):
     contracting, batch = dimension_numbers
-    if (lhs.dtype == rhs.dtype == jnp.bfloat16 and batch == ((), ())
-        and preferred_element_type in (None, jnp.bfloat16)):
+    if (
+        lhs.dtype == rhs.dtype == jnp.bfloat16
+        and batch == ((), ())
+        and preferred_element_type in (None, jnp.bfloat16)
+    ):
       lc, rc = contracting
       return _dot(lhs, rhs, (tuple(lc), tuple(rc)))
-    return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                           preferred_element_type=preferred_element_type,
-                           **kwargs)
+    return lax.dot_general(
+        lhs,
+        rhs,
+        dimension_numbers,
+        precision=precision,
+        preferred_element_type=preferred_element_type,
+        **kwargs,
+    )

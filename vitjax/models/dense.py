@@ -39,16 +39,18 @@ def _add_bias_bwd(bias, g):
   lead = g.ndim - bias.ndim
   ones = jnp.ones(g.shape[:lead], g.dtype)
   axes = tuple(range(lead))
-  d_bias = lax.dot_general(ones, g, ((axes, axes), ((), ())),
-                           preferred_element_type=jnp.float32)
+  d_bias = lax.dot_general(
+      ones, g, ((axes, axes), ((), ())), preferred_element_type=jnp.float32
+  )
   return g, d_bias.astype(bias.dtype)
 
 
 add_bias.defvjp(_add_bias_fwd, _add_bias_bwd)
 
 
-def _flat_init(init: Callable[..., Array], n_in: int | None
-               ) -> Callable[..., Array]:
+def _flat_init(
+    init: Callable[..., Array], n_in: int | None
+) -> Callable[..., Array]:
   """Draws a [*in, *out] kernel as the [prod(in), prod(out)] matrix (a bias,
   n_in=None, as a vector), as nn.DenseGeneral does: same values from the
   same key."""
@@ -69,6 +71,7 @@ class Dense(nn.Module):
   features: an int or a tuple (e.g. (heads, head_dim)); axis: the input
   axes contracted, -1 or e.g. (-2, -1) for attention's output projection.
   """
+
   features: int | Sequence[int]
   axis: int | Sequence[int] = -1
   dtype: Any = jnp.float32
@@ -78,18 +81,30 @@ class Dense(nn.Module):
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
-    features = ((self.features,) if isinstance(self.features, int)
-                else tuple(self.features))
+    features = (
+        (self.features,)
+        if isinstance(self.features, int)
+        else tuple(self.features)
+    )
     axis = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
     axis = tuple(a % inputs.ndim for a in axis)
     kernel_shape = tuple(inputs.shape[a] for a in axis) + features
-    kernel = self.param('kernel', _flat_init(self.kernel_init, len(axis)),
-                        kernel_shape, jnp.float32)
-    bias = self.param('bias', _flat_init(self.bias_init, None), features,
-                      jnp.float32)
-    dot_general = (self.dot_general_cls() if self.dot_general_cls
-                   else lax.dot_general)
-    y = dot_general(inputs.astype(self.dtype), kernel.astype(self.dtype),
-                    ((axis, tuple(range(len(axis)))), ((), ())),
-                    precision=None)
+    kernel = self.param(
+        'kernel',
+        _flat_init(self.kernel_init, len(axis)),
+        kernel_shape,
+        jnp.float32,
+    )
+    bias = self.param(
+        'bias', _flat_init(self.bias_init, None), features, jnp.float32
+    )
+    dot_general = (
+        self.dot_general_cls() if self.dot_general_cls else lax.dot_general
+    )
+    y = dot_general(
+        inputs.astype(self.dtype),
+        kernel.astype(self.dtype),
+        ((axis, tuple(range(len(axis)))), ((), ())),
+        precision=None,
+    )
     return add_bias(y, bias)

@@ -33,6 +33,7 @@ _trunc_normal = nn.initializers.truncated_normal(stddev=0.02)
 
 class PredictorLG(nn.Module):
   """Scores tokens from local features and the mean of the kept ones."""
+
   hidden_dim: int
   dtype: Any = jnp.float32
 
@@ -46,15 +47,20 @@ class PredictorLG(nn.Module):
     # As the blocks' layers: Bf16Dot's bfloat16 matmuls with float32
     # accumulation (XLA:CPU runs bfloat16-result dots at half speed; other
     # dtypes pass through) and Dense's fast bias gradient.
-    dense = lambda n, name: Dense(n, dtype=self.dtype,
-                                  kernel_init=_trunc_normal, name=name,
-                                  dot_general_cls=Bf16Dot)
+    dense = lambda n, name: Dense(
+        n,
+        dtype=self.dtype,
+        kernel_init=_trunc_normal,
+        name=name,
+        dot_general_cls=Bf16Dot,
+    )
     z = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name='norm')(x)
     z = gelu_f32(dense(c, 'in')(z))
-    local, glob = z[..., :c // 2], z[..., c // 2:]
+    local, glob = z[..., : c // 2], z[..., c // 2 :]
     p = policy[..., None].astype(z.dtype)
     glob = (glob * p).sum(1, keepdims=True) / jnp.maximum(
-        p.sum(1, keepdims=True), 1e-6)
+        p.sum(1, keepdims=True), 1e-6
+    )
     z = jnp.concatenate([local, jnp.broadcast_to(glob, local.shape)], -1)
     z = gelu_f32(dense(c // 2, 'out_1')(z))
     z = gelu_f32(dense(c // 4, 'out_2')(z))
@@ -75,8 +81,9 @@ def gumbel_keep(log_probs: Array, key: Array, tau: float) -> Array:
 
 def default_stage_blocks(depth: int) -> tuple[int, ...]:
   """Blocks preceded by a predictor: ceil(D/4), ceil(D/2), ceil(3D/4)."""
-  blocks = sorted({min(max(-(-depth * q // 4), 1), depth - 1)
-                   for q in (1, 2, 3)})
+  blocks = sorted(
+      {min(max(-(-depth * q // 4), 1), depth - 1) for q in (1, 2, 3)}
+  )
   return tuple(blocks)
 
 
@@ -87,6 +94,7 @@ class DynamicViT(ViT):
   'tokens' final-norm patch tokens (for token distillation).
   aux (inference): 'tokens' of the kept tokens only.
   """
+
   keep_ratio: float = 0.7  # rho: stage s keeps rho^s of the patch tokens
   stage_blocks: tuple[int, ...] = ()  # empty: default_stage_blocks(depth)
   gumbel_tau: float = 1.0
@@ -94,15 +102,20 @@ class DynamicViT(ViT):
   def stages(self) -> tuple[int, ...]:
     stages = tuple(self.stage_blocks) or default_stage_blocks(self.depth)
     if any(not 0 < b < self.depth for b in stages) or sorted(
-        set(stages)) != list(stages):
-      raise ValueError(f'model.stage_blocks={stages}: expected increasing '
-                       f'block indices in 1..{self.depth - 1}.')
+        set(stages)
+    ) != list(stages):
+      raise ValueError(
+          f'model.stage_blocks={stages}: expected increasing '
+          f'block indices in 1..{self.depth - 1}.'
+      )
     return stages
 
   def keep_counts(self, num_patches: int) -> tuple[int, ...]:
     """Patch tokens kept after each stage at inference (cumulative rho^s)."""
-    return tuple(max(int(num_patches * self.keep_ratio ** (s + 1)), 1)
-                 for s in range(len(self.stages())))
+    return tuple(
+        max(int(num_patches * self.keep_ratio ** (s + 1)), 1)
+        for s in range(len(self.stages()))
+    )
 
   def tokens_per_block(self, num_patches: int) -> tuple[int, ...]:
     stages, keep = self.stages(), self.keep_counts(num_patches)
@@ -123,11 +136,14 @@ class DynamicViT(ViT):
 
   def setup(self):
     super().setup()
-    self.predictors = [PredictorLG(self.hidden_dim, compute_dtype(self.dtype))
-                       for _ in self.stages()]
+    self.predictors = [
+        PredictorLG(self.hidden_dim, compute_dtype(self.dtype))
+        for _ in self.stages()
+    ]
 
-  def __call__(self, images: Array, *, train: bool
-               ) -> tuple[Array, dict[str, Array]]:
+  def __call__(
+      self, images: Array, *, train: bool
+  ) -> tuple[Array, dict[str, Array]]:
     x = self.tokens(images, train=train)
     n1 = x.shape[1]
     stages = self.stages()
@@ -143,7 +159,8 @@ class DynamicViT(ViT):
         idx = jnp.sort(idx, axis=-1)  # keep the tokens' spatial order
         x = jnp.concatenate(
             [x[:, :1], jnp.take_along_axis(patches, idx[..., None], axis=1)],
-            axis=1)
+            axis=1,
+        )
       x = block(x, deterministic=True)
     return self.classify(x)
 
@@ -155,11 +172,16 @@ class DynamicViT(ViT):
       if i in stages:
         s = stages.index(i)
         log_probs = self.predictors[s](x[:, 1:], policy)
-        policy = gumbel_keep(log_probs, self.make_rng('gumbel'),
-                             self.gumbel_tau) * policy
+        policy = (
+            gumbel_keep(log_probs, self.make_rng('gumbel'), self.gumbel_tau)
+            * policy
+        )
         policies.append(policy)
-      full = (jnp.concatenate([jnp.ones((b, 1), policy.dtype), policy], 1)
-              if policies else None)
+      full = (
+          jnp.concatenate([jnp.ones((b, 1), policy.dtype), policy], 1)
+          if policies
+          else None
+      )
       x = block(x, policy=full, deterministic=False)
     logits, aux = self.classify(x)
     aux['policies'] = jnp.stack(policies)

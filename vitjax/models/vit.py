@@ -44,6 +44,7 @@ def gelu_f32(x: Array) -> Array:
 
 class DropPath(nn.Module):
   """Stochastic depth: drops a residual branch per example."""
+
   rate: float
 
   @nn.compact
@@ -65,6 +66,7 @@ class PatchEmbed(nn.Module):
   which trains markedly better on small datasets. It keeps the token grid
   and costs a few percent of the blocks' MACs.
   """
+
   patch_size: int
   hidden_dim: int
   stem: str
@@ -75,30 +77,44 @@ class PatchEmbed(nn.Module):
     # Raw pixels in [0, 255] (uint8 or float) in, so every caller feeds the
     # model the same way; normalising here costs nothing next to the blocks.
     x = (images.astype(jnp.float32) - jnp.array(PIXEL_MEAN)) / jnp.array(
-        PIXEL_STD)
+        PIXEL_STD
+    )
     x = x.astype(self.dtype)
     p = self.patch_size
     if self.stem == 'conv':
       steps = p.bit_length() - 1
-      if p < 2 or 2 ** steps != p:
-        raise ValueError(f"model.stem='conv' needs a power-of-two patch_size,"
-                         f' not {p}.')
+      if p < 2 or 2**steps != p:
+        raise ValueError(
+            f"model.stem='conv' needs a power-of-two patch_size," f' not {p}.'
+        )
       for i in range(steps):
         width = self.hidden_dim // 2 ** (2 * (steps - 1 - i))
-        x = nn.Conv(max(width, 8), (3, 3), strides=(2, 2), dtype=self.dtype,
-                    name=f'stem_conv_{i}')(x)
+        x = nn.Conv(
+            max(width, 8),
+            (3, 3),
+            strides=(2, 2),
+            dtype=self.dtype,
+            name=f'stem_conv_{i}',
+        )(x)
         if i < steps - 1:
           x = nn.gelu(nn.LayerNorm(dtype=self.dtype, name=f'stem_norm_{i}')(x))
     elif self.stem == 'patch':
-      x = nn.Conv(self.hidden_dim, (p, p), strides=(p, p), padding='VALID',
-                  dtype=self.dtype, name='patch')(x)
+      x = nn.Conv(
+          self.hidden_dim,
+          (p, p),
+          strides=(p, p),
+          padding='VALID',
+          dtype=self.dtype,
+          name='patch',
+      )(x)
     else:
       raise ValueError(f"model.stem={self.stem!r}: expected 'patch' or 'conv'.")
     b, h, w, c = x.shape
     x = x.reshape(b, h * w, c)
     cls = self.param('cls', nn.initializers.zeros, (1, 1, c))
-    x = jnp.concatenate([jnp.broadcast_to(cls, (b, 1, c)).astype(x.dtype), x],
-                        axis=1)
+    x = jnp.concatenate(
+        [jnp.broadcast_to(cls, (b, 1, c)).astype(x.dtype), x], axis=1
+    )
     pos = self.param('pos_embedding', _trunc_normal, (1, h * w + 1, c))
     return x + pos.astype(x.dtype)
 
@@ -112,8 +128,12 @@ class MlpBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array, *, deterministic: bool) -> Array:
     dense = lambda n, name: Dense(
-        n, dtype=self.dtype, kernel_init=_trunc_normal, name=name,
-        dot_general_cls=self.dot_general_cls)
+        n,
+        dtype=self.dtype,
+        kernel_init=_trunc_normal,
+        name=name,
+        dot_general_cls=self.dot_general_cls,
+    )
     y = dense(self.mlp_dim, 'fc1')(x)
     y = gelu_f32(y)
     y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
@@ -130,6 +150,7 @@ class EncoderBlock(nn.Module):
   policy (see `attention.policy_attention`). The softmax is computed in
   float32 either way, so masked logits stay exact under bfloat16.
   """
+
   num_heads: int
   mlp_dim: int
   dropout: float = 0.0
@@ -140,18 +161,30 @@ class EncoderBlock(nn.Module):
   einsum_cls: DotGeneralCls = None  # int8 for the two attention einsums
 
   @nn.compact
-  def __call__(self, x: Array, mask: Array | None = None, *,
-               policy: Array | None = None, deterministic: bool) -> Array:
+  def __call__(
+      self,
+      x: Array,
+      mask: Array | None = None,
+      *,
+      policy: Array | None = None,
+      deterministic: bool,
+  ) -> Array:
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm1')(x)
     y = attention.SelfAttention(
-        self.num_heads, self.dtype, _trunc_normal, self.attention_dropout,
-        self.dot_general_cls, self.einsum_cls, name='attn')(
-            y, mask, policy=policy, deterministic=deterministic)
+        self.num_heads,
+        self.dtype,
+        _trunc_normal,
+        self.attention_dropout,
+        self.dot_general_cls,
+        self.einsum_cls,
+        name='attn',
+    )(y, mask, policy=policy, deterministic=deterministic)
     y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
     x = x + DropPath(self.drop_path)(y, deterministic=deterministic)
     y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm2')(x)
-    y = MlpBlock(self.mlp_dim, self.dropout, self.dtype, self.dot_general_cls,
-                 name='mlp')(y, deterministic=deterministic)
+    y = MlpBlock(
+        self.mlp_dim, self.dropout, self.dtype, self.dot_general_cls, name='mlp'
+    )(y, deterministic=deterministic)
     return x + DropPath(self.drop_path)(y, deterministic=deterministic)
 
 
@@ -164,6 +197,7 @@ class ViT(nn.Module):
   them one at a time (A-ViT's token-removal path). The sizes have no
   defaults: configs/common.py names them (VARIANTS).
   """
+
   num_classes: int
   patch_size: int
   hidden_dim: int
@@ -183,21 +217,28 @@ class ViT(nn.Module):
 
   def setup(self):
     dtype = compute_dtype(self.dtype)
-    self.embed = PatchEmbed(self.patch_size, self.hidden_dim, self.stem,
-                            dtype)
+    self.embed = PatchEmbed(self.patch_size, self.hidden_dim, self.stem, dtype)
     self.embed_dropout = nn.Dropout(self.dropout)
     self.blocks = [
         EncoderBlock(
             num_heads=self.num_heads,
             mlp_dim=int(self.hidden_dim * self.mlp_ratio),
-            dropout=self.dropout, attention_dropout=self.attention_dropout,
+            dropout=self.dropout,
+            attention_dropout=self.attention_dropout,
             drop_path=self.drop_path * i / max(self.depth - 1, 1),
-            dtype=dtype, dot_general_cls=self.dot_general_cls,
-            einsum_cls=self.attention_einsum_cls)
-        for i in range(self.depth)]
+            dtype=dtype,
+            dot_general_cls=self.dot_general_cls,
+            einsum_cls=self.attention_einsum_cls,
+        )
+        for i in range(self.depth)
+    ]
     self.encoder_norm = nn.LayerNorm(epsilon=1e-6, dtype=dtype)
-    self.head = Dense(self.num_classes, kernel_init=nn.initializers.zeros,
-                      dtype=dtype, dot_general_cls=self.head_dot_general_cls)
+    self.head = Dense(
+        self.num_classes,
+        kernel_init=nn.initializers.zeros,
+        dtype=dtype,
+        dot_general_cls=self.head_dot_general_cls,
+    )
 
   def tokens_per_block(self, num_patches: int) -> tuple[int, ...]:
     """Tokens (class token included) each block processes at inference."""
@@ -212,11 +253,14 @@ class ViT(nn.Module):
     x = self.encoder_norm(x)
     logits = self.head(x[:, 0])
     # Losses and metrics read float32 logits whatever the compute dtype.
-    return logits.astype(jnp.float32), {'pre_logits': x[:, 0],
-                                        'tokens': x[:, 1:]}
+    return logits.astype(jnp.float32), {
+        'pre_logits': x[:, 0],
+        'tokens': x[:, 1:],
+    }
 
-  def __call__(self, images: Array, *, train: bool
-               ) -> tuple[Array, dict[str, Array]]:
+  def __call__(
+      self, images: Array, *, train: bool
+  ) -> tuple[Array, dict[str, Array]]:
     x = self.tokens(images, train=train)
     for block in self.blocks:
       x = block(x, deterministic=not train)
