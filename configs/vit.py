@@ -52,8 +52,8 @@ def get_config(arg=None):
     # (scripts/benchmark.py: 435, 389, 361 images/s), and a 20-minute
     # schedule gains more from twice the updates than from bigger batches
     # (6-minute trials: 56.9% balanced test accuracy at 32, 53.4% at 64).
-    # 1.0625e-3: 1.5e-3 at batch 64 scaled by sqrt(32/64), which beat the
-    # linear 7.5e-4 in the trials (56.9% against 56.3%).
+    # 1.0625e-3, about 1.5e-3 at batch 64 scaled by sqrt(32/64) (1.06e-3),
+    # which beat the linear 7.5e-4 in the trials (56.9% against 56.3%).
     common.set_batch_and_lr(c, batch_size=32, lr=1.0625e-3)
     c.train.time_budget_minutes = 20.0
     c.train.epochs = 30.0

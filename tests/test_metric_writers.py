@@ -44,6 +44,7 @@ def test_clu_writers_and_progress_load_without_tensorflow(tmp_path):
       from clu import periodic_actions
       writer = metric_writers.create(Path({str(tmp_path)!r}), 0)
       writer.write_scalars(1, {{'train/loss': 1.0}})
+      writer.write_images(1, {{'x': __import__('numpy').zeros((1, 2, 2, 3))}})
       writer.close()
       assert sys.modules['tensorflow'] is None
   """)

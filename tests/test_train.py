@@ -112,7 +112,7 @@ def test_eval_mode_restores_best_latest_or_a_step(smoke_config, tmp_path):
   assert by_step['test'] == latest['test']
   assert best['step'] <= latest['step']
   with pytest.raises(
-      checkpoint.CheckpointError, match='no checkpoint at ' 'step 7'
+      checkpoint.CheckpointError, match='no checkpoint at step 7'
   ):
     evaluate.evaluate_checkpoint(smoke_config, tmp_path / 'run', 7)
 

@@ -28,33 +28,38 @@ class CheckpointError(ValueError):
 
 def _rank(metrics: dict[str, Any]) -> tuple[float, int]:
   # A new best must be strictly better: of equal scores the earlier wins.
+  # orbax only sorts by this key (best_step, BestN), so a tuple serves.
   return metrics[_SCORE], -metrics['step']
+
+
+def check_layout(workdir: Path) -> None:
+  """Refuses a workdir written by vitjax before checkpoints moved to steps/."""
+  if (Path(workdir) / 'checkpoints' / 'latest').is_dir():
+    raise CheckpointError(
+        f'{str(workdir)!r} holds checkpoints in the layout of an earlier '
+        'vitjax (checkpoints/latest, checkpoints/best); this one keeps them '
+        f'in {STEPS_DIR}/. Train again in a new --workdir.'
+    )
 
 
 class Checkpoints:
   """The saved steps of one workdir."""
 
   def __init__(self, workdir: Path, keep: int = 2):
-    workdir = Path(workdir)
-    if (workdir / 'checkpoints' / 'latest').is_dir():
-      raise CheckpointError(
-          f'{str(workdir)!r} holds checkpoints in the layout of an earlier '
-          'vitjax (checkpoints/latest, checkpoints/best); this one keeps them '
-          f'in {STEPS_DIR}/. Train again in a new --workdir.'
-      )
+    check_layout(workdir)
     # orbax's asynchronous writers need absolute paths; `--workdir` is
     # usually relative (checkpoints/vit_cpu).
-    self.directory = workdir.absolute() / STEPS_DIR
-    policy = ocp.checkpoint_managers
+    self.directory = Path(workdir).absolute() / STEPS_DIR
+    policies = ocp.checkpoint_managers
     self._manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             create=True,
             best_fn=_rank,
-            preservation_policy=policy.AnyPreservationPolicy(
+            preservation_policy=policies.AnyPreservationPolicy(
                 [
-                    policy.LatestN(keep),
-                    policy.BestN(
+                    policies.LatestN(keep),
+                    policies.BestN(
                         get_metric_fn=_rank,
                         n=1,
                         keep_checkpoints_without_metrics=False,

@@ -22,7 +22,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     'workdir',
     None,
-    'Run folder: checkpoints, ' 'metrics, TensorBoard events, reports.',
+    'Run folder: checkpoints, metrics, TensorBoard events, reports.',
 )
 _MODE = flags.DEFINE_enum(
     'mode',
@@ -35,10 +35,14 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 
 def _quiet_orbax(record: std_logging.LogRecord) -> bool:
-  """Drops orbax's INFO chatter (dozens of lines per save) from the log."""
-  return record.levelno >= std_logging.WARNING or (
-      f'{os.sep}orbax{os.sep}' not in record.pathname
-  )
+  """Drops orbax's INFO chatter (dozens of lines per save) from the log, and
+  its warning that a save has no metrics: a step saved on SIGTERM is saved
+  unvalidated on purpose, so that it never counts as the best."""
+  if f'{os.sep}orbax{os.sep}' not in record.pathname:
+    return True
+  return record.levelno >= std_logging.WARNING and not str(
+      record.msg
+  ).startswith('Requested `tracked_metric`')
 
 
 def main(argv):

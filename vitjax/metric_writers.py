@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from absl import logging
-from clu import metric_writers
+from clu import metric_writers as clu_writers
 import jax
 import numpy as np
 
 
-class JsonlWriter(metric_writers.MetricWriter):
+class JsonlWriter(clu_writers.MetricWriter):
   """Scalars as JSON lines, one record per split (the key's prefix)."""
 
   def __init__(self, path: Path, resume_step: int = 0):
@@ -95,12 +95,12 @@ def read_records(path: Path) -> list[dict[str, Any]]:
   return records
 
 
-def create(workdir: Path, resume_step: int) -> metric_writers.MetricWriter:
+def create(workdir: Path, resume_step: int) -> clu_writers.MetricWriter:
   """The log on every process; TensorBoard and metrics.jsonl on process 0."""
-  writers = [metric_writers.LoggingWriter()]
+  writers = [clu_writers.LoggingWriter()]
   if jax.process_index() == 0:
     writers += [
-        metric_writers.SummaryWriter(str(workdir)),
+        clu_writers.SummaryWriter(str(workdir)),
         JsonlWriter(workdir / 'metrics.jsonl', resume_step),
     ]
-  return metric_writers.MultiWriter(writers)
+  return clu_writers.MultiWriter(writers)

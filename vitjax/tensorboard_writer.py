@@ -14,11 +14,18 @@ import sys
 import types
 from typing import Any, Mapping
 
+from absl import logging
+
 _CLU_MODULE = 'clu.metric_writers.summary_writer'
 
 
 class TensorboardScalarWriter:
-  """Scalar TensorBoard events through the tensorboard package."""
+  """clu's MetricWriter interface over the tensorboard package's event writer.
+
+  Scalars only, which is all vitjax writes: other summaries are dropped with
+  a warning. (It cannot subclass clu's MetricWriter: that module loads the
+  one this class stands in for.)
+  """
 
   def __init__(self, logdir: str):
     # pylint: disable=g-import-not-at-top
@@ -41,6 +48,18 @@ class TensorboardScalarWriter:
 
   def write_hparams(self, hparams: Mapping[str, Any]) -> None:
     del hparams  # a run's config.json holds them
+
+  def _dropped(self, step, values, *args, **kwargs) -> None:
+    del args, kwargs
+    logging.warning(
+        'step %d: %s not written (TensorBoard without TensorFlow takes '
+        'scalars only).',
+        step,
+        sorted(values),
+    )
+
+  write_summaries = write_images = write_videos = _dropped
+  write_audios = write_texts = write_histograms = _dropped
 
   def flush(self) -> None:
     self._writer.flush()

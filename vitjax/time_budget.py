@@ -17,6 +17,7 @@ import numpy as np
 
 # tf.data's autotuning settles over the first steps; time after it does.
 _WARMUP_STEPS, _TIMED_STEPS = 6, 30
+STEPS_TIMED = _WARMUP_STEPS + _TIMED_STEPS  # the batches fit_steps takes
 # Logging, checkpoints and a busier machine make real steps slower than
 # timed ones, the more so the smaller the step (measured on the 2-core
 # CPU: 5-9% at batch 64, 13% at batch 32).
@@ -36,7 +37,7 @@ def fit_steps(
 
   run_step(batch) runs one step of a throwaway state and returns something
   to wait for; validate() runs one validation pass of it; `batches` yields
-  at least _WARMUP_STEPS + _TIMED_STEPS batches.
+  STEPS_TIMED batches.
   """
   budget = budget_minutes * 60.0
   t0 = time.monotonic()

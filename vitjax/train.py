@@ -27,6 +27,9 @@ from vitjax import sharding, time_budget, train_state, workdir as workdir_lib
 from vitjax.data import pipelines, sources
 from vitjax.evaluators import classification
 
+# What each validation logs (the report has more: per-class recall, ...).
+VAL_METRICS = ('loss', 'accuracy', 'balanced_accuracy', 'worst_class_recall')
+
 
 def make_metrics_cls(extra: tuple[str, ...]) -> type[metrics.Collection]:
   """Loss, accuracy, gradient norm and the objective's extras, averaged over
@@ -74,14 +77,14 @@ def make_train_step(
               new_state.params, state.ema_params, 1.0 - ema_decay
           )
       )
-    window = metrics_cls.single_from_model_output(
+    step_metrics = metrics_cls.single_from_model_output(
         loss=loss,
         accuracy=jnp.mean(jnp.argmax(logits, -1) == labels),
         grad_norm=optax.tree.norm(grads),
         learning_rate=schedule(state.step),
         **extras,
     )
-    return new_state, metrics_acc.merge(window)
+    return new_state, metrics_acc.merge(step_metrics)
 
   repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
   return jax.jit(
@@ -106,6 +109,7 @@ def train_and_evaluate(
       else contextlib.nullcontext()
   )
   with lock:
+    checkpoint.check_layout(workdir)  # before the config: its fields moved
     workdir_lib.save_or_check_config(config, workdir)
     data = sources.load(config.data, config.seed)
     _log_data(data)
@@ -135,7 +139,8 @@ def train_and_evaluate(
           data.num_classes,
       )
 
-    def compile_for(total_steps: int):
+    def step_and_init(total_steps: int):
+      # The train step and the state's initializer for a schedule this long.
       tx, schedule = family.make_optimizer(total_steps)
       step = make_train_step(
           family.objective, schedule, config, data.num_classes, step_key, mesh
@@ -155,7 +160,7 @@ def train_and_evaluate(
     elif config.train.time_budget_minutes > 0:
       total_steps = _steps_for_budget(
           config,
-          compile_for,
+          step_and_init,
           init_key,
           metrics_cls,
           pipeline,
@@ -168,7 +173,8 @@ def train_and_evaluate(
       total_steps = math.ceil(
           config.train.epochs * len(data.train) / batch_size
       )
-    tx, train_step, init = compile_for(total_steps)
+    tx, train_step, init = step_and_init(total_steps)
+    best = ckpts.best_score()  # -inf before the first validation
     if resumed:
       state, meta = ckpts.restore(
           train_state.abstract(
@@ -179,16 +185,16 @@ def train_and_evaluate(
       start, train_seconds = int(meta['step']), float(meta['train_seconds'])
       logging.info(
           'Resuming from step %d of %d (best validation balanced '
-          'accuracy so far %.4f).',
+          'accuracy so far %s).',
           start,
           total_steps,
-          ckpts.best_score(),
+          f'{best:.4f}' if best > -math.inf else 'none yet',
       )
     else:
       state, start, train_seconds = init(init_key), 0, 0.0
     parameter_overview.log_parameter_overview(state.params, include_stats=False)
     logging.info(
-        'Model %s: %d steps of %d images (%.1f epochs, %d steps per ' 'epoch).',
+        'Model %s: %d steps of %d images (%.1f epochs, %d steps per epoch).',
         config.model.name,
         total_steps,
         batch_size,
@@ -200,6 +206,7 @@ def train_and_evaluate(
     report_progress = periodic_actions.ReportProgress(
         num_train_steps=total_steps, every_steps=log_every, every_secs=None
     )
+    # A window: the steps between two log lines, whose metrics accumulate.
     window, window_start = metrics_cls.empty(), start
     t_window = time.monotonic()
     with _StopRequest() as stop:
@@ -210,7 +217,7 @@ def train_and_evaluate(
         state, window = train_step(state, batch, window)
         validate_now = step % eval_every == 0 or step == total_steps
         if step % log_every == 0 or validate_now or stop.requested:
-          # Steps run asynchronously: wait for them before reading the clock.
+          # Steps run asynchronously: float() waits for them, then the clock.
           scalars = {k: float(v) for k, v in window.compute().items()}
           seconds = time.monotonic() - t_window
           _stop_if_diverged(scalars, window_start, step, ckpts)
@@ -230,20 +237,17 @@ def train_and_evaluate(
         if validate_now or stop.requested:
           val_score = None
           if validate_now:
-            val = validate(state.eval_params(config.eval.use_ema))
+            with report_progress.timed('validation', False):
+              val = validate(state.eval_params(config.eval.use_ema))
             val_score = val['balanced_accuracy']
+            best = max(best, val_score)
             writer.write_scalars(
                 step,
-                {
-                    f'val/{k}': val[k]
-                    for k in (
-                        'loss',
-                        'accuracy',
-                        'balanced_accuracy',
-                        'worst_class_recall',
-                    )
-                }
-                | {'val/epoch': step / steps_per_epoch},
+                {f'val/{k}': val[k] for k in VAL_METRICS}
+                | {
+                    'val/epoch': step / steps_per_epoch,
+                    'val/best_balanced_accuracy': best,
+                },
             )
           ckpts.save(
               state,
@@ -269,7 +273,7 @@ def train_and_evaluate(
 
 def _steps_for_budget(
     config: ConfigDict,
-    compile_for: Callable,
+    step_and_init: Callable,
     key,
     metrics_cls,
     pipeline: pipelines.Pipeline,
@@ -282,7 +286,7 @@ def _steps_for_budget(
   provisional = math.ceil(
       config.train.epochs * num_train / config.train.batch_size
   )
-  _, step, init = compile_for(provisional)
+  _, step, init = step_and_init(provisional)
   state, window = init(key), metrics_cls.empty()
 
   def run_step(batch):
@@ -294,7 +298,7 @@ def _steps_for_budget(
       config.train.time_budget_minutes,
       t_start,
       run_step=run_step,
-      batches=pipeline.batches(0, provisional),
+      batches=pipeline.batches(0, time_budget.STEPS_TIMED),
       validate=lambda: validate(state.params),
       eval_every=eval_every,
   )

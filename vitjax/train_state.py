@@ -15,6 +15,9 @@ from vitjax.data.sources import IMAGE_SHAPE
 
 
 class TrainState(train_state.TrainState):
+  """flax's TrainState (step, params, tx, opt_state; apply_fn is the model's
+  apply, though the objectives call the model themselves) and an EMA."""
+
   ema_params: Any  # an EMA of params, or None when optim.ema_decay == 0
 
   def eval_params(self, use_ema: bool = True) -> Any:
