@@ -122,6 +122,10 @@ def base() -> ConfigDict:
   c.train.log_every_steps = 50
   c.train.eval_every_epochs = 5.0  # validation, latest and best checkpoints
   c.train.keep_checkpoints = 2  # latest ones kept (plus the best)
+  # A workdir to continue from at a first start: its latest checkpoint
+  # (weights, optimizer state, step) under this config, e.g. a lower
+  # learning rate after a divergence. The split must be the same.
+  c.train.resume_from = ''
   c.train.distributed = False  # True: jax.distributed.initialize() first
 
   # Evaluation section.
@@ -154,7 +158,7 @@ def apply_variant(c: ConfigDict, name: str) -> ConfigDict:
   """
   if name not in VARIANTS:
     raise ValueError(
-        f'model variant {name!r}: expected one of ' f'{sorted(VARIANTS)}.'
+        f'model variant {name!r}: expected one of {sorted(VARIANTS)}.'
     )
   p, d, depth, heads, mlp = VARIANTS[name]
   c.model.patch_size, c.model.hidden_dim, c.model.depth = p, d, depth

@@ -76,7 +76,10 @@ def main(argv):
   schedule = optax.constant_schedule(1e-4)
   tx = optimizers.make_optimizer(config.optim, schedule)
   objective = objectives.Classification(
-      model, losses.make_classification_loss(config.loss, counts, 100)
+      model,
+      losses.make_classification_loss(
+          config.loss, counts, 100, config.data.sampling
+      ),
   )
   step = train.make_train_step(
       objective, schedule, config, num_classes, jax.random.key(1), mesh

@@ -30,3 +30,13 @@ def test_the_default_sizes_are_a_named_variant():
 def test_an_unknown_preset_is_named():
   with pytest.raises(ValueError, match="'gpu'.*expected one of"):
     vit.get_config('gpu')
+
+
+def test_the_dense_control_preset_is_the_cpu_preset_without_dropping():
+  control = dynamic_vit.get_config('cpu_dense').to_dict()
+  sparse = dynamic_vit.get_config('cpu').to_dict()
+  assert control['model'].pop('name') == 'vit'
+  assert sparse['model'].pop('name') == 'dynamic_vit'
+  for field in ('keep_ratio', 'stage_blocks', 'gumbel_tau'):
+    del sparse['model'][field]
+  assert control == sparse

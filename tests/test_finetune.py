@@ -8,6 +8,7 @@ import pytest
 
 from configs import avit as avit_config, dynamic_vit as dvit_config
 from vitjax import checkpoint, evaluate, optimizers, train
+from vitjax.data import sources
 
 
 def _sparse_config(get_config, smoke_config, init_from):
@@ -95,11 +96,26 @@ def test_avit_calibrates_its_gate_and_reports_depths(
     smoke_config, vit_workdir, tmp_path
 ):
   c = _sparse_config(avit_config.get_config, smoke_config, vit_workdir)
+  # Fewer images than the first class has: a sample that took the first
+  # ones would hold airplanes only (the arrays are sorted by class).
+  c.sparse.calibration_images = 30
   report = train.train_and_evaluate(c, str(tmp_path / 'avit'))
   calibration = json.loads((tmp_path / 'avit' / 'calibration.json').read_text())
+  assert calibration['images'] == 30
+  assert sorted(calibration['halting_sum_per_class']) == sorted(
+      report['class_names']
+  )
   sp = report['sparsity']
   assert sp['gate_center'] == calibration['gate_center']
-  assert 1.0 <= sp['mean_depth_per_token'] <= 2.0
+  # Mean depth: the tokens each block ran, over the tokens of an image.
+  np.testing.assert_allclose(
+      sp['mean_depth_per_token'], sum(sp['tokens_per_block']) / 65, rtol=1e-6
+  )
+  halts = np.asarray(sp['halting_distribution'])
+  np.testing.assert_allclose(halts.sum(), 1.0, rtol=1e-6)
+  np.testing.assert_allclose(
+      (np.arange(1, 3) * halts).sum(), sp['mean_depth_per_token'], rtol=1e-6
+  )
   assert sp['token_removal_agreement'] == 1.0
   assert len(sp['tokens_per_block']) == 2
   assert (tmp_path / 'avit' / 'eval' / 'halting.png').exists()
@@ -126,3 +142,33 @@ def test_a_backbone_of_other_sizes_is_refused(
       checkpoint.CheckpointError, match='model.hidden_dim is 64 here but 32'
   ):
     train.train_and_evaluate(c, str(tmp_path / 'avit'))
+
+
+def test_the_dense_control_is_dynamic_vit_training_without_dropping(
+    smoke_config, vit_workdir, tmp_path
+):
+  c = _sparse_config(dvit_config.get_config, smoke_config, vit_workdir)
+  c.model.name = 'vit'  # as configs/dynamic_vit.py:cpu_dense
+  for field in ('keep_ratio', 'stage_blocks', 'gumbel_tau'):
+    del c.model[field]
+  report = train.train_and_evaluate(c, str(tmp_path / 'control'))
+  assert report['teacher']['step'] > 0
+  assert (
+      report['cost']['macs_per_image']
+      == report['teacher']['cost']['macs_per_image']
+  )
+  records = [
+      json.loads(l)
+      for l in (tmp_path / 'control' / 'metrics.jsonl').read_text().splitlines()
+  ]
+  last = [r for r in records if r['split'] == 'train'][-1]
+  assert {'kl_loss', 'token_loss'} <= set(last) and 'ratio_loss' not in last
+
+
+def test_a_teacher_trained_on_another_split_is_refused(
+    smoke_config, vit_workdir, tmp_path
+):
+  c = _sparse_config(dvit_config.get_config, smoke_config, vit_workdir)
+  c.data.val_fraction = 0.25  # the ViT held out 0.2
+  with pytest.raises(sources.DataError, match='val_fraction was 0.2, now 0.25'):
+    train.train_and_evaluate(c, str(tmp_path / 'dvit'))

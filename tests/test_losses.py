@@ -102,6 +102,47 @@ def test_deferred_reweighting_switches_on_at_its_epoch():
   np.testing.assert_allclose(fn(logits, targets, jnp.int32(20)), weighted)
 
 
+@pytest.mark.parametrize('sampling', ['balanced', 'sqrt'])
+def test_corrections_fit_what_the_sampler_draws(sampling):
+  cfg = common.base().loss
+  logits, targets, _ = _batch()
+  step = jnp.int32(0)
+  drawn = {
+      'balanced': np.full(4, COUNTS.sum() / 4),
+      'sqrt': np.sqrt(COUNTS) / np.sqrt(COUNTS).sum() * COUNTS.sum(),
+  }[sampling]
+  # Logit adjustment: the prior of the drawn classes (uniform when
+  # balanced, which leaves plain cross-entropy).
+  cfg.name = 'logit_adjusted'
+  fn = losses.make_classification_loss(cfg, COUNTS, 10, sampling)
+  log_prior = jnp.log(jnp.asarray(drawn / drawn.sum(), jnp.float32))
+  want = losses.weighted_loss(
+      logits + log_prior, targets, jnp.ones(4), name='ce'
+  )
+  np.testing.assert_allclose(fn(logits, targets, step), want, rtol=1e-6)
+  if sampling == 'balanced':
+    plain = losses.weighted_loss(logits, targets, jnp.ones(4), name='ce')
+    np.testing.assert_allclose(fn(logits, targets, step), plain, rtol=1e-6)
+  # Inverse weights: of the drawn counts (all 1 when balanced).
+  cfg.name, cfg.class_weights = 'ce', 'inverse'
+  fn = losses.make_classification_loss(cfg, COUNTS, 10, sampling)
+  w = jnp.asarray(losses.class_weights(drawn, 'inverse'))
+  want = losses.weighted_loss(logits, targets, w, name='ce')
+  np.testing.assert_allclose(fn(logits, targets, step), want, rtol=1e-6)
+
+
+def test_class_weights_apply_to_each_share_of_a_soft_target():
+  logits, _, _ = _batch()
+  w = jnp.array([0.5, 1.0, 2.0, 4.0])
+  # A 0.7 / 0.3 mixup of classes 0 and 3 in every row, then smoothing 0.1.
+  targets = jnp.zeros((8, 4)).at[:, 0].set(0.7).at[:, 3].set(0.3)
+  targets = targets * 0.9 + 0.1 / 4
+  got = losses.weighted_loss(logits, targets, w, name='ce')
+  logp = jax.nn.log_softmax(logits)
+  want = -(w * targets * logp).sum() / (w * targets).sum()
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+
+
 def test_unknown_loss_is_named():
   cfg = common.base().loss
   cfg.name = 'hinge'

@@ -1,5 +1,6 @@
 """Loading the course folders and tfds, the split, and bad-input errors."""
 
+import os
 import shutil
 
 import numpy as np
@@ -34,13 +35,27 @@ def test_folder_layout_loads_with_labels_and_split(tiny_data_root, tmp_path):
     assert abs(red - ((c * 37) % 256 + 30)) < 25
 
 
-def test_cache_is_reused_and_keyed_by_files(tiny_data_root, tmp_path):
-  cfg = _cfg(tiny_data_root, tmp_path / 'cache')
+def test_cache_is_reused_and_keyed_by_files(
+    tiny_data_root, tmp_path, monkeypatch
+):
+  tree = tmp_path / 'data'
+  shutil.copytree(tiny_data_root, tree)
+  cfg = _cfg(tree, tmp_path / 'cache')
   first = sources.load(cfg, seed=0)
   cached = list((tmp_path / 'cache').glob('images-*.npy'))
   assert len(cached) == 2  # train and test folders
-  again = sources.load(cfg, seed=0)
+
+  def no_decoding(path):
+    raise AssertionError(f'{path} was decoded again')
+
+  monkeypatch.setattr(sources, '_decode', no_decoding)
+  again = sources.load(cfg, seed=0)  # from the cache alone
   np.testing.assert_array_equal(first.train.images, again.train.images)
+  # A file that changes (its time here) changes the key: decoded anew.
+  image = next((tree / TRAIN_DIR / '3').iterdir())
+  os.utime(image, ns=(0, 0))
+  with pytest.raises(AssertionError, match='decoded again'):
+    sources.load(cfg, seed=0)
 
 
 def test_course_split_sizes():

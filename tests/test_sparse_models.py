@@ -123,6 +123,74 @@ def test_train_policies_are_cumulative_and_hard():
   assert (p[1] <= p[0]).all() and (p[2] <= p[1]).all()
 
 
+def test_inference_keeps_the_top_k_tokens_by_keep_score():
+  model = dynamic_vit.DynamicViT(**SIZES, keep_ratio=0.7)
+  params = _with_dense(model, _dense_params()[1])
+  x = _images()
+  _, aux = model.apply({'params': params}, x, train=False)
+  stages, counts = model.stages(), model.keep_counts(64)
+
+  def scores_before_each_stage(m, images):
+    # The predictors' keep scores, recomputed stage by stage with NumPy's
+    # own top-k: each stage keeps its k best-scored tokens, in grid order.
+    t = m.tokens(images, train=False)
+    positions = np.tile(np.arange(64), (len(images), 1))
+    kept = []
+    for i, block in enumerate(m.blocks):
+      if i in stages:
+        s = stages.index(i)
+        score = m.predictors[s](t[:, 1:], jnp.ones(t[:, 1:].shape[:2]))[..., 0]
+        # Stable: of equal scores the lower position first, as lax.top_k.
+        order = np.argsort(-np.asarray(score), axis=1, kind='stable')
+        top = np.sort(order[:, : counts[s]])
+        t = jnp.concatenate(
+            [t[:, :1], jnp.take_along_axis(t[:, 1:], top[..., None], 1)], 1
+        )
+        positions = np.take_along_axis(positions, top, 1)
+        kept.append(positions)
+      t = block(t, deterministic=True)
+    return kept
+
+  want = model.apply({'params': params}, x, method=scores_before_each_stage)
+  for got, expected in zip(aux['kept_patches'], want):
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_the_training_mask_and_the_gather_agree_on_the_same_kept_tokens(
+    monkeypatch,
+):
+  model = dynamic_vit.DynamicViT(**SIZES, keep_ratio=0.7)
+  params = _with_dense(model, _dense_params()[1])
+  x = _images()
+  logits, aux = model.apply({'params': params}, x, train=False)
+  # Make the training path's decisions the ones inference made.
+  masks = [
+      jnp.zeros((6, 64)).at[jnp.arange(6)[:, None], kept].set(1.0)
+      for kept in aux['kept_patches']
+  ]
+  decisions = iter(masks)
+  monkeypatch.setattr(dynamic_vit, 'gumbel_keep', lambda *args: next(decisions))
+  train_logits, train_aux = model.apply(
+      {'params': params}, x, train=True, rngs={'gumbel': jax.random.key(0)}
+  )
+  np.testing.assert_array_equal(train_aux['policies'][-1], masks[-1])
+  # Dropped keys keep only the official eps/N weight in training.
+  np.testing.assert_allclose(train_logits, logits, atol=1e-4)
+
+
+def test_token_distillation_passes_no_gradient_to_the_keep_decisions():
+  k1, k2 = jax.random.split(jax.random.key(0))
+  tokens = jax.random.normal(k1, (2, 5, 4))
+  teacher = jax.random.normal(k2, (2, 5, 4))
+  keep = jnp.array([[1, 0, 1, 1, 0], [0, 1, 1, 0, 0]], jnp.float32)
+  value, grad = jax.value_and_grad(
+      lambda k: objectives.token_distillation(tokens, teacher, k)
+  )(keep)
+  np.testing.assert_array_equal(grad, 0.0)  # the official mask selects
+  want = ((tokens - teacher) ** 2)[np.asarray(keep, bool)].mean()
+  np.testing.assert_allclose(value, want, rtol=1e-6)
+
+
 def test_macs_at_rho_07_with_predictors():
   c = common.base()  # the GPU recipe's backbone
   dense = models.create(c.model, 10)
@@ -225,6 +293,137 @@ def test_ponder_loss_has_gradient_at_the_calibrated_gate():
   )(params)
   norm = np.sqrt(sum(float(jnp.sum(g**2)) for g in jax.tree.leaves(grads)))
   assert norm > 1e-6
+
+
+def _official_token_act(model, variables, images):
+  """NumPy transcription of the official A-ViT token ACT (NVlabs/A-ViT,
+  act_vision_transformer.py, forward_features_act_token), run with this
+  model's blocks. Returns the ACT output, rho (ponder), the counter (depth)
+  and the per-block mean raw halting score of batch elements 1.. (the
+  official halting_score_layer)."""
+  x = np.asarray(
+      model.apply(variables, images, method=avit.AViT.embed_only), np.float64
+  )
+  bs, n, _ = x.shape
+  eps, gamma, beta = model.halting_eps, model.gate_scale, model.gate_center
+  c, r, mask = np.zeros((bs, n)), np.ones((bs, n)), np.ones((bs, n))
+  rho, counter, output = np.zeros((bs, n)), np.ones((bs, n)), np.zeros_like(x)
+  layer_means = []
+  out = x
+  for i in range(model.depth):
+    out = out * mask[..., None]  # out.data = out.data * mask
+    running = mask.astype(bool)
+    block_output = np.asarray(
+        model.apply(
+            variables,
+            jnp.asarray(out, jnp.float32),
+            running[:, None, None, :],
+            i,
+            running,
+            method=avit.AViT.block_only,
+        ),
+        np.float64,
+    )
+    h = 1.0 / (1.0 + np.exp(-(gamma * block_output[..., 0] - beta)))
+    layer_means.append(h[1:].mean())  # recorded before the last h = 1
+    out = block_output.copy()
+    block_output = block_output * mask[..., None]
+    if i == model.depth - 1:
+      h = np.ones((bs, n))
+    c = c + h
+    rho = rho + mask
+    reached = (c > 1 - eps) * mask
+    delta1 = block_output * (r * reached)[..., None]
+    rho = rho + r * reached
+    not_reached = (c < 1 - eps).astype(np.float64)
+    r = r - not_reached * h
+    delta2 = block_output * (h * not_reached)[..., None]
+    counter = counter + not_reached
+    mask = (c < 1 - eps).astype(np.float64)
+    output = output + delta1 + delta2
+  return output, rho, counter, np.array(layer_means)
+
+
+def test_the_faithful_mode_is_the_official_computation():
+  model, params, _, beta = _calibrated(2.0)  # tokens halt at every block
+  model = avit.AViT(**SIZES, gate_center=beta, faithful=True)
+  x = _images(8, seed=11)
+  variables = {'params': params}
+  output, rho, counter, layer_means = _official_token_act(model, variables, x)
+  logits, aux = model.apply(variables, x, train=False)
+  assert 1 < counter.mean() < model.depth  # halting happened, not all at once
+  np.testing.assert_array_equal(aux['depth'], counter)
+  np.testing.assert_allclose(aux['ponder'], rho, rtol=1e-5)
+  np.testing.assert_allclose(
+      aux['raw_halting'][:, 1:].mean(axis=(1, 2)), layer_means, rtol=1e-5
+  )
+  np.testing.assert_allclose(
+      logits,
+      model.apply(
+          variables,
+          jnp.asarray(output, jnp.float32),
+          method=lambda m, o: m.classify(o)[0],
+      ),
+      atol=1e-5,
+  )
+  # The official losses (engine_act.py): ponder = mean rho; the prior's
+  # KLDivLoss('batchmean') over the 6 blocks, added only when positive.
+  prior = objectives.halting_prior(6, 4.0, 1.0, faithful=True)
+  objective = objectives.AViTObjective(
+      model,
+      lambda *args: 0.0,
+      None,
+      ponder_weight=1.0,
+      distr_weight=1.0,
+      prior_mean=4.0,
+      prior_std=1.0,
+      faithful=True,
+      kl_weight=0.0,
+  )
+  loss, (_, extras) = objective(params, x, None, 0, {})
+  h = np.clip(layer_means / layer_means.sum(), 0.01, 0.99)
+  t = np.asarray(prior, np.float64)
+  kl = np.sum(t * (np.log(t) - np.log(h))) / 6
+  np.testing.assert_allclose(extras['ponder_loss'], rho.mean(), rtol=1e-5)
+  np.testing.assert_allclose(extras['distr_loss'], kl, rtol=1e-4, atol=1e-6)
+  np.testing.assert_allclose(
+      loss, rho.mean() + max(kl, 0.0), rtol=1e-4, atol=1e-6
+  )
+
+
+def test_faithful_halted_tokens_keep_their_gradient_path():
+  _, params, _, beta = _calibrated(2.0)
+  x = _images(8, seed=11)
+  grads = {}
+  for faithful in (False, True):
+    model = avit.AViT(**SIZES, gate_center=beta, faithful=faithful)
+    halted_early = (
+        model.apply({'params': params}, x, train=False)[1]['depth'] == 1
+    )
+    assert halted_early.any()
+
+    def later_scores(p):
+      # The scores of tokens that halted at block 0, one block later: from
+      # zeroed inputs, but in the official code their values still carry
+      # gradient (the zeroing is a `.data` assignment).
+      raw = model.apply({'params': p}, x, train=False)[1]['raw_halting']
+      return jnp.sum(jnp.where(halted_early, raw[1], 0.0))
+
+    g = jax.grad(later_scores)(params)
+    grads[faithful] = np.sqrt(
+        sum(float(jnp.sum(v**2)) for v in jax.tree.leaves(g))
+    )
+  assert grads[False] == 0.0 and grads[True] > 0.0
+
+
+def test_faithful_and_corrected_forwards_predict_the_same():
+  model, params, _, beta = _calibrated(2.0)
+  faithful = avit.AViT(**SIZES, gate_center=beta, faithful=True)
+  x = _images(8, seed=11)
+  l1, a1 = model.apply({'params': params}, x, train=False)
+  l2, a2 = faithful.apply({'params': params}, x, train=False)
+  np.testing.assert_allclose(l1, l2, atol=1e-5)
+  np.testing.assert_array_equal(a1['depth'], a2['depth'])
 
 
 @pytest.mark.parametrize('faithful', [False, True])

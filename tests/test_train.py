@@ -1,17 +1,21 @@
 """Training end to end on a tiny dataset: outputs, resume, errors, devices."""
 
+import dataclasses
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 
-from vitjax import checkpoint, evaluate, models, objectives
+from vitjax import checkpoint, errors, evaluate, families, models, objectives
 from vitjax import losses as losses_lib, optimizers, sharding, train
-from vitjax import train_state, workdir
+from vitjax import time_budget, train_state, workdir
 from vitjax.data import pipelines, sources
 
 
@@ -59,11 +63,8 @@ def test_a_run_writes_checkpoints_metrics_and_report(smoke_config, tmp_path):
   assert test['balanced_accuracy'] > 0.3
 
 
-def test_killed_run_resumes_to_the_same_numbers(
-    smoke_config, tmp_path, monkeypatch
-):
-  full = _run(smoke_config, tmp_path / 'full')
-
+def _crash_at(monkeypatch, step):
+  """Makes the next run's pipeline raise when it reaches `step`."""
   make_pipeline = pipelines.make
 
   def crashing_pipeline(*args, **kwargs):
@@ -72,7 +73,8 @@ def test_killed_run_resumes_to_the_same_numbers(
 
     def batches_then_crash(start, end):
       for i, b in enumerate(batches(start, end)):
-        if start + i == 22:  # past the step-16 checkpoint, before the end
+        if start + i == step:
+          monkeypatch.setattr(pipelines, 'make', make_pipeline)
           raise RuntimeError('simulated kill')
         yield b
 
@@ -80,9 +82,31 @@ def test_killed_run_resumes_to_the_same_numbers(
     return pipeline
 
   monkeypatch.setattr(pipelines, 'make', crashing_pipeline)
+
+
+def _records(workdir):
+  """metrics.jsonl without its timing, which differs from run to run."""
+  records = [
+      json.loads(l)
+      for l in (workdir / 'metrics.jsonl').read_text().splitlines()
+  ]
+  for r in records:
+    r.pop('images_per_second', None)
+  return records
+
+
+def test_killed_run_resumes_to_the_same_numbers(
+    smoke_config, tmp_path, monkeypatch
+):
+  full = _run(smoke_config, tmp_path / 'full')
+  _crash_at(monkeypatch, 22)  # past the step-16 checkpoint, before the end
   with pytest.raises(RuntimeError, match='simulated kill'):
     _run(smoke_config, tmp_path / 'resumed')
-  monkeypatch.setattr(pipelines, 'make', make_pipeline)
+  # What the kill left: latest and best agree with the validation log.
+  with checkpoint.Checkpoints(tmp_path / 'resumed') as ckpts:
+    assert ckpts.latest_step() == ckpts.best_step() == 16
+    val = [r for r in _records(tmp_path / 'resumed') if r['split'] == 'val']
+    assert ckpts.best_score() == max(r['balanced_accuracy'] for r in val)
   resumed = _run(smoke_config, tmp_path / 'resumed')
 
   p_full, meta_full = _latest_params(smoke_config, tmp_path / 'full')
@@ -92,12 +116,33 @@ def test_killed_run_resumes_to_the_same_numbers(
   for split in ('val', 'test'):
     assert full[split]['confusion_matrix'] == resumed[split]['confusion_matrix']
     assert full[split]['loss'] == resumed[split]['loss']
-  train_log = lambda d: [
-      l
-      for l in (d / 'metrics.jsonl').read_text().splitlines()
-      if 'images_per_second' not in l
-  ]
-  assert train_log(tmp_path / 'full') == train_log(tmp_path / 'resumed')
+  # Every record, training windows included, is the same (timing aside).
+  assert _records(tmp_path / 'full') == _records(tmp_path / 'resumed')
+  assert {r['split'] for r in _records(tmp_path / 'full')} == {'train', 'val'}
+
+
+def test_a_run_continues_from_another_with_a_changed_config(
+    smoke_config, tmp_path, monkeypatch
+):
+  _crash_at(monkeypatch, 22)
+  with pytest.raises(RuntimeError, match='simulated kill'):
+    _run(smoke_config, tmp_path / 'first')
+  smoke_config.optim.lr = 3e-5  # refused in the same workdir
+  with pytest.raises(ValueError, match='optim.lr was'):
+    _run(smoke_config, tmp_path / 'first')
+  smoke_config.train.resume_from = str(tmp_path / 'first')
+  _run(smoke_config, tmp_path / 'second')
+  records = _records(tmp_path / 'second')
+  # The first run's curves up to its checkpoint, then the second's.
+  first = [r for r in _records(tmp_path / 'first') if r['step'] <= 16]
+  assert first and [r for r in records if r['step'] <= 16] == first
+  train = [r for r in records if r['split'] == 'train' and r['step'] > 16]
+  assert train[0]['step'] == 20 and train[-1]['step'] == 31
+  # From step 16 on, under the new learning rate.
+  schedule = optimizers.learning_rate_schedule(smoke_config.optim, 31, 16, 16)
+  np.testing.assert_allclose(train[0]['learning_rate'], schedule(19), rtol=1e-6)
+  with checkpoint.Checkpoints(tmp_path / 'second') as ckpts:
+    assert ckpts.latest_step() == 31
 
 
 def test_eval_mode_restores_best_latest_or_a_step(smoke_config, tmp_path):
@@ -139,7 +184,7 @@ def test_a_rerun_with_another_config_is_refused(smoke_config, tmp_path):
 
 def test_a_live_workdir_is_locked(tmp_path):
   lock = workdir.WorkdirLock(tmp_path)
-  with pytest.raises(RuntimeError, match='in use by a live run'):
+  with pytest.raises(errors.UserError, match='in use by a live run'):
     workdir.WorkdirLock(tmp_path)
   lock.release()
   workdir.WorkdirLock(tmp_path).release()
@@ -149,10 +194,39 @@ def test_divergence_stops_with_the_steps_and_saves_no_nan_state(
     smoke_config, tmp_path
 ):
   smoke_config.optim.lr = 1e6
-  with pytest.raises(FloatingPointError, match=r'steps \d+-\d+.*checkpoint'):
+  with pytest.raises(
+      FloatingPointError,
+      match=r'steps \d+-\d+\. No checkpoint .*optim.lr, now 1e\+06',
+  ):
     _run(smoke_config, tmp_path / 'run')
   steps = tmp_path / 'run' / 'steps'
   assert not steps.exists() or not any(steps.iterdir())
+
+
+def test_a_late_divergence_says_how_to_continue_from_the_last_checkpoint(
+    smoke_config, tmp_path, monkeypatch
+):
+  build = families.build
+
+  def diverging_after_step_18(*args, **kwargs):
+    family = build(*args, **kwargs)
+    objective = family.objective
+
+    def nan_later(params, images, targets, step, rngs):
+      loss, aux = objective(params, images, targets, step, rngs)
+      return jnp.where(step >= 18, jnp.nan, loss), aux
+
+    nan_later.extra_metrics = objective.extra_metrics
+    return dataclasses.replace(family, objective=nan_later)
+
+  monkeypatch.setattr(families, 'build', diverging_after_step_18)
+  with pytest.raises(train.DivergedError) as err:
+    _run(smoke_config, tmp_path / 'run')
+  message = str(err.value)
+  assert 'steps 17-20' in message and 'checkpoint, step 16,' in message
+  assert f"--config.train.resume_from='{tmp_path / 'run'}'" in message
+  with checkpoint.Checkpoints(tmp_path / 'run') as ckpts:
+    assert ckpts.latest_step() == 16  # no NaN state was saved
 
 
 def test_two_devices_give_the_same_loss_as_one(smoke_config):
@@ -236,3 +310,111 @@ def test_the_command_line_names_a_bad_override(override, message, tmp_path):
   assert proc.returncode != 0
   assert message in proc.stderr
   assert not (tmp_path / 'config.json').exists()  # nothing was started
+
+
+@pytest.mark.parametrize(
+    'section, field, value, message',
+    [
+        ('data', 'val_fraction', 0.0, 'leaves no validation images'),
+        ('eval', 'batch_size', 33, 'eval.batch_size=33 must be a multiple'),
+    ],
+)
+def test_what_would_fail_later_is_refused_at_start(
+    smoke_config, tmp_path, section, field, value, message
+):
+  smoke_config[section][field] = value
+  with pytest.raises(errors.ConfigError, match=message):
+    _run(smoke_config, tmp_path / 'run')
+  assert not (tmp_path / 'run' / 'metrics.jsonl').exists()  # no step ran
+
+
+def test_a_budget_without_room_for_a_validation_is_refused():
+  batches = iter([{}] * time_budget.STEPS_TIMED)
+  with pytest.raises(errors.ConfigError, match='too little for a step'):
+    time_budget.fit_steps(
+        0.01,  # 0.6 s, from now
+        time.monotonic(),
+        run_step=lambda batch: time.sleep(0.001),
+        batches=batches,
+        validate=lambda: time.sleep(0.6),  # would only fit steps
+        eval_every=10_000,
+    )
+
+
+def test_evaluating_on_another_split_is_refused(smoke_config, tmp_path):
+  smoke_config.train.epochs = 0.2
+  _run(smoke_config, tmp_path / 'run')
+  smoke_config.seed = 1
+  with pytest.raises(sources.DataError, match='seed was 0, now 1'):
+    evaluate.evaluate_checkpoint(smoke_config, tmp_path / 'run', 'best')
+
+
+def _main(*args, timeout=300):
+  return subprocess.run(
+      [sys.executable, '-m', 'vitjax.main', *args],
+      capture_output=True,
+      text=True,
+      timeout=timeout,
+  )
+
+
+def _cli_config(tiny_data_root, tmp_path):
+  return [
+      f'--config.data.root={tiny_data_root}',
+      f'--config.data.cache_dir={tmp_path / "cache"}',
+      '--config.data.val_fraction=0.2',
+      '--config.train.batch_size=16',
+      '--config.eval.batch_size=32',
+  ]
+
+
+def test_a_user_mistake_exits_2_with_its_message_alone(
+    tiny_data_root, tmp_path
+):
+  proc = _main(
+      '--config=configs/avit.py:smoke',
+      f'--workdir={tmp_path / "avit"}',
+      f'--config.sparse.init_from={tmp_path / "no_vit"}',
+      *_cli_config(tiny_data_root, tmp_path),
+  )
+  assert proc.returncode == 2
+  assert 'Train the ViT first' in proc.stderr
+  assert 'Traceback' not in proc.stderr
+
+
+def test_sigterm_saves_the_step_and_a_rerun_resumes(tiny_data_root, tmp_path):
+  workdir = tmp_path / 'run'
+  args = [
+      '--config=configs/vit.py:smoke',
+      f'--workdir={workdir}',
+      *_cli_config(tiny_data_root, tmp_path),
+      '--config.train.epochs=40',
+      '--config.train.eval_every_epochs=20',
+      '--config.train.log_every_steps=5',
+  ]
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'vitjax.main', *args],
+      stdout=subprocess.DEVNULL,
+      stderr=subprocess.PIPE,
+      text=True,
+  )
+  metrics = workdir / 'metrics.jsonl'
+  deadline = time.monotonic() + 240
+  while not (metrics.exists() and metrics.read_text()):
+    assert proc.poll() is None and time.monotonic() < deadline
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  _, stderr = proc.communicate(timeout=120)
+  assert proc.returncode == 128 + signal.SIGTERM, stderr
+  assert 'stopped by SIGTERM at step' in stderr
+  assert 'Traceback' not in stderr
+  with checkpoint.Checkpoints(workdir) as ckpts:
+    stopped_at = ckpts.latest_step()
+    assert ckpts.best_step() is None  # saved, not validated
+  assert 0 < stopped_at < 620
+  assert _records(workdir)[-1]['step'] == stopped_at
+  proc = _main(*args)
+  assert proc.returncode == 0, proc.stderr
+  assert f'Resuming from step {stopped_at} of 620' in proc.stderr
+  with checkpoint.Checkpoints(workdir) as ckpts:
+    assert ckpts.latest_step() == 620

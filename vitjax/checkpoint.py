@@ -18,11 +18,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vitjax import errors
+
 STEPS_DIR = 'steps'
 _SCORE = 'val_balanced_accuracy'
 
 
-class CheckpointError(ValueError):
+class CheckpointError(errors.UserError):
   """A checkpoint is missing or does not fit the model; says what to do."""
 
 
@@ -101,6 +103,8 @@ class Checkpoints:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
+    """Waits for a save in flight, then releases the manager."""
+    self._manager.wait_until_finished()
     self._manager.close()
 
   def latest_step(self) -> int | None:

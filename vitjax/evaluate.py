@@ -15,7 +15,8 @@ import jax
 from ml_collections import ConfigDict
 import numpy as np
 
-from vitjax import checkpoint, families, quantization, sharding, train_state
+from vitjax import checkpoint, errors, families, quantization, sharding
+from vitjax import train_state, workdir as workdir_lib
 from vitjax.data import sources
 from vitjax.evaluators import classification, cost, report as report_lib
 from vitjax.evaluators import sparsity
@@ -40,6 +41,7 @@ def evaluate_checkpoint(
   """
   workdir = Path(workdir).expanduser()
   data = data or sources.load(config.data, config.seed)
+  workdir_lib.check_split(workdir, data.split_id, record=False)
   mesh = mesh or sharding.make_mesh()
   family = family or families.build(config, data, 1, mesh, workdir)
   # The optimizer's structure, not its schedule, shapes the saved state.
@@ -71,7 +73,9 @@ def evaluate_checkpoint(
   elif ev.quant == 'none':
     predictor = float_predictor
   else:
-    raise ValueError(f"eval.quant={ev.quant!r}: expected 'none' or 'int8'.")
+    raise errors.ConfigError(
+        f"eval.quant={ev.quant!r}: expected 'none' or 'int8'."
+    )
   report['precision'] = 'int8' if ev.quant == 'int8' else 'float'
   report['sparsity'] = sparsity.sparsity_report(
       predictor,

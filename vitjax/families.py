@@ -1,7 +1,10 @@
 """What each model family trains: its model, objective, optimizer and first
 weights (`config.model.name` picks the family).
 
-- vit: classification loss; AdamW on every parameter; random init.
+- vit: classification loss; AdamW on every parameter; random init. With a
+  `sparse` config section (configs/dynamic_vit.py:cpu_dense), the control
+  for DynamicViT: its whole recipe, the ViT's weights and teacher included,
+  without token dropping.
 - dynamic_vit: classification + ratio + distillation losses; predictors at
   the full schedule, the backbone at a fraction of it and frozen at first,
   class token and position embedding fixed (the official recipe); weights
@@ -24,8 +27,9 @@ from ml_collections import ConfigDict
 import numpy as np
 import optax
 
-from vitjax import checkpoint, finetune, losses, models, objectives
-from vitjax import optimizers, train_state
+from vitjax import checkpoint, errors, finetune, losses, models
+from vitjax import objectives, optimizers, train_state
+from vitjax.data import sources
 from vitjax.data.sources import Dataset
 from vitjax.models import avit
 
@@ -49,23 +53,33 @@ def build(
   """The family of config.model.name; sparse models load their ViT."""
   name = config.model.name
   if name not in models.MODELS:
-    raise ValueError(
-        f'model.name={name!r}: expected one of ' f'{sorted(models.MODELS)}.'
+    raise errors.ConfigError(
+        f'model.name={name!r}: expected one of {sorted(models.MODELS)}.'
     )
   num_classes = data.num_classes
+  # DynamicViT, A-ViT, and the ViT trained as a DynamicViT control, start
+  # from a ViT run (config.sparse.init_from).
+  finetuned = 'sparse' in config
   teacher = None
-  if name != 'vit':
-    teacher = finetune.load_teacher(config.sparse.init_from, num_classes, mesh)
+  if finetuned:
+    teacher = finetune.load_teacher(
+        config.sparse.init_from, num_classes, mesh, data.split_id
+    )
     finetune.check_backbone_matches(
         config.model, teacher, config.sparse.init_from
     )
   overrides = {}
   if name == 'avit':
     overrides['gate_center'] = _gate_center(config, teacher, data, workdir)
+    overrides['faithful'] = config.sparse.faithful
   model = models.create(config.model, num_classes, **overrides)
   loss_fn = losses.make_classification_loss(
-      config.loss, data.train.counts(num_classes), steps_per_epoch
+      config.loss,
+      data.train.counts(num_classes),
+      steps_per_epoch,
+      config.data.sampling,
   )
+  _log_corrections(config)
   batch = config.train.batch_size
 
   def adamw_everywhere(total_steps):
@@ -75,7 +89,7 @@ def build(
     return optimizers.make_optimizer(config.optim, schedule), schedule
 
   fresh = lambda key: train_state.init_params(model, key)
-  if name == 'vit':
+  if not finetuned:
     return ModelFamily(
         model,
         objectives.Classification(model, loss_fn),
@@ -87,7 +101,7 @@ def build(
     return finetune.merge_params(fresh(key), teacher.params)
 
   sp = config.sparse
-  if name == 'dynamic_vit':
+  if name in ('dynamic_vit', 'vit'):  # 'vit': the control, as DynamicViT
     objective = objectives.DynamicViTObjective(
         model,
         loss_fn,
@@ -127,6 +141,26 @@ def build(
   return ModelFamily(model, objective, adamw_everywhere, from_teacher, teacher)
 
 
+def _log_corrections(config: ConfigDict) -> None:
+  """Says what the loss corrects for when the sampler already rebalances."""
+  corrects = config.loss.name == 'logit_adjusted' or (
+      config.loss.class_weights != 'none'
+  )
+  if config.data.sampling == 'natural' or not corrects:
+    return
+  logging.info(
+      'data.sampling=%r already rebalances the classes; loss.name=%r and '
+      'loss.class_weights=%r are computed from the distribution it draws%s, '
+      'so they do not correct twice.',
+      config.data.sampling,
+      config.loss.name,
+      config.loss.class_weights,
+      ' (uniform: logit adjustment and class weights change nothing)'
+      if config.data.sampling == 'balanced'
+      else '',
+  )
+
+
 def _gate_center(
     config: ConfigDict,
     teacher: finetune.Teacher | None,
@@ -138,8 +172,11 @@ def _gate_center(
   The paper's constants saturate the sigmoid on a fresh CIFAR model (h ~
   1e-13, no ponder gradient), so by default beta is chosen so that the
   dense model's mean per-token halting sum over the first D-1 blocks is
-  `sparse.initial_halting_sum`. It is computed at the first start and kept
-  in <workdir>/calibration.json, which resumes and evaluations reuse.
+  `sparse.initial_halting_sum`, on a seeded sample of
+  `sparse.calibration_images` training images stratified by class (the
+  training arrays are sorted by class). It is computed at the first start
+  and kept in <workdir>/calibration.json, with the sum per class, which
+  resumes and evaluations reuse.
   """
   sp = config.sparse
   if not sp.calibrate_gate_center:
@@ -154,7 +191,13 @@ def _gate_center(
         f'--config=configs/avit.py --workdir={workdir}).'
     )
   probe = models.create(config.model, data.num_classes, gate_center=1e9)
-  images = data.train.images[: sp.calibration_images]
+  n = len(data.train)
+  sample = np.arange(n)
+  if sp.calibration_images < n:
+    _, sample = sources.stratified_split(
+        data.train.labels, sp.calibration_images / n, config.seed
+    )
+  images, labels = data.train.images[sample], data.train.labels[sample]
   gate_inputs = jax.jit(
       lambda p, x: probe.apply({'params': p}, x, train=False)[1]['gate_inputs']
   )(
@@ -163,14 +206,22 @@ def _gate_center(
       ),
       images,
   )
+  gate_inputs = np.asarray(gate_inputs)
   beta = avit.calibrate_gate_center(
-      np.asarray(gate_inputs), config.model.gate_scale, sp.initial_halting_sum
+      gate_inputs, config.model.gate_scale, sp.initial_halting_sum
   )
+  sums = avit.halting_sums(gate_inputs, config.model.gate_scale, beta)
+  per_class = {
+      name: float(sums[labels == c].mean())
+      for c, name in enumerate(data.class_names)
+      if np.any(labels == c)
+  }
   record = {
       'gate_center': beta,
       'gate_scale': config.model.gate_scale,
       'initial_halting_sum': sp.initial_halting_sum,
       'images': int(len(images)),
+      'halting_sum_per_class': per_class,
       'gate_input_mean': float(np.mean(gate_inputs)),
       'gate_input_std': float(np.std(gate_inputs)),
   }
@@ -181,10 +232,11 @@ def _gate_center(
   logging.info(
       'A-ViT gate_center calibrated to %.4f (gate_scale %.1f, mean '
       'halting sum %.2f over the first D-1 blocks of the ViT, on '
-      '%d training images).',
+      '%d training images across the classes); per class %s.',
       beta,
       config.model.gate_scale,
       sp.initial_halting_sum,
       len(images),
+      {k: round(v, 3) for k, v in per_class.items()},
   )
   return beta

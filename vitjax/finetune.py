@@ -17,6 +17,7 @@ from ml_collections import ConfigDict
 import optax
 
 from vitjax import checkpoint, models, optimizers, sharding, train_state
+from vitjax import workdir as workdir_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,11 +28,14 @@ class Teacher:
   step: int
 
 
-def load_teacher(init_from: str, num_classes: int, mesh) -> Teacher:
-  """Restores the best checkpoint of the ViT workdir `init_from`."""
+def load_teacher(
+    init_from: str, num_classes: int, mesh, split_id: dict[str, Any]
+) -> Teacher:
+  """Restores the best checkpoint of the ViT workdir `init_from`, which
+  must have trained on the data split `split_id`."""
   workdir = Path(init_from).expanduser()
   train_cmd = (
-      'python -m vitjax.main --config=configs/vit.py ' f'--workdir={init_from}'
+      f'python -m vitjax.main --config=configs/vit.py --workdir={init_from}'
   )
   cfg_path = workdir / 'config.json'
   if not cfg_path.exists():
@@ -47,6 +51,7 @@ def load_teacher(init_from: str, num_classes: int, mesh) -> Teacher:
         f'sparse.init_from={init_from!r} is a {vit_cfg.model.name!r} run; it '
         f'must be a dense ViT run ({train_cmd}).'
     )
+  workdir_lib.check_split(workdir, split_id, record=False)
   model = models.create(vit_cfg.model, num_classes)
   # The optimizer's structure, not its schedule, shapes the saved state.
   tx = optimizers.make_optimizer(vit_cfg.optim, optax.constant_schedule(0.0))

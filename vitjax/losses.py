@@ -13,6 +13,17 @@ weighting scheme and each sampling mode:
 Weighted losses are normalised by the total target weight, as PyTorch's
 CrossEntropyLoss(weight=...) does, so their scale matches the unweighted
 loss. Deferred re-weighting (Cao et al. 2019) keeps w = 1 until a step.
+
+With soft targets a weight applies to each class's share of the target: a
+mixup of 0.7 cat and 0.3 truck counts its cat term w_cat * 0.7 and its
+truck term w_truck * 0.3 (and label smoothing's spread gets each class's
+own weight); the batch's total target weight normalises the sum.
+
+Class weights and the logit-adjustment prior are computed from the class
+distribution the sampler draws (`sampling.drawn_class_counts`), not from
+the training split's counts: under balanced sampling every class is drawn
+equally, so 'inverse' weights are all 1 and logit adjustment is plain
+cross-entropy, rather than correcting the imbalance a second time.
 """
 
 from __future__ import annotations
@@ -23,6 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+
+from vitjax import errors
+from vitjax.data import sampling
 
 BASE_LOSSES = ('ce', 'focal', 'logit_adjusted')
 WEIGHT_SCHEMES = ('none', 'inverse', 'effective')
@@ -47,8 +61,8 @@ def class_weights(
     w = (1.0 - beta) / (1.0 - np.power(beta, counts))
     w = w * c / w.sum()
   else:
-    raise ValueError(
-        f'loss.class_weights={scheme!r}: expected one of ' f'{WEIGHT_SCHEMES}.'
+    raise errors.ConfigError(
+        f'loss.class_weights={scheme!r}: expected one of {WEIGHT_SCHEMES}.'
     )
   return w.astype(np.float32)
 
@@ -79,24 +93,29 @@ def weighted_loss(
         logits + logit_adjust_tau * log_prior, scaled
     )
   else:
-    raise ValueError(f'loss.name={name!r}: expected one of {BASE_LOSSES}.')
+    raise errors.ConfigError(
+        f'loss.name={name!r}: expected one of {BASE_LOSSES}.'
+    )
   return per_example.sum() / jnp.maximum(scaled.sum(), 1e-12)
 
 
 def make_classification_loss(
-    loss_cfg, train_counts: np.ndarray, steps_per_epoch: int
+    loss_cfg,
+    train_counts: np.ndarray,
+    steps_per_epoch: int,
+    sampling_mode: str = 'natural',
 ) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
-  """Returns loss(logits, targets, step) for config.loss."""
+  """Returns loss(logits, targets, step) for config.loss, its corrections
+  fitted to what `sampling_mode` draws from `train_counts`."""
   if loss_cfg.name not in BASE_LOSSES:
-    raise ValueError(
-        f'loss.name={loss_cfg.name!r}: expected one of ' f'{BASE_LOSSES}.'
+    raise errors.ConfigError(
+        f'loss.name={loss_cfg.name!r}: expected one of {BASE_LOSSES}.'
     )
+  drawn = sampling.drawn_class_counts(train_counts, sampling_mode)
   weights = jnp.asarray(
-      class_weights(
-          train_counts, loss_cfg.class_weights, loss_cfg.effective_beta
-      )
+      class_weights(drawn, loss_cfg.class_weights, loss_cfg.effective_beta)
   )
-  prior = np.asarray(train_counts, np.float64) / np.sum(train_counts)
+  prior = drawn / drawn.sum()
   log_prior = jnp.asarray(np.log(prior), jnp.float32)
   reweight_step = int(round(loss_cfg.reweight_from_epoch * steps_per_epoch))
 

@@ -7,6 +7,7 @@ python -m vitjax.main --config=configs/vit.py:cpu --config.model.depth=6 ...
 
 import logging as std_logging
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -51,7 +52,7 @@ def main(argv):
   logging.get_absl_handler().addFilter(_quiet_orbax)
   # pylint: disable=g-import-not-at-top
   import jax
-  from vitjax import evaluate, train
+  from vitjax import errors, evaluate, train
 
   try:
     from vitjax.data import tf_pipeline
@@ -66,10 +67,20 @@ def main(argv):
       jax.devices()[0].device_kind,
   )
   config = _CONFIG.value
-  if _MODE.value == 'train':
-    train.train_and_evaluate(config, _WORKDIR.value)
-  else:
-    evaluate.evaluate_checkpoint(config, _WORKDIR.value, config.eval.checkpoint)
+  try:
+    if _MODE.value == 'train':
+      train.train_and_evaluate(config, _WORKDIR.value)
+    else:
+      evaluate.evaluate_checkpoint(
+          config, _WORKDIR.value, config.eval.checkpoint
+      )
+  except errors.UserError as e:
+    # A mistake the message explains: no traceback (a bug keeps its own).
+    print(f'vitjax: {e}', file=sys.stderr, flush=True)
+    sys.exit(2)
+  except train.Stopped as e:
+    print(f'vitjax: {e}', file=sys.stderr, flush=True)
+    sys.exit(e.exit_code)
 
 
 if __name__ == '__main__':

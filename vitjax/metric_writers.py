@@ -95,6 +95,16 @@ def read_records(path: Path) -> list[dict[str, Any]]:
   return records
 
 
+def copy_records(source: Path, destination: Path, up_to_step: int) -> None:
+  """Starts `destination` (if new) with the records of `source` up to a
+  step: a run continued from another keeps the curves that led to it."""
+  if destination.exists() or not Path(source).exists():
+    return
+  records = [r for r in read_records(source) if r['step'] <= up_to_step]
+  destination.parent.mkdir(parents=True, exist_ok=True)
+  destination.write_text(''.join(json.dumps(r) + '\n' for r in records))
+
+
 def create(workdir: Path, resume_step: int) -> clu_writers.MetricWriter:
   """The log on every process; TensorBoard and metrics.jsonl on process 0."""
   writers = [clu_writers.LoggingWriter()]

@@ -51,6 +51,21 @@ class Classification:
     return self.loss_fn(logits, targets, step), (logits, {})
 
 
+def token_distillation(
+    tokens: jax.Array, teacher_tokens: jax.Array, keep: jax.Array
+) -> jax.Array:
+  """MSE of the student's final-norm patch tokens [b, n, c] against the
+  teacher's, over the tokens whose keep decision [b, n] is 1. The decisions
+  only select, as the official boolean mask does: no gradient reaches them
+  through this term."""
+  keep = jax.lax.stop_gradient(keep)[..., None]
+  err = (
+      tokens.astype(jnp.float32)
+      - jax.lax.stop_gradient(teacher_tokens).astype(jnp.float32)
+  ) ** 2
+  return jnp.sum(keep * err) / jnp.maximum(jnp.sum(keep) * err.shape[-1], 1.0)
+
+
 class DynamicViTObjective:
   """Classification + ratio loss + distillation from the frozen dense ViT.
 
@@ -59,6 +74,8 @@ class DynamicViTObjective:
   L_ratio = sum_s mean_b (mean_i keep_s - rho^s)^2 over the S stages;
   L_token = MSE of the final-norm patch tokens against the teacher's, over
   the tokens kept at the last stage. teacher=None turns distillation off.
+  A dense ViT student (no stages, every token kept) makes it the control:
+  the same training without token dropping.
   """
 
   def __init__(
@@ -74,12 +91,13 @@ class DynamicViTObjective:
     self.model, self.loss_fn, self.teacher = model, loss_fn, teacher
     self.ratio_weight = ratio_weight
     self.kl_weight, self.token_weight = kl_weight, token_weight
-    stages = len(model.stages())
+    stages = len(model.stages()) if hasattr(model, 'stages') else 0
     self.targets = jnp.array(
         [model.keep_ratio ** (s + 1) for s in range(stages)]
     )
     self.extra_metrics = (
-        ('cls_loss', 'ratio_loss')
+        ('cls_loss',)
+        + (('ratio_loss',) if stages else ())
         + (('kl_loss', 'token_loss') if teacher else ())
         + tuple(f'keep_{s}' for s in range(stages))
     )
@@ -88,24 +106,23 @@ class DynamicViTObjective:
     logits, aux = self.model.apply(
         {'params': params}, images, train=True, rngs=rngs
     )
-    policies = aux['policies']  # [stages, b, n]
-    kept = policies.mean(-1)  # [stages, b]
     cls_loss = self.loss_fn(logits, targets, step)
-    ratio = ((kept - self.targets[:, None]) ** 2).mean(-1).sum()
-    loss = cls_loss + self.ratio_weight * ratio / len(self.targets)
-    extras = {'cls_loss': cls_loss, 'ratio_loss': ratio}
-    extras.update({f'keep_{s}': kept[s].mean() for s in range(len(kept))})
+    loss, extras = cls_loss, {'cls_loss': cls_loss}
+    keep = jnp.ones(aux['tokens'].shape[:2], jnp.float32)  # dense: all
+    if len(self.targets):
+      policies = aux['policies']  # [stages, b, n]
+      kept = policies.mean(-1)  # [stages, b]
+      ratio = ((kept - self.targets[:, None]) ** 2).mean(-1).sum()
+      loss = loss + self.ratio_weight * ratio / len(self.targets)
+      extras['ratio_loss'] = ratio
+      extras.update({f'keep_{s}': kept[s].mean() for s in range(len(kept))})
+      keep = policies[-1]
     if self.teacher is not None:
       t_logits, t_aux = self.teacher.model.apply(
           {'params': self.teacher.params}, images, train=False
       )
-      t_tokens = jax.lax.stop_gradient(t_aux['tokens']).astype(jnp.float32)
       kl = _kl_from_teacher(t_logits, logits)
-      keep = policies[-1][..., None]
-      err = (aux['tokens'].astype(jnp.float32) - t_tokens) ** 2
-      token = jnp.sum(keep * err) / jnp.maximum(
-          jnp.sum(keep) * err.shape[-1], 1.0
-      )
+      token = token_distillation(aux['tokens'], t_aux['tokens'], keep)
       loss = loss + self.kl_weight * kl + self.token_weight * token
       extras.update(kl_loss=kl, token_loss=token)
     return loss, (logits, extras)
@@ -131,11 +148,13 @@ class AViTObjective:
   distillation from the dense teacher), as A-ViT's official code.
 
   ponder: mean over images and tokens of N + r. distribution: KL(T || H),
-  H_l = the share of halting mass at block l. `faithful=True` reproduces the
-  official formulation (H from the raw scores of every token of batch
-  elements 1..B-1, an unnormalised T, divided by the depth); `False` is the
-  corrected one (H from the tokens that ran each block, per-image mean then
-  batch mean, a normalised T, a plain KL).
+  H_l = the share of halting mass at block l. `faithful=True` (with the
+  model's faithful forward) reproduces the official formulation: H_l is the
+  mean raw score of every token, halted or not, of batch elements 1..B-1
+  (the official `h[1:]`), the last block's taken before it is set to 1; T
+  is unnormalised; the KL is divided by the depth and only added when
+  positive. `False` is the corrected one (H from the tokens that ran each
+  block, per-image mean then batch mean, a normalised T, a plain KL).
   """
 
   def __init__(
@@ -179,9 +198,13 @@ class AViTObjective:
     h = self.halting_distribution(aux)
     t = self.prior
     distr = jnp.sum(t * (jnp.log(t) - jnp.log(h)))
-    if self.faithful:
+    distr_term = distr
+    if self.faithful:  # KLDivLoss('batchmean') of a [depth] vector, if > 0
       distr = distr / self.model.depth
-    loss = cls_loss + self.ponder_weight * ponder + self.distr_weight * distr
+      distr_term = jnp.where(distr > 0, distr, 0.0)
+    loss = (
+        cls_loss + self.ponder_weight * ponder + self.distr_weight * distr_term
+    )
     extras = {
         'cls_loss': cls_loss,
         'ponder_loss': ponder,

@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from vitjax import errors
 from vitjax.data.sources import IMAGE_SHAPE
 
 # Kernels of these Dense layers are the quantized ones.
@@ -42,17 +43,17 @@ BACKENDS = ('aqt', 'fallback')
 
 def _check(quant_cfg) -> None:
   if quant_cfg.quant_path not in PATHS:
-    raise ValueError(
+    raise errors.ConfigError(
         f'eval.quant_path={quant_cfg.quant_path!r}: expected one '
         f'of {PATHS}.'
     )
   if quant_cfg.quant_backend not in BACKENDS:
-    raise ValueError(
+    raise errors.ConfigError(
         f'eval.quant_backend={quant_cfg.quant_backend!r}: '
         f'expected one of {BACKENDS}.'
     )
   if quant_cfg.quant_backend == 'fallback' and quant_cfg.quant_path == 'serve':
-    raise ValueError(
+    raise errors.ConfigError(
         "eval.quant_path='serve' needs eval.quant_backend='aqt' "
         '(the fallback only fake-quantizes).'
     )
@@ -99,7 +100,9 @@ def _einsum_cls(quant_cfg) -> Callable[[], Any] | None:
   if not quant_cfg.quant_attention:
     return None
   if quant_cfg.quant_backend == 'fallback':
-    raise ValueError("eval.quant_attention needs eval.quant_backend='aqt'.")
+    raise errors.ConfigError(
+        "eval.quant_attention needs eval.quant_backend='aqt'."
+    )
   from aqt.jax.v2.flax import aqt_flax  # pylint: disable=g-import-not-at-top
   # Both operands are activations, quantized per call.
   return functools.partial(

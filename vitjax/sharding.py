@@ -14,6 +14,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import numpy as np
 
+from vitjax import errors
+
 AXIS = 'data'
 
 
@@ -43,7 +45,7 @@ def with_sharding(tree: Any, sharding: jax.sharding.Sharding) -> Any:
 
 def check_batch(batch_size: int, mesh: Mesh, what: str) -> None:
   if batch_size % mesh.size:
-    raise ValueError(
+    raise errors.ConfigError(
         f'{what}={batch_size} must be a multiple of the '
         f'{mesh.size} devices.'
     )

@@ -15,6 +15,8 @@ from absl import logging
 import jax
 import numpy as np
 
+from vitjax import errors
+
 # tf.data's autotuning settles over the first steps; time after it does.
 _WARMUP_STEPS, _TIMED_STEPS = 6, 30
 STEPS_TIMED = _WARMUP_STEPS + _TIMED_STEPS  # the batches fit_steps takes
@@ -55,11 +57,14 @@ def fit_steps(
   t_eval = time.monotonic() - t
   left = budget - (time.monotonic() - t_start) - compile_seconds
   steps = int(_MARGIN * left / (t_step + t_eval / eval_every))
-  if steps < 1:
-    raise ValueError(
+  # The last step always validates: the budget must hold a step and one.
+  if steps < 1 or _MARGIN * left < t_step + t_eval:
+    raise errors.ConfigError(
         f'train.time_budget_minutes={budget_minutes:g} leaves '
-        f'no time to train ({time.monotonic() - t0:.0f} s went '
-        'to set-up and timing); raise it.'
+        f'{max(left, 0):.0f} s after set-up and timing '
+        f'({time.monotonic() - t0:.0f} s of it went to timing), too little '
+        f'for a step ({t_step:.2f} s) and a validation ({t_eval:.1f} s); '
+        'raise it.'
     )
   logging.info(
       'Time budget %.1f min: %.3f s/step, validation %.1f s every %d '

@@ -22,8 +22,9 @@ import jax.numpy as jnp
 from ml_collections import ConfigDict
 import optax
 
-from vitjax import checkpoint, evaluate, families, metric_writers, mixing
-from vitjax import sharding, time_budget, train_state, workdir as workdir_lib
+from vitjax import checkpoint, errors, evaluate, families, metric_writers
+from vitjax import mixing, sharding, time_budget, train_state
+from vitjax import workdir as workdir_lib
 from vitjax.data import pipelines, sources
 from vitjax.evaluators import classification
 
@@ -103,19 +104,19 @@ def train_and_evaluate(
   workdir = Path(workdir).expanduser()
   if config.train.distributed:
     jax.distributed.initialize()
-  lock = (
-      workdir_lib.WorkdirLock(workdir)
-      if jax.process_index() == 0
-      else contextlib.nullcontext()
-  )
-  with lock:
+  # Closes what the run opened in reverse, also when it fails: the lock, the
+  # checkpoints (after the save in flight), the metric writers.
+  with contextlib.ExitStack() as run:
+    if jax.process_index() == 0:
+      run.enter_context(workdir_lib.WorkdirLock(workdir))
     checkpoint.check_layout(workdir)  # before the config: its fields moved
     workdir_lib.save_or_check_config(config, workdir)
-    data = sources.load(config.data, config.seed)
-    _log_data(data)
     mesh = sharding.make_mesh()
+    _check_before_start(config, mesh)
+    data = sources.load(config.data, config.seed)
+    workdir_lib.check_split(workdir, data.split_id, record=True)
+    _log_data(data)
     batch_size = config.train.batch_size
-    sharding.check_batch(batch_size, mesh, 'train.batch_size')
     steps_per_epoch = math.ceil(len(data.train) / batch_size)
     eval_every = max(1, round(config.train.eval_every_epochs * steps_per_epoch))
     log_every = config.train.log_every_steps
@@ -153,10 +154,12 @@ def train_and_evaluate(
       )
       return tx, step, init
 
-    ckpts = checkpoint.Checkpoints(workdir, config.train.keep_checkpoints)
-    resumed = ckpts.read_meta('latest')
-    if resumed:
-      total_steps = int(resumed['total_steps'])
+    ckpts = run.enter_context(
+        checkpoint.Checkpoints(workdir, config.train.keep_checkpoints)
+    )
+    origin, origin_meta = _starting_point(ckpts, config, workdir, data)
+    if origin is ckpts:  # a resume: the schedule it planned
+      total_steps = int(origin_meta['total_steps'])
     elif config.train.time_budget_minutes > 0:
       total_steps = _steps_for_budget(
           config,
@@ -175,21 +178,30 @@ def train_and_evaluate(
       )
     tx, train_step, init = step_and_init(total_steps)
     best = ckpts.best_score()  # -inf before the first validation
-    if resumed:
-      state, meta = ckpts.restore(
+    if origin:
+      state, meta = origin.restore(
           train_state.abstract(
               family.model, tx, use_ema, sharding.replicated(mesh)
           ),
           'latest',
       )
       start, train_seconds = int(meta['step']), float(meta['train_seconds'])
+      if start >= total_steps:
+        raise errors.ConfigError(
+            f'train.resume_from={config.train.resume_from!r} is at step '
+            f'{start}, and this config trains {total_steps} steps; raise '
+            'train.epochs or train.time_budget_minutes.'
+        )
       logging.info(
-          'Resuming from step %d of %d (best validation balanced '
+          'Resuming from step %d of %d%s (best validation balanced '
           'accuracy so far %s).',
           start,
           total_steps,
+          '' if origin is ckpts else f' of {origin.directory.parent}',
           f'{best:.4f}' if best > -math.inf else 'none yet',
       )
+      if origin is not ckpts:
+        origin.close()
     else:
       state, start, train_seconds = init(init_key), 0, 0.0
     parameter_overview.log_parameter_overview(state.params, include_stats=False)
@@ -203,6 +215,7 @@ def train_and_evaluate(
     )
 
     writer = metric_writers.create(workdir, resume_step=start)
+    run.callback(writer.close)
     report_progress = periodic_actions.ReportProgress(
         num_train_steps=total_steps, every_steps=log_every, every_secs=None
     )
@@ -220,7 +233,7 @@ def train_and_evaluate(
           # Steps run asynchronously: float() waits for them, then the clock.
           scalars = {k: float(v) for k, v in window.compute().items()}
           seconds = time.monotonic() - t_window
-          _stop_if_diverged(scalars, window_start, step, ckpts)
+          _stop_if_diverged(scalars, window_start, step, ckpts, config)
           train_seconds += seconds
           scalars.update(
               epoch=step / steps_per_epoch,
@@ -262,10 +275,9 @@ def train_and_evaluate(
           t_window = time.monotonic()  # validating and saving are not training
         if stop.requested:
           ckpts.wait()  # the save is asynchronous; finish it first
-          raise KeyboardInterrupt(f'stopped by {stop.requested}')
+          raise Stopped(stop.requested, step, workdir)
     ckpts.wait()
-    ckpts.close()
-    writer.close()
+    writer.flush()
     return evaluate.evaluate_checkpoint(
         config, workdir, 'best', data=data, mesh=mesh, family=family
     )
@@ -304,20 +316,79 @@ def _steps_for_budget(
   )
 
 
+def _check_before_start(config: ConfigDict, mesh) -> None:
+  """What would otherwise fail hours into a run."""
+  if config.data.val_fraction <= 0:
+    raise errors.ConfigError(
+        f'data.val_fraction={config.data.val_fraction:g} leaves no '
+        'validation images, on which training picks its best checkpoint; '
+        'use e.g. 0.1.'
+    )
+  sharding.check_batch(config.train.batch_size, mesh, 'train.batch_size')
+  sharding.check_batch(config.eval.batch_size, mesh, 'eval.batch_size')
+
+
+def _starting_point(
+    ckpts: checkpoint.Checkpoints,
+    config: ConfigDict,
+    workdir: Path,
+    data: sources.Dataset,
+) -> tuple[checkpoint.Checkpoints | None, dict[str, Any] | None]:
+  """The checkpoints to start from and their latest step's meta: this
+  run's own (a resume), another run's (train.resume_from, at a first start),
+  or none (a fresh start)."""
+  meta = ckpts.read_meta('latest')
+  if meta or not config.train.resume_from:
+    return (ckpts, meta) if meta else (None, None)
+  source = Path(config.train.resume_from).expanduser()
+  workdir_lib.check_split(source, data.split_id, record=False)
+  origin = checkpoint.Checkpoints(source)
+  meta = origin.read_meta('latest')
+  if meta is None:
+    raise checkpoint.CheckpointError(
+        f'train.resume_from={config.train.resume_from!r} holds no checkpoint.'
+    )
+  # Its training curves up to that step continue in this run's.
+  metric_writers.copy_records(
+      source / 'metrics.jsonl', workdir / 'metrics.jsonl', int(meta['step'])
+  )
+  return origin, meta
+
+
+class DivergedError(errors.UserError, FloatingPointError):
+  """A NaN or infinite training metric; says how to go on."""
+
+
 def _stop_if_diverged(
     scalars: dict[str, float],
     window_start: int,
     step: int,
     ckpts: checkpoint.Checkpoints,
+    config: ConfigDict,
 ) -> None:
   if all(math.isfinite(v) for v in scalars.values()):
     return
-  raise FloatingPointError(
+  lr, clip = config.optim.lr, config.optim.grad_clip_norm
+  last = ckpts.latest_step()
+  where = (
+      f'The last good checkpoint, step {last}, is kept in '
+      f'{str(ckpts.directory)!r}. A rerun of this config diverges again; '
+      'continue from that checkpoint in a new workdir'
+      if last is not None
+      else 'No checkpoint was saved before; start again'
+  )
+  resume = (
+      f' --config.train.resume_from={str(ckpts.directory.parent)!r}'
+      if last is not None
+      else ''
+  )
+  raise DivergedError(
       f'training diverged: loss {scalars["loss"]} over steps '
-      f'{window_start + 1}-{step}. The last good checkpoint (step '
-      f'{ckpts.latest_step()}) is kept in {str(ckpts.directory)!r}; lower '
-      'optim.lr or raise optim.warmup_epochs and start a fresh --workdir, '
-      'or rerun to resume from it.'
+      f'{window_start + 1}-{step}. {where} with a lower peak learning rate '
+      f'(optim.lr, now {lr:g}) or tighter gradient clipping '
+      f'(optim.grad_clip_norm, now {clip:g}), e.g. python -m vitjax.main '
+      '--config=<the same config and overrides> --workdir=<a new workdir>'
+      f'{resume} --config.optim.lr={lr / 2:g}'
   )
 
 
@@ -333,6 +404,17 @@ def _log_data(data: sources.Dataset) -> None:
     )
 
 
+class Stopped(KeyboardInterrupt):
+  """A run stopped by a signal after saving its step."""
+
+  def __init__(self, signal_name: str, step: int, workdir: Path):
+    super().__init__(
+        f'stopped by {signal_name} at step {step}, which is saved in '
+        f'{str(workdir)!r}; rerun the same command to resume.'
+    )
+    self.exit_code = 128 + signal.Signals[signal_name].value
+
+
 class _StopRequest:
   """SIGTERM or a first Ctrl-C: finish the step, save, stop; a second one
   kills at once. Signals are left alone off the main thread."""
@@ -340,7 +422,7 @@ class _StopRequest:
   _SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
   def __init__(self):
-    self.requested = ''
+    self.requested = ''  # the signal's name, once one came
     self._previous = {}
 
   def __enter__(self) -> '_StopRequest':

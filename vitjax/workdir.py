@@ -2,6 +2,7 @@
 
 What a workdir holds:
   config.json               the training config; a rerun must match it
+  split.json                the train / validation split it trained on
   steps/<step>/             orbax checkpoints (vitjax/checkpoint.py)
   metrics.jsonl             a record per log window and per validation
   events.out.tfevents.*     the same metrics for TensorBoard
@@ -16,9 +17,14 @@ import fcntl
 import json
 import os
 from pathlib import Path
+from typing import Any
 
+from absl import logging
 import jax
 from ml_collections import ConfigDict
+
+from vitjax import errors
+from vitjax.data import sources
 
 
 class WorkdirLock:
@@ -34,7 +40,7 @@ class WorkdirLock:
       self._file.seek(0)
       holder = self._file.read().strip() or 'another process'
       self._file.close()
-      raise RuntimeError(
+      raise errors.UserError(
           f'workdir {str(workdir)!r} is in use by a live run ({holder}). '
           'Wait for it to finish, stop it, or pass another --workdir.'
       ) from None
@@ -63,7 +69,7 @@ def save_or_check_config(config: ConfigDict, workdir: Path) -> None:
     # Evaluation settings may change between runs without harm.
     diffs = [d for d in diffs if not d.startswith('eval.')]
     if diffs:
-      raise ValueError(
+      raise errors.ConfigError(
           f'workdir {str(workdir)!r} holds a run with another config: '
           + '; '.join(diffs[:5])
           + '. Rerun with the same config and '
@@ -74,6 +80,40 @@ def save_or_check_config(config: ConfigDict, workdir: Path) -> None:
     tmp = path.with_suffix('.tmp')
     tmp.write_text(json.dumps(current, indent=1, sort_keys=True))
     tmp.replace(path)
+
+
+def check_split(
+    workdir: Path, split_id: dict[str, Any], *, record: bool
+) -> None:
+  """The data split must be the one the run in `workdir` trained on:
+  otherwise its validation (and a fine-tune's) may hold its training images.
+
+  record: write split.json where it is missing (a new run); otherwise a
+  missing one is only warned about (a run from before vitjax kept it).
+  """
+  path = workdir / 'split.json'
+  if not path.exists():
+    if record and jax.process_index() == 0:
+      workdir.mkdir(parents=True, exist_ok=True)
+      tmp = path.with_suffix('.tmp')
+      tmp.write_text(json.dumps(split_id, indent=1, sort_keys=True))
+      tmp.replace(path)
+    elif not record:
+      logging.warning(
+          '%s has no split.json (it predates them): its data split cannot '
+          'be checked.',
+          workdir,
+      )
+    return
+  diffs = _config_diff(json.loads(path.read_text()), split_id)
+  if diffs:
+    raise sources.DataError(
+        f'the data split differs from the one the run in {str(workdir)!r} '
+        f'trained on: {"; ".join(diffs)}. Its validation could hold its '
+        'training images. Use the data settings of its config.json (seed, '
+        'data.val_fraction, data.source, the same image folders), or train '
+        'it again.'
+    )
 
 
 def _config_diff(saved: dict, current: dict, prefix: str = '') -> list[str]:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitjax import sharding
+from vitjax import errors, sharding
 from vitjax.data import augment, sampling
 from vitjax.data.sources import Split
 
@@ -35,7 +35,7 @@ class DevicePipeline:
       batch_sharding: jax.sharding.Sharding | None = None,
   ):
     if global_batch > plan.num_examples:
-      raise ValueError(
+      raise errors.ConfigError(
           f'train.batch_size={global_batch} exceeds the '
           f'{plan.num_examples} training images.'
       )

@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 import numpy as np
 
-from vitjax import sharding
+from vitjax import errors, sharding
 from vitjax.data import sampling
 from vitjax.data.sources import Dataset
 
@@ -64,7 +64,7 @@ def make(config: ConfigDict, data: Dataset, mesh: Mesh) -> Pipeline:
     from vitjax.data import device_pipeline
 
     return device_pipeline.DevicePipeline(split, plan, config.aug, **common)
-  raise ValueError(
+  raise errors.ConfigError(
       f'data.pipeline={config.data.pipeline!r}: expected one '
       f'of {PIPELINES}.'
   )

@@ -18,6 +18,8 @@ import dataclasses
 
 import numpy as np
 
+from vitjax import errors
+
 MODES = ('natural', 'balanced', 'sqrt')
 
 
@@ -34,6 +36,21 @@ class Plan:
 
 
 def class_probabilities(counts: np.ndarray, mode: str) -> np.ndarray:
+  """The chance that a draw of `mode` sampling is of class c (float32)."""
+  return _class_shares(counts, mode).astype(np.float32)
+
+
+def drawn_class_counts(counts: np.ndarray, mode: str) -> np.ndarray:
+  """Images of each class that an epoch of `mode` sampling draws, on
+  average (float64; the counts themselves for 'natural'): the class
+  distribution that the loss sees."""
+  counts = np.asarray(counts, np.float64)
+  if mode == 'natural':
+    return counts
+  return _class_shares(counts, mode) * counts.sum()
+
+
+def _class_shares(counts: np.ndarray, mode: str) -> np.ndarray:
   counts = np.asarray(counts, np.float64)
   if mode == 'natural':
     p = counts
@@ -42,8 +59,10 @@ def class_probabilities(counts: np.ndarray, mode: str) -> np.ndarray:
   elif mode == 'sqrt':
     p = np.sqrt(counts)
   else:
-    raise ValueError(f'data.sampling={mode!r}: expected one of {MODES}.')
-  return (p / p.sum()).astype(np.float32)
+    raise errors.ConfigError(
+        f'data.sampling={mode!r}: expected one of {MODES}.'
+    )
+  return p / p.sum()
 
 
 def make_plan(labels: np.ndarray, num_classes: int, mode: str) -> Plan:

@@ -14,15 +14,18 @@ import difflib
 import hashlib
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from vitjax import errors
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.gif', '.webp')
 IMAGE_SHAPE = (32, 32, 3)  # CIFAR: every image, every model input
 
 
-class DataError(ValueError):
+class DataError(errors.UserError):
   """Bad or missing input data; the message says what to do."""
 
 
@@ -44,6 +47,9 @@ class Dataset:
   val: Split
   test: Split
   class_names: tuple[str, ...]
+  # What makes the train / validation split: its settings and fingerprints
+  # of each side's images (file names, or tfds indices).
+  split_id: dict[str, Any] = dataclasses.field(default_factory=dict)
 
   @property
   def num_classes(self) -> int:
@@ -53,18 +59,30 @@ class Dataset:
 def load(data_config, seed: int) -> Dataset:
   """Loads the configured source and splits off validation."""
   if data_config.source == 'folder':
-    train, test, names = _load_folders(data_config)
+    train, train_ids, test, names = _load_folders(data_config)
   elif data_config.source == 'tfds':
-    train, test, names = _load_tfds(data_config, seed)
+    train, train_ids, test, names = _load_tfds(data_config, seed)
   else:
     raise DataError(
-        f"data.source={data_config.source!r}: expected 'folder' " "or 'tfds'."
+        f"data.source={data_config.source!r}: expected 'folder' or 'tfds'."
     )
   train_idx, val_idx = stratified_split(
       train.labels, data_config.val_fraction, seed
   )
   take = lambda s, i: Split(s.images[i], s.labels[i])
-  return Dataset(take(train, train_idx), take(train, val_idx), test, names)
+  fingerprint = lambda i: hashlib.sha1(
+      '\n'.join(sorted(train_ids[j] for j in i)).encode()
+  ).hexdigest()[:16]
+  split_id = {
+      'source': data_config.source,
+      'seed': seed,
+      'val_fraction': data_config.val_fraction,
+      'train_images': fingerprint(train_idx),
+      'val_images': fingerprint(val_idx),
+  }
+  return Dataset(
+      take(train, train_idx), take(train, val_idx), test, names, split_id
+  )
 
 
 def stratified_split(
@@ -122,7 +140,9 @@ CIFAR10_NAMES = (
 )
 
 
-def _load_tfds(cfg, seed: int) -> tuple[Split, Split, tuple[str, ...]]:
+def _load_tfds(
+    cfg, seed: int
+) -> tuple[Split, list[str], Split, tuple[str, ...]]:
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
   out = []
@@ -139,13 +159,15 @@ def _load_tfds(cfg, seed: int) -> tuple[Split, Split, tuple[str, ...]]:
     out.append(
         Split(images[idx].astype(np.uint8), labels[idx].astype(np.int32))
     )
-  return out[0], out[1], CIFAR10_NAMES
+    if split == 'train':
+      train_ids = [f'cifar10/train/{i}' for i in idx]
+  return out[0], train_ids, out[1], CIFAR10_NAMES
 
 
 # --- course folders ------------------------------------------------------
 
 
-def _load_folders(cfg) -> tuple[Split, Split, tuple[str, ...]]:
+def _load_folders(cfg) -> tuple[Split, list[str], Split, tuple[str, ...]]:
   root = Path(cfg.root).expanduser()
   if not root.is_dir():
     raise DataError(
@@ -170,10 +192,11 @@ def _load_folders(cfg) -> tuple[Split, Split, tuple[str, ...]]:
   cache = Path(cfg.cache_dir).expanduser()
   train = _decode_cached(train_files, names, cache)
   test = _decode_cached(test_files, names, cache)
+  train_ids = [f'{n}/{p.name}' for n in names for p in train_files[n]]
   # The course names its folders by CIFAR-10 class index (data README).
   if names == tuple(str(i) for i in range(10)):
     names = CIFAR10_NAMES
-  return train, test, names
+  return train, train_ids, test, names
 
 
 def _split_dir(root: Path, rel: str) -> Path:

@@ -16,7 +16,7 @@ from typing import Iterator
 import jax
 import numpy as np
 
-from vitjax import sharding
+from vitjax import errors, sharding
 from vitjax.data import augment, sampling
 from vitjax.data.sources import Split
 
@@ -45,12 +45,12 @@ class TfPipeline:
       batch_sharding: jax.sharding.Sharding | None = None,
   ):
     if global_batch % num_hosts:
-      raise ValueError(
+      raise errors.ConfigError(
           f'train.batch_size={global_batch} does not divide '
           f'over {num_hosts} hosts.'
       )
     if global_batch > plan.num_examples:
-      raise ValueError(
+      raise errors.ConfigError(
           f'train.batch_size={global_batch} exceeds the '
           f'{plan.num_examples} training images.'
       )

@@ -70,7 +70,7 @@ def format_table(report: dict[str, Any], class_names: tuple[str, ...]) -> str:
   rows = [f'{"":>20} {"val":>8} {"test":>8}']
   for key in ('accuracy', 'balanced_accuracy', 'worst_class_recall', 'loss'):
     rows.append(
-        f'{key:>20} {report["val"][key]:8.4f} ' f'{report["test"][key]:8.4f}'
+        f'{key:>20} {report["val"][key]:8.4f} {report["test"][key]:8.4f}'
     )
   rows.append('per-class recall / precision (test):')
   t = report['test']

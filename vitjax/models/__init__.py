@@ -6,6 +6,7 @@ import dataclasses
 
 import flax.linen as nn
 
+from vitjax import errors
 from vitjax.models.avit import AViT
 from vitjax.models.bf16_dot import Bf16Dot
 from vitjax.models.dynamic_vit import DynamicViT
@@ -27,12 +28,14 @@ def create(model_cfg, num_classes: int, **overrides) -> nn.Module:
   kwargs = dict(model_cfg)
   name = kwargs.pop('name')
   if name not in MODELS:
-    raise ValueError(f'model.name={name!r}: expected one of {sorted(MODELS)}.')
+    raise errors.ConfigError(
+        f'model.name={name!r}: expected one of {sorted(MODELS)}.'
+    )
   cls = MODELS[name]
   fields = {f.name for f in dataclasses.fields(cls)} - {'parent', 'name'}
   unknown = sorted(set(kwargs) - fields)
   if unknown:
-    raise ValueError(
+    raise errors.ConfigError(
         f'config.model has fields {unknown} that {cls.__name__} '
         f'does not take (it takes {sorted(fields)}).'
     )

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vitjax import errors
 from vitjax.models.dense import Dense
 
 Array = jax.Array
@@ -185,7 +186,7 @@ class SelfAttention(nn.Module):
   ) -> Array:
     dim = x.shape[-1]
     if dim % self.num_heads:
-      raise ValueError(
+      raise errors.ConfigError(
           f'hidden_dim {dim} is not a multiple of num_heads '
           f'{self.num_heads}.'
       )

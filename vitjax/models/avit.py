@@ -9,6 +9,16 @@ remainder r = 1 - sum_{l<N} h_l; the class token's output feeds the head
 (the class token may halt too, as in the official code). Halted tokens are
 zeroed and hidden as attention keys. ponder = N + r per token.
 
+`faithful=True` runs the official code's forward for the official prior
+loss (objectives.AViTObjective): halted tokens are zeroed for the forward
+pass only (the official `.data` assignment), so gradients pass as if they
+were not; the blocks mask their LayerNorms; every token, halted or not,
+gets a halting score from its raw block output, and the last block's score
+is recorded before it is set to 1. The running tokens' values, and so the
+predictions, are the same in both modes. One difference remains: halted
+keys are hidden exactly, not by the official -1000 logit bias, which only
+matters in an image whose every token has halted.
+
 Two inference paths give the same predictions:
 - `__call__` (what the official code does): every block runs on every
   token, halted ones masked, so it is no faster than the dense model;
@@ -60,8 +70,12 @@ class HaltState:
         zeros,
     )
 
-  def update(self, x: Array, h: Array, eps: float) -> 'HaltState':
-    """Accounts block output x (halted tokens already zeroed) and scores h."""
+  def update(
+      self, x: Array, h: Array, eps: float, raw_h: Array | None = None
+  ) -> 'HaltState':
+    """Accounts block output x and halting scores h (raw_h, the scores
+    before the last block's are set to 1, default h). Halted tokens' rows of
+    x get no weight."""
     active = self.active
     h_run = jnp.where(active, h, 0.0)
     cumulative = self.cumulative + h_run
@@ -76,7 +90,7 @@ class HaltState:
         ponder=self.ponder + active + jnp.where(halting, self.remainder, 0.0),
         depth=self.depth + active,
         scores=self.scores + (h_run,),
-        raw_scores=self.raw_scores + (h,),
+        raw_scores=self.raw_scores + (h if raw_h is None else raw_h,),
         ran=self.ran + (active,),
     )
 
@@ -97,13 +111,18 @@ class AViT(ViT):
   gate_scale: float = 10.0  # gamma
   gate_center: float = 10.0  # beta: calibrate it on the dense model
   halting_eps: float = 0.01
+  faithful: bool = False  # the official forward (see the module docstring)
+
+  def gate(self, x: Array) -> Array:
+    """sigmoid(gamma * x[..., 0] - beta) for every token."""
+    return jax.nn.sigmoid(
+        self.gate_scale * x[..., 0].astype(jnp.float32) - self.gate_center
+    )
 
   def halting_score(self, x: Array, i: int) -> Array:
     if i == self.depth - 1:
       return jnp.ones(x.shape[:2], jnp.float32)
-    return jax.nn.sigmoid(
-        self.gate_scale * x[..., 0].astype(jnp.float32) - self.gate_center
-    )
+    return self.gate(x)
 
   def __call__(
       self, images: Array, *, train: bool
@@ -113,12 +132,20 @@ class AViT(ViT):
     gate_inputs = []
     for i, block in enumerate(self.blocks):
       keys = state.active[:, None, None, :]  # halted tokens hide as keys
-      x = _zero_halted(
-          block(_zero_halted(x, state.active), keys, deterministic=not train),
-          state.active,
-      )
+      if self.faithful:
+        # Zeros forward, identity backward: the official `out.data *= mask`.
+        x = x + jax.lax.stop_gradient(_zero_halted(x, state.active) - x)
+        x = block(x, keys, token_mask=state.active, deterministic=not train)
+        raw_h = self.gate(x)
+        h = self.halting_score(x, i) if i == self.depth - 1 else raw_h
+        state = state.update(x, h, self.halting_eps, raw_h)
+      else:
+        x = _zero_halted(
+            block(_zero_halted(x, state.active), keys, deterministic=not train),
+            state.active,
+        )
+        state = state.update(x, self.halting_score(x, i), self.halting_eps)
       gate_inputs.append(x[..., 0].astype(jnp.float32))
-      state = state.update(x, self.halting_score(x, i), self.halting_eps)
     logits, aux = self.finish(state)
     aux['gate_inputs'] = jnp.stack(gate_inputs)
     return logits, aux
@@ -139,8 +166,10 @@ class AViT(ViT):
   def embed_only(self, images: Array) -> Array:
     return self.tokens(images, train=False)
 
-  def block_only(self, x: Array, keys: Array, i: int) -> Array:
-    return self.blocks[i](x, keys, deterministic=True)
+  def block_only(
+      self, x: Array, keys: Array, i: int, token_mask: Array | None = None
+  ) -> Array:
+    return self.blocks[i](x, keys, token_mask=token_mask, deterministic=True)
 
 
 # Images per piece in the token-removal path. The batch is sorted by active
@@ -284,6 +313,16 @@ def _finish(model, variables, state):
   return model.apply(variables, state, method=AViT.finish)
 
 
+def halting_sums(
+    gate_inputs: np.ndarray, gate_scale: float, gate_center: float
+) -> np.ndarray:
+  """Per image, the mean over its tokens of sum_{l<D-1} sigmoid(gamma x0_l -
+  beta), from gate inputs [depth, images, tokens]."""
+  x0 = np.asarray(gate_inputs, np.float64)[:-1]
+  z = np.clip(gate_scale * x0 - gate_center, -60, 60)
+  return np.sum(1.0 / (1.0 + np.exp(-z)), axis=0).mean(axis=-1)
+
+
 def calibrate_gate_center(
     gate_inputs: np.ndarray, gate_scale: float, target_sum: float
 ) -> float:
@@ -293,18 +332,10 @@ def calibrate_gate_center(
   A small target (0.1-0.3) means no early halting yet, with the sigmoid far
   from saturation, so the ponder loss has gradient from the first step.
   """
-  x0 = np.asarray(gate_inputs, np.float64)[:-1].reshape(
-      gate_inputs.shape[0] - 1, -1
-  )
-
-  def halting_sum(beta):
-    z = np.clip(gate_scale * x0 - beta, -60, 60)
-    return float(np.mean(np.sum(1.0 / (1.0 + np.exp(-z)), axis=0)))
-
-  lo, hi = -1e3, 1e3  # halting_sum falls as beta grows
+  lo, hi = -1e3, 1e3  # the halting sum falls as beta grows
   for _ in range(200):
     mid = 0.5 * (lo + hi)
-    if halting_sum(mid) > target_sum:
+    if halting_sums(gate_inputs, gate_scale, mid).mean() > target_sum:
       lo = mid
     else:
       hi = mid

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vitjax import errors
 from vitjax.models.bf16_dot import Bf16Dot
 from vitjax.models.dense import Dense
 from vitjax.models.vit import ViT, compute_dtype, gelu_f32
@@ -92,7 +93,8 @@ class DynamicViT(ViT):
 
   aux (training): 'policies' [stages, b, n] cumulative keep decisions,
   'tokens' final-norm patch tokens (for token distillation).
-  aux (inference): 'tokens' of the kept tokens only.
+  aux (inference): 'tokens' of the kept tokens only; 'kept_patches', per
+  stage, the patch-grid positions [b, k_s] of the tokens it kept.
   """
 
   keep_ratio: float = 0.7  # rho: stage s keeps rho^s of the patch tokens
@@ -104,7 +106,7 @@ class DynamicViT(ViT):
     if any(not 0 < b < self.depth for b in stages) or sorted(
         set(stages)
     ) != list(stages):
-      raise ValueError(
+      raise errors.ConfigError(
           f'model.stage_blocks={stages}: expected increasing '
           f'block indices in 1..{self.depth - 1}.'
       )
@@ -150,6 +152,9 @@ class DynamicViT(ViT):
     if train:
       return self._train_path(x, stages)
     keep = self.keep_counts(n1 - 1)
+    # Where each remaining patch token sits in the image's patch grid.
+    positions = jnp.broadcast_to(jnp.arange(n1 - 1), (x.shape[0], n1 - 1))
+    kept = []
     for i, block in enumerate(self.blocks):
       if i in stages:
         s = stages.index(i)
@@ -161,8 +166,12 @@ class DynamicViT(ViT):
             [x[:, :1], jnp.take_along_axis(patches, idx[..., None], axis=1)],
             axis=1,
         )
+        positions = jnp.take_along_axis(positions, idx, axis=1)
+        kept.append(positions)
       x = block(x, deterministic=True)
-    return self.classify(x)
+    logits, aux = self.classify(x)
+    aux['kept_patches'] = tuple(kept)
+    return logits, aux
 
   def _train_path(self, x, stages):
     b, n1, _ = x.shape

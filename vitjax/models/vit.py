@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from vitjax import errors
 from vitjax.models import attention
 from vitjax.models.dense import Dense
 
@@ -32,7 +33,9 @@ def compute_dtype(name: str) -> jnp.dtype:
   """Maps the config's dtype name to a jnp dtype, with a clear error."""
   dtypes = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
   if name not in dtypes:
-    raise ValueError(f'model.dtype={name!r}: expected one of {sorted(dtypes)}.')
+    raise errors.ConfigError(
+        f'model.dtype={name!r}: expected one of {sorted(dtypes)}.'
+    )
   return dtypes[name]
 
 
@@ -84,8 +87,8 @@ class PatchEmbed(nn.Module):
     if self.stem == 'conv':
       steps = p.bit_length() - 1
       if p < 2 or 2**steps != p:
-        raise ValueError(
-            f"model.stem='conv' needs a power-of-two patch_size," f' not {p}.'
+        raise errors.ConfigError(
+            f"model.stem='conv' needs a power-of-two patch_size, not {p}."
         )
       for i in range(steps):
         width = self.hidden_dim // 2 ** (2 * (steps - 1 - i))
@@ -108,7 +111,9 @@ class PatchEmbed(nn.Module):
           name='patch',
       )(x)
     else:
-      raise ValueError(f"model.stem={self.stem!r}: expected 'patch' or 'conv'.")
+      raise errors.ConfigError(
+          f"model.stem={self.stem!r}: expected 'patch' or 'conv'."
+      )
     b, h, w, c = x.shape
     x = x.reshape(b, h * w, c)
     cls = self.param('cls', nn.initializers.zeros, (1, 1, c))
@@ -149,6 +154,9 @@ class EncoderBlock(nn.Module):
   ([batch, tokens] floats) instead applies DynamicViT's differentiable keep
   policy (see `attention.policy_attention`). The softmax is computed in
   float32 either way, so masked logits stay exact under bfloat16.
+  `token_mask` ([batch, tokens], 1 = running) masks both LayerNorms' inputs
+  and outputs, as the official A-ViT block does: a halted token then feeds
+  only biases to the attention and the MLP, and no gradient through them.
   """
 
   num_heads: int
@@ -167,9 +175,17 @@ class EncoderBlock(nn.Module):
       mask: Array | None = None,
       *,
       policy: Array | None = None,
+      token_mask: Array | None = None,
       deterministic: bool,
   ) -> Array:
-    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm1')(x)
+    def norm(name: str, x: Array) -> Array:
+      layer = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=name)
+      if token_mask is None:
+        return layer(x)
+      m = token_mask[..., None].astype(x.dtype)
+      return layer(x * m) * m
+
+    y = norm('norm1', x)
     y = attention.SelfAttention(
         self.num_heads,
         self.dtype,
@@ -181,7 +197,7 @@ class EncoderBlock(nn.Module):
     )(y, mask, policy=policy, deterministic=deterministic)
     y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
     x = x + DropPath(self.drop_path)(y, deterministic=deterministic)
-    y = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name='norm2')(x)
+    y = norm('norm2', x)
     y = MlpBlock(
         self.mlp_dim, self.dropout, self.dtype, self.dot_general_cls, name='mlp'
     )(y, deterministic=deterministic)
