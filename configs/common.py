@@ -63,7 +63,10 @@ def base() -> ConfigDict:
   c.data.train_profile = COURSE_TRAIN_PROFILE  # source='tfds' only
   c.data.test_per_class = COURSE_TEST_PER_CLASS  # source='tfds' only
   c.data.val_fraction = 0.1  # stratified, seeded, from the training folders
-  c.data.sampling = 'natural'  # 'natural' | 'balanced' | 'sqrt'
+  # 'natural' | 'balanced' | 'sqrt'. Class weights and logit adjustment
+  # follow the distribution it draws (uniform when balanced: no double
+  # correction).
+  c.data.sampling = 'natural'
   c.data.pipeline = 'tf'  # 'tf' (tf.data on the host) | 'device' (JAX)
   c.data.log_sampled_images = 4096  # class counts of the first N sampled
 
@@ -126,6 +129,10 @@ def base() -> ConfigDict:
   # (weights, optimizer state, step) under this config, e.g. a lower
   # learning rate after a divergence. The split must be the same.
   c.train.resume_from = ''
+  # False: stop after training, without evaluating the test set: for recipe
+  # trials, which are compared on validation (metrics.jsonl's
+  # val/best_balanced_accuracy); the test set is for final configs.
+  c.train.final_evaluation = True
   c.train.distributed = False  # True: jax.distributed.initialize() first
 
   # Evaluation section.

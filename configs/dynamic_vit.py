@@ -15,6 +15,9 @@ rates, frozen first sixth, distillation) but without token dropping, so
 that the ViT's own extra training is not credited to token dropping:
   python -m vitjax.main --config=configs/dynamic_vit.py:cpu_dense --workdir=checkpoints/vit_cpu_dense
 `--config.sparse.distill=False` is the no-teacher ablation (CE + ratio).
+Since the correctness review the token distillation, as the official loss,
+passes no gradient to the keep decisions (before, it trained the
+predictors too).
 """
 
 from ml_collections import ConfigDict

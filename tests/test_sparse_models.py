@@ -391,6 +391,62 @@ def test_the_faithful_mode_is_the_official_computation():
   )
 
 
+def _official_block(p, x, running, num_heads):
+  """Block_ACT.forward_act of the official A-ViT, written from this block's
+  parameters: LayerNorm inputs and outputs times the running mask, and a
+  -1000 logit bias on halted keys (with the blocks' own tanh GELU)."""
+  m = running[..., None].astype(x.dtype)
+
+  def norm(q, v):
+    mean = v.mean(-1, keepdims=True)
+    var = ((v - mean) ** 2).mean(-1, keepdims=True)
+    return (v - mean) / jnp.sqrt(var + 1e-6) * q['scale'] + q['bias']
+
+  def dense(q, v, spec):
+    return jnp.einsum(spec, v, q['kernel']) + q['bias']
+
+  a = p['attn']
+  y = norm(p['norm1'], x * m) * m
+  q, k, v = (dense(a[n], y, 'bnd,dhe->bnhe') for n in ('query', 'key', 'value'))
+  logits = jnp.einsum('bqhe,bkhe->bhqk', q, k) / jnp.sqrt(q.shape[-1])
+  logits = logits - 1000.0 * (1.0 - running)[:, None, None, :]
+  o = jnp.einsum('bhqk,bkhe->bqhe', jax.nn.softmax(logits), v)
+  x = x + dense(a['out'], o, 'bqhe,hed->bqd')
+  y = norm(p['norm2'], x * m) * m
+  y = dense(p['mlp']['fc1'], y, 'bnd,df->bnf')
+  y = dense(p['mlp']['fc2'], jax.nn.gelu(y, approximate=True), 'bnf,fd->bnd')
+  return x + y
+
+
+def test_the_faithful_block_masks_as_the_official_block():
+  block = EncoderBlock(num_heads=2, mlp_dim=32)
+  x = jax.random.normal(jax.random.key(0), (2, 9, 16))
+  params = block.init(jax.random.key(1), x, deterministic=True)['params']
+  running = jnp.array(
+      [[1, 1, 0, 1, 0, 0, 1, 1, 1], [1, 0, 0, 0, 1, 1, 1, 0, 1]]
+  )
+  weights = jax.random.normal(jax.random.key(2), x.shape)
+
+  def ours(x):
+    y = block.apply(
+        {'params': params},
+        x,
+        running.astype(bool)[:, None, None, :],
+        token_mask=running.astype(bool),
+        deterministic=True,
+    )
+    return jnp.sum(y * weights), y
+
+  def official(x):
+    y = _official_block(params, x, running.astype(jnp.float32), 2)
+    return jnp.sum(y * weights), y
+
+  (_, y1), g1 = jax.value_and_grad(ours, has_aux=True)(x)
+  (_, y2), g2 = jax.value_and_grad(official, has_aux=True)(x)
+  np.testing.assert_allclose(y1, y2, atol=1e-5)  # halted rows too
+  np.testing.assert_allclose(g1, g2, atol=1e-5)
+
+
 def test_faithful_halted_tokens_keep_their_gradient_path():
   _, params, _, beta = _calibrated(2.0)
   x = _images(8, seed=11)

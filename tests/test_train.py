@@ -146,7 +146,9 @@ def test_a_run_continues_from_another_with_a_changed_config(
 
 
 def test_eval_mode_restores_best_latest_or_a_step(smoke_config, tmp_path):
-  _run(smoke_config, tmp_path / 'run')
+  first = _run(smoke_config, tmp_path / 'run')
+  # Rerunning a finished run trains nothing more and evaluates it again.
+  assert _run(smoke_config, tmp_path / 'run')['test'] == first['test']
   best = evaluate.evaluate_checkpoint(smoke_config, tmp_path / 'run', 'best')
   latest = evaluate.evaluate_checkpoint(
       smoke_config, tmp_path / 'run', 'latest'

@@ -44,6 +44,13 @@ def check_layout(workdir: Path) -> None:
     )
 
 
+def has_steps(workdir: Path) -> bool:
+  """Whether the workdir holds a finished save (orbax names them by step;
+  a save in progress has a temporary name)."""
+  steps = Path(workdir) / STEPS_DIR
+  return steps.is_dir() and any(p.name.isdigit() for p in steps.iterdir())
+
+
 class Checkpoints:
   """The saved steps of one workdir."""
 

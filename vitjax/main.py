@@ -83,5 +83,28 @@ def main(argv):
     sys.exit(e.exit_code)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with a mistake reported as one line and status 2
+  (ml_collections puts a config file's whole traceback in its message)."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    if len(lines) > 1 and any(l.startswith('Traceback') for l in lines):
+      cause = lines[-1].split(': ', 1)[-1]  # past the exception's type
+      lines = [
+          lines[0].removesuffix('Error whilst parsing config file:') + cause
+      ]
+    print(f'vitjax: {" ".join(lines)}', file=sys.stderr, flush=True)
+    sys.exit(2)
+  except (AttributeError, KeyError) as e:  # an override of no such field
+    cause = e
+    while cause.args and isinstance(cause.args[0], BaseException):
+      cause = cause.args[0]  # ml_collections wraps its KeyError
+    text = ' '.join(str(cause.args[0] if cause.args else cause).split())
+    print(f'vitjax: no such config field: {text}', file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
 if __name__ == '__main__':
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -96,9 +96,9 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 
 
 def copy_records(source: Path, destination: Path, up_to_step: int) -> None:
-  """Starts `destination` (if new) with the records of `source` up to a
+  """Starts `destination` afresh with the records of `source` up to a
   step: a run continued from another keeps the curves that led to it."""
-  if destination.exists() or not Path(source).exists():
+  if not Path(source).exists():
     return
   records = [r for r in read_records(source) if r['step'] <= up_to_step]
   destination.parent.mkdir(parents=True, exist_ok=True)

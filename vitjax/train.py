@@ -99,7 +99,8 @@ def make_train_step(
 def train_and_evaluate(
     config: ConfigDict, workdir: str | Path
 ) -> dict[str, Any]:
-  """Trains (or resumes) in workdir, then evaluates the best checkpoint."""
+  """Trains (or resumes) in workdir, then evaluates the best checkpoint
+  (unless train.final_evaluation is off) and returns the report."""
   t_start = time.monotonic()
   workdir = Path(workdir).expanduser()
   if config.train.distributed:
@@ -110,11 +111,12 @@ def train_and_evaluate(
     if jax.process_index() == 0:
       run.enter_context(workdir_lib.WorkdirLock(workdir))
     checkpoint.check_layout(workdir)  # before the config: its fields moved
-    workdir_lib.save_or_check_config(config, workdir)
+    fresh = not checkpoint.has_steps(workdir)
+    workdir_lib.save_or_check_config(config, workdir, fresh=fresh)
     mesh = sharding.make_mesh()
     _check_before_start(config, mesh)
     data = sources.load(config.data, config.seed)
-    workdir_lib.check_split(workdir, data.split_id, record=True)
+    workdir_lib.check_split(workdir, data.split_id, record=fresh)
     _log_data(data)
     batch_size = config.train.batch_size
     steps_per_epoch = math.ceil(len(data.train) / batch_size)
@@ -158,6 +160,8 @@ def train_and_evaluate(
         checkpoint.Checkpoints(workdir, config.train.keep_checkpoints)
     )
     origin, origin_meta = _starting_point(ckpts, config, workdir, data)
+    if origin is not None and origin is not ckpts:
+      run.enter_context(origin)  # closed once restored, or on a failure
     if origin is ckpts:  # a resume: the schedule it planned
       total_steps = int(origin_meta['total_steps'])
     elif config.train.time_budget_minutes > 0:
@@ -178,7 +182,7 @@ def train_and_evaluate(
       )
     tx, train_step, init = step_and_init(total_steps)
     best = ckpts.best_score()  # -inf before the first validation
-    if origin:
+    if origin is not None:
       state, meta = origin.restore(
           train_state.abstract(
               family.model, tx, use_ema, sharding.replicated(mesh)
@@ -186,7 +190,7 @@ def train_and_evaluate(
           'latest',
       )
       start, train_seconds = int(meta['step']), float(meta['train_seconds'])
-      if start >= total_steps:
+      if origin is not ckpts and start >= total_steps:
         raise errors.ConfigError(
             f'train.resume_from={config.train.resume_from!r} is at step '
             f'{start}, and this config trains {total_steps} steps; raise '
@@ -200,8 +204,6 @@ def train_and_evaluate(
           '' if origin is ckpts else f' of {origin.directory.parent}',
           f'{best:.4f}' if best > -math.inf else 'none yet',
       )
-      if origin is not ckpts:
-        origin.close()
     else:
       state, start, train_seconds = init(init_key), 0, 0.0
     parameter_overview.log_parameter_overview(state.params, include_stats=False)
@@ -278,6 +280,9 @@ def train_and_evaluate(
           raise Stopped(stop.requested, step, workdir)
     ckpts.wait()
     writer.flush()
+    if not config.train.final_evaluation:
+      # A recipe trial: it is judged on validation alone (logged above).
+      return {'step': total_steps, 'best_val_balanced_accuracy': best}
     return evaluate.evaluate_checkpoint(
         config, workdir, 'best', data=data, mesh=mesh, family=family
     )
@@ -341,13 +346,13 @@ def _starting_point(
   if meta or not config.train.resume_from:
     return (ckpts, meta) if meta else (None, None)
   source = Path(config.train.resume_from).expanduser()
-  workdir_lib.check_split(source, data.split_id, record=False)
-  origin = checkpoint.Checkpoints(source)
-  meta = origin.read_meta('latest')
-  if meta is None:
+  if not checkpoint.has_steps(source):
     raise checkpoint.CheckpointError(
         f'train.resume_from={config.train.resume_from!r} holds no checkpoint.'
     )
+  workdir_lib.check_split(source, data.split_id, record=False)
+  origin = checkpoint.Checkpoints(source)
+  meta = origin.read_meta('latest')
   # Its training curves up to that step continue in this run's.
   metric_writers.copy_records(
       source / 'metrics.jsonl', workdir / 'metrics.jsonl', int(meta['step'])

@@ -60,11 +60,18 @@ class WorkdirLock:
     self._file.close()
 
 
-def save_or_check_config(config: ConfigDict, workdir: Path) -> None:
-  """Writes config.json; a rerun must use the same training config."""
+def save_or_check_config(
+    config: ConfigDict, workdir: Path, *, fresh: bool
+) -> None:
+  """Writes config.json; a rerun must use the same training config.
+
+  fresh: the workdir holds no checkpoint yet, so a config.json there is
+  from a start that saved nothing (say one stopped by a start check), and
+  is replaced.
+  """
   path = workdir / 'config.json'
   current = json.loads(config.to_json_best_effort())
-  if path.exists():
+  if path.exists() and not fresh:
     diffs = _config_diff(json.loads(path.read_text()), current)
     # Evaluation settings may change between runs without harm.
     diffs = [d for d in diffs if not d.startswith('eval.')]
@@ -76,10 +83,14 @@ def save_or_check_config(config: ConfigDict, workdir: Path) -> None:
           'overrides to resume it, or pass a new --workdir.'
       )
   elif jax.process_index() == 0:
-    workdir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix('.tmp')
-    tmp.write_text(json.dumps(current, indent=1, sort_keys=True))
-    tmp.replace(path)
+    _write_json(path, current)
+
+
+def _write_json(path: Path, value: Any) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_suffix('.tmp')
+  tmp.write_text(json.dumps(value, indent=1, sort_keys=True))
+  tmp.replace(path)
 
 
 def check_split(
@@ -88,22 +99,21 @@ def check_split(
   """The data split must be the one the run in `workdir` trained on:
   otherwise its validation (and a fine-tune's) may hold its training images.
 
-  record: write split.json where it is missing (a new run); otherwise a
-  missing one is only warned about (a run from before vitjax kept it).
+  record: the run in `workdir` has saved no checkpoint yet: its split is
+  this one (split.json is written). Otherwise a missing split.json (a run
+  from before vitjax kept them) is only warned about.
   """
   path = workdir / 'split.json'
+  if record:
+    if jax.process_index() == 0:
+      _write_json(path, split_id)
+    return
   if not path.exists():
-    if record and jax.process_index() == 0:
-      workdir.mkdir(parents=True, exist_ok=True)
-      tmp = path.with_suffix('.tmp')
-      tmp.write_text(json.dumps(split_id, indent=1, sort_keys=True))
-      tmp.replace(path)
-    elif not record:
-      logging.warning(
-          '%s has no split.json (it predates them): its data split cannot '
-          'be checked.',
-          workdir,
-      )
+    logging.warning(
+        '%s has no split.json (it predates them): its data split cannot be '
+        'checked.',
+        workdir,
+    )
     return
   diffs = _config_diff(json.loads(path.read_text()), split_id)
   if diffs:

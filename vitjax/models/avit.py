@@ -12,12 +12,15 @@ zeroed and hidden as attention keys. ponder = N + r per token.
 `faithful=True` runs the official code's forward for the official prior
 loss (objectives.AViTObjective): halted tokens are zeroed for the forward
 pass only (the official `.data` assignment), so gradients pass as if they
-were not; the blocks mask their LayerNorms; every token, halted or not,
-gets a halting score from its raw block output, and the last block's score
-is recorded before it is set to 1. The running tokens' values, and so the
-predictions, are the same in both modes. One difference remains: halted
-keys are hidden exactly, not by the official -1000 logit bias, which only
-matters in an image whose every token has halted.
+were not; the blocks mask their LayerNorms' inputs and outputs; every
+token, halted or not, gets a halting score from its raw block output, and
+the last block's score is recorded before it is set to 1. The running
+tokens' values, and so the predictions, are the same in both modes. What
+still differs from the official training: it ran under fp16 autocast, and
+each GPU took its own batch's `h[1:]` and its own KL, where here one
+process's global batch does (the same on one device); halted keys are
+hidden exactly rather than by a -1000 logit bias, which agrees unless the
+attention logits spread by about 900.
 
 Two inference paths give the same predictions:
 - `__call__` (what the official code does): every block runs on every
@@ -79,8 +82,10 @@ class HaltState:
     active = self.active
     h_run = jnp.where(active, h, 0.0)
     cumulative = self.cumulative + h_run
-    halting = active & (cumulative >= 1.0 - eps)
-    still = active & ~halting
+    # As the official code: past 1 - eps a token halts (with its remainder),
+    # below it runs on; one exactly at it stops with no weight.
+    halting = active & (cumulative > 1.0 - eps)
+    still = active & (cumulative < 1.0 - eps)
     weight = jnp.where(still, h_run, jnp.where(halting, self.remainder, 0.0))
     return self.replace(
         cumulative=cumulative,
