@@ -52,7 +52,7 @@ def main(argv):
   logging.get_absl_handler().addFilter(_quiet_orbax)
   # pylint: disable=g-import-not-at-top
   import jax
-  from vitjax import errors, evaluate, train
+  from vitjax import errors, evaluate, stopping, train
 
   try:
     from vitjax.data import tf_pipeline
@@ -78,7 +78,7 @@ def main(argv):
     # A mistake the message explains: no traceback (a bug keeps its own).
     print(f'vitjax: {e}', file=sys.stderr, flush=True)
     sys.exit(2)
-  except train.Stopped as e:
+  except stopping.Stopped as e:
     print(f'vitjax: {e}', file=sys.stderr, flush=True)
     sys.exit(e.exit_code)
 

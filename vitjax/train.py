@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import math
 from pathlib import Path
-import signal
 import time
 from typing import Any, Callable
 
@@ -23,7 +22,7 @@ from ml_collections import ConfigDict
 import optax
 
 from vitjax import checkpoint, errors, evaluate, families, metric_writers
-from vitjax import mixing, sharding, time_budget, train_state
+from vitjax import mixing, sharding, stopping, time_budget, train_state
 from vitjax import workdir as workdir_lib
 from vitjax.data import pipelines, sources
 from vitjax.evaluators import classification
@@ -117,7 +116,7 @@ def train_and_evaluate(
     _check_before_start(config, mesh)
     data = sources.load(config.data, config.seed)
     workdir_lib.check_split(workdir, data.split_id, record=fresh)
-    _log_data(data)
+    data.log_counts()
     batch_size = config.train.batch_size
     steps_per_epoch = math.ceil(len(data.train) / batch_size)
     eval_every = max(1, round(config.train.eval_every_epochs * steps_per_epoch))
@@ -224,7 +223,7 @@ def train_and_evaluate(
     # A window: the steps between two log lines, whose metrics accumulate.
     window, window_start = metrics_cls.empty(), start
     t_window = time.monotonic()
-    with _StopRequest() as stop:
+    with stopping.StopRequest() as stop:
       for step, batch in zip(
           range(start + 1, total_steps + 1),
           pipeline.batches(start, total_steps),
@@ -277,7 +276,7 @@ def train_and_evaluate(
           t_window = time.monotonic()  # validating and saving are not training
         if stop.requested:
           ckpts.wait()  # the save is asynchronous; finish it first
-          raise Stopped(stop.requested, step, workdir)
+          raise stopping.Stopped(stop.requested, step, workdir)
     ckpts.wait()
     writer.flush()
     if not config.train.final_evaluation:
@@ -395,58 +394,3 @@ def _stop_if_diverged(
       '--config=<the same config and overrides> --workdir=<a new workdir>'
       f'{resume} --config.optim.lr={lr / 2:g}'
   )
-
-
-def _log_data(data: sources.Dataset) -> None:
-  for name in ('train', 'val', 'test'):
-    split = getattr(data, name)
-    counts = split.counts(data.num_classes)
-    logging.info(
-        '%s: %d images; per class %s',
-        name,
-        len(split),
-        dict(zip(data.class_names, counts.tolist())),
-    )
-
-
-class Stopped(KeyboardInterrupt):
-  """A run stopped by a signal after saving its step."""
-
-  def __init__(self, signal_name: str, step: int, workdir: Path):
-    super().__init__(
-        f'stopped by {signal_name} at step {step}, which is saved in '
-        f'{str(workdir)!r}; rerun the same command to resume.'
-    )
-    self.exit_code = 128 + signal.Signals[signal_name].value
-
-
-class _StopRequest:
-  """SIGTERM or a first Ctrl-C: finish the step, save, stop; a second one
-  kills at once. Signals are left alone off the main thread."""
-
-  _SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-  def __init__(self):
-    self.requested = ''  # the signal's name, once one came
-    self._previous = {}
-
-  def __enter__(self) -> '_StopRequest':
-    try:
-      self._previous = {
-          s: signal.signal(s, self._handle) for s in self._SIGNALS
-      }
-    except ValueError:  # not the main thread
-      self._previous = {}
-    return self
-
-  def __exit__(self, *exc) -> None:
-    for s, handler in self._previous.items():
-      signal.signal(s, handler)
-
-  def _handle(self, signum, frame):
-    del frame
-    self.requested = signal.Signals(signum).name
-    logging.warning(
-        '%s: saving the latest step, then stopping.', self.requested
-    )
-    signal.signal(signum, signal.SIG_DFL)

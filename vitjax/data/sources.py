@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from absl import logging
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
@@ -54,6 +55,17 @@ class Dataset:
   @property
   def num_classes(self) -> int:
     return len(self.class_names)
+
+  def log_counts(self) -> None:
+    for name in ('train', 'val', 'test'):
+      split = getattr(self, name)
+      counts = split.counts(self.num_classes).tolist()
+      logging.info(
+          '%s: %d images; per class %s',
+          name,
+          len(split),
+          dict(zip(self.class_names, counts)),
+      )
 
 
 def load(data_config, seed: int) -> Dataset:

@@ -35,21 +35,8 @@ def sparsity_report(
         'keep_ratio_per_stage': [k / patches for k in keep],
         'tokens_per_block': list(model.tokens_per_block(patches)),
     }
-  if isinstance(model, avit.AViT):
-    return _avit_report(
-        predictor, images, batch_size, speed_batch, speed_seconds
-    )
-  return {}
-
-
-def _avit_report(
-    predictor: Predictor,
-    images: np.ndarray,
-    batch_size: int,
-    speed_batch: int,
-    speed_seconds: float,
-) -> dict[str, Any]:
-  model = predictor.model
+  if not isinstance(model, avit.AViT):
+    return {}
   masked = jax.jit(predictor.apply)
   ready = jax.jit(predictor.prepare)(predictor.variables)  # for removal
   removal = lambda v, x: avit.token_removal_apply(model, v, x)
