@@ -76,5 +76,6 @@ def get_config(arg=None):
     c.eval.batch_size = 250
     c.eval.speed_batch = 32
     c.eval.speed_seconds = 0.05
+    c.eval.speed_rounds = 3
     c.data.log_sampled_images = 64
   return c

@@ -9,12 +9,15 @@ AdamW update, EMA) at config.train.batch_size; `--input` chooses what feeds
 it: fixed synthetic batches ('none': the model step alone), the tf.data
 pipeline or the device pipeline on the configured data. Inference images/s is
 the jitted forward at config.eval.speed_batch. Each figure is the median of
---repeats timings of --seconds each; the spread is printed beside it.
+--repeats rounds of about --seconds each, with its interquartile range.
+With --baseline=<another config> both are timed in one sitting, interleaved
+(vitjax/timing.py), and the ratios are printed:
+
+  python scripts/benchmark.py --config=configs/vit.py:cpu \
+      --baseline=configs/vit.py:cpu --baseline.model.dtype=float32
 """
 
 import os
-import statistics
-import time
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -24,35 +27,31 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file.', lock_config=True
 )
+_BASELINE = config_flags.DEFINE_config_file(
+    'baseline', None, 'A second config, timed with --config, interleaved.'
+)
 _INPUT = flags.DEFINE_enum(
     'input', 'none', ['none', 'tf', 'device'], 'What feeds the train step.'
 )
-_REPEATS = flags.DEFINE_integer('repeats', 5, 'Timed repeats per figure.')
-_SECONDS = flags.DEFINE_float('seconds', 10.0, 'Length of one repeat.')
+_REPEATS = flags.DEFINE_integer('repeats', 5, 'Interleaved timing rounds.')
+_SECONDS = flags.DEFINE_float(
+    'seconds', 10.0, 'Length of one timing of one candidate.'
+)
 flags.mark_flags_as_required(['config'])
 
 
-def _timed(run_steps, batch: int) -> tuple[float, list[float]]:
-  """Median images/s of run_steps(n) -> seconds, over the repeats."""
-  run_steps(3)  # compile, warm caches and let tf.data autotune settle
-  per_step = run_steps(3) / 3
-  n = max(2, int(_SECONDS.value / max(per_step, 1e-4)))
-  rates = [n * batch / run_steps(n) for _ in range(_REPEATS.value)]
-  return statistics.median(rates), rates
-
-
-def main(argv):
-  del argv
+def _candidates(config, label: str) -> tuple[dict, str]:
+  """Timing candidates for a config's train step and inference, and a line
+  describing the model."""
   # pylint: disable=g-import-not-at-top
   import jax
   import numpy as np
   import optax
   from vitjax import losses, models, objectives, optimizers, sharding, train
-  from vitjax import train_state
+  from vitjax import timing, train_state
   from vitjax.data import pipelines, sources
   from vitjax.evaluators import classification, cost
 
-  config = _CONFIG.value
   mesh = sharding.make_mesh()
   batch = config.train.batch_size
   num_classes = 10
@@ -94,18 +93,13 @@ def main(argv):
       out_shardings=sharding.replicated(mesh),
   )(jax.random.key(0))
   metrics = train.make_metrics_cls(()).empty()
-  position = [0]
+  # The batch iterator runs across calls, so that tf.data keeps streaming.
+  stream = batches(0, 10**9)
 
-  def run_train(n):
+  def train_step():
     nonlocal state, metrics
-    start = time.perf_counter()
-    for b in batches(position[0], position[0] + n):
-      state, metrics = step(state, b, metrics)
-    jax.block_until_ready(state.params)
-    position[0] += n
-    return time.perf_counter() - start
-
-  train_rate, train_rates = _timed(run_train, batch)
+    state, metrics = step(state, next(stream), metrics)
+    return state.params
 
   predict = classification.make_predict_fn(
       classification.model_logits(model), mesh
@@ -115,32 +109,52 @@ def main(argv):
       np.zeros((eval_batch,) + sources.IMAGE_SHAPE, np.uint8),
       sharding.batch_sharding(mesh),
   )
+  m = config.model
+  about = (
+      f'{label}: model {m.name} dim {m.hidden_dim} depth {m.depth} patch '
+      f'{m.patch_size} dtype {m.dtype}; {cost.param_count(state.params):,} '
+      f'parameters, {cost.vit_macs(model) / 1e6:.1f} M MACs/image'
+  )
+  return {
+      f'{label} train': timing.Candidate(train_step, batch),
+      f'{label} infer': timing.Candidate(
+          lambda: predict({'params': state.params}, images), eval_batch
+      ),
+  }, about
 
-  def run_infer(n):
-    start = time.perf_counter()
-    for _ in range(n):
-      out = predict({'params': state.params}, images)
-    jax.block_until_ready(out)
-    return time.perf_counter() - start
 
-  infer_rate, infer_rates = _timed(run_infer, eval_batch)
-  spread = lambda r: f'(min {min(r):.0f}, max {max(r):.0f})'
+def main(argv):
+  del argv
+  import jax  # pylint: disable=g-import-not-at-top
+  from vitjax import timing  # pylint: disable=g-import-not-at-top
+
+  candidates, about = _candidates(_CONFIG.value, 'config')
+  lines = [about]
+  if _BASELINE.value is not None:
+    more, about = _candidates(_BASELINE.value, 'baseline')
+    candidates.update(more)
+    lines.append(about)
+  t = timing.interleaved(
+      candidates, rounds=_REPEATS.value, seconds=_SECONDS.value
+  )
   print(
       f'device: {jax.device_count()} x {jax.devices()[0].device_kind}; '
-      f'jax {jax.__version__}; model {config.model.name} '
-      f'dim {config.model.hidden_dim} depth {config.model.depth} patch '
-      f'{config.model.patch_size} dtype {config.model.dtype}; '
-      f'{cost.param_count(state.params):,} parameters, '
-      f'{cost.vit_macs(model) / 1e6:.1f} M MACs/image'
+      f'jax {jax.__version__}; input {_INPUT.value}; each figure the median '
+      f'of {_REPEATS.value} interleaved rounds of about {_SECONDS.value} s, '
+      'with its interquartile range'
   )
-  print(
-      f'train  (batch {batch}, input {_INPUT.value}): {train_rate:.0f} '
-      f'images/s {spread(train_rates)}, median of {_REPEATS.value}'
-  )
-  print(
-      f'infer  (batch {eval_batch}): {infer_rate:.0f} images/s '
-      f'{spread(infer_rates)}, median of {_REPEATS.value}'
-  )
+  print('\n'.join(lines))
+  for name, c in candidates.items():
+    print(
+        f'{name:16} (batch {c.items}): '
+        f'{t.rate(name).format(" images/s", 0)}'
+    )
+  if _BASELINE.value is not None:
+    for what in ('train', 'infer'):
+      print(
+          f'config over baseline, {what}: '
+          f'{t.ratio(f"config {what}", f"baseline {what}").format("x")}'
+      )
 
 
 if __name__ == '__main__':

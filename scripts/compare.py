@@ -5,7 +5,8 @@
 
 Each workdir's best checkpoint is evaluated with the config it was trained
 with (its config.json), once in float and once in int8 (frozen int8 serving
-with aqtp), on the test set. Written to --out: report.md (the table, like
+with aqtp), on the test set; then all of them are timed together,
+interleaved, with speed-ups over the first workdir's float model. Written to --out: report.md (the table, like
 the lab report's §6.2), report.json, accuracy_vs_macs.png,
 per_class_recall.png and curves.png (training curves side by side).
 """
@@ -26,6 +27,10 @@ _INT8_PATH = flags.DEFINE_enum(
 _SPEED_BATCH = flags.DEFINE_integer(
     'speed_batch', 256, 'Batch of the images/s figure.'
 )
+_ROUNDS = flags.DEFINE_integer('rounds', 10, 'Interleaved timing rounds.')
+_SECONDS = flags.DEFINE_float(
+    'seconds', 0.2, 'Seconds per model per timing round.'
+)
 
 COLUMNS = (
     'model',
@@ -38,18 +43,24 @@ COLUMNS = (
     'weight MB',
     'latency bs1 (ms)',
     'images/s',
+    'speed-up bs1',
+    'speed-up',
     'train time',
 )
 
 
-def _row(report: dict) -> dict:
+def _row(report: dict, speed: dict, batch: int) -> dict:
+  from vitjax.evaluators import report as report_lib  # pylint: disable=g-import-not-at-top
+
   c, t = report['cost'], report['test']
   q = report.get('quantization', {})
   weight_bytes = q.get('int8_model_bytes', 4 * c['parameters'])
   minutes = report.get('train_seconds', float('nan')) / 60
-  from vitjax.evaluators import report as report_lib  # pylint: disable=g-import-not-at-top
-
-  rate, _ = report_lib.serving_images_per_second(report)
+  ratio = lambda at: (
+      report_lib.format_spread(speed['speedup'][at], 'x')
+      if 'speedup' in speed
+      else '1 (baseline)'
+  )
   return {
       'model': report['label'],
       'precision': report['precision'],
@@ -59,8 +70,10 @@ def _row(report: dict) -> dict:
       'params': f'{c["parameters"] / 1e6:.2f} M',
       'MMACs/image': f'{c["macs_per_image"] / 1e6:.1f}',
       'weight MB': f'{weight_bytes / 2**20:.2f}',
-      'latency bs1 (ms)': f'{c["latency_ms_batch1"]:.2f}',
-      'images/s': f'{rate:.0f}',
+      'latency bs1 (ms)': f'{speed["latency_ms_batch1"]["median"]:.2f}',
+      'images/s': f'{speed["images_per_second"]["median"]:.0f}',
+      'speed-up bs1': ratio('batch 1'),
+      'speed-up': ratio(f'batch {batch}'),
       'train time': f'{minutes:.1f} min',
   }
 
@@ -69,56 +82,89 @@ def main(argv):
   # pylint: disable=g-import-not-at-top
   from ml_collections import ConfigDict
   import numpy as np
-  from vitjax import evaluate, metric_writers
+  from vitjax import evaluate, metric_writers, sharding
+  from vitjax.data import sources
+  from vitjax.evaluators import speed
 
   workdirs = [Path(w) for w in argv[1:]]
   if not workdirs:
     raise app.UsageError('name the workdirs to compare.')
   out = Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)
-  reports = []
+  mesh = sharding.make_mesh()
+  reports, predictors = {}, {}
   for workdir in workdirs:
     cfg_path = workdir / 'config.json'
     if not cfg_path.exists():
       raise app.UsageError(f'{workdir} holds no run (no config.json).')
+    data = None
     for precision in ('float', 'int8'):
       config = ConfigDict(json.loads(cfg_path.read_text()))
       if _DATA_ROOT.value:
         config.data.root = _DATA_ROOT.value
-      config.eval.speed_batch = _SPEED_BATCH.value
-      config.eval.speed_seconds = 1.0
       if precision == 'int8':
         config.eval.quant, config.eval.quant_path = 'int8', _INT8_PATH.value
+      data = data or sources.load(config.data, config.seed)
       logging.info('Evaluating %s in %s', workdir, precision)
-      report = evaluate.evaluate_checkpoint(config, workdir, 'best')
+      restored = evaluate.restore_predictors(
+          config, workdir, 'best', data=data, mesh=mesh
+      )
+      report = evaluate.evaluate_checkpoint(
+          config,
+          workdir,
+          'best',
+          data=data,
+          mesh=mesh,
+          restored=restored,
+          timed=False,
+      )
       report['label'] = workdir.name
-      reports.append(report)
-
-  rows = [_row(r) for r in reports]
+      name = f'{workdir.name} {precision}'
+      reports[name], predictors[name] = report, restored.predictor
+  # Every model timed in one sitting, interleaved, against the first one.
+  baseline = next(iter(predictors))
+  logging.info('Timing %d models interleaved', len(predictors))
+  speeds = speed.speed_report(
+      predictors,
+      mesh,
+      data.test.images,
+      _SPEED_BATCH.value,
+      rounds=_ROUNDS.value,
+      seconds=_SECONDS.value,
+      baseline=baseline,
+  )
+  batch = speeds[baseline]['batch']
+  for name, report in reports.items():
+    report['speed'] = {'model': speeds[name], 'device': speeds['device']}
+  rows = [_row(reports[n], speeds[n], batch) for n in reports]
   header = [
-      f'{c} bs{_SPEED_BATCH.value}' if c == 'images/s' else c for c in COLUMNS
+      f'{c} bs{batch}' if c in ('images/s', 'speed-up') else c for c in COLUMNS
   ]
   table = ['| ' + ' | '.join(header) + ' |', '|' + '---|' * len(COLUMNS)]
   table += ['| ' + ' | '.join(r[c] for c in COLUMNS) + ' |' for r in rows]
-  device = reports[0]['cost']['device']
+  first = next(iter(reports.values()))
   text = '\n'.join(
       [
-          f'# Accuracy against cost ({device})',
+          f'# Accuracy against cost ({speeds["device"]})',
           '',
           'Best checkpoint of each run, test set '
-          f'({reports[0]["test"]["num_images"]:,} images). '
+          f'({first["test"]["num_images"]:,} images). '
           f"int8 = {_INT8_PATH.value} path with aqtp (W8A8 on the blocks' "
-          'Dense layers). Latency at batch 1 and images/s at batch '
-          f"{_SPEED_BATCH.value} are medians of 5 timings (A-ViT's images/s: "
-          'its token-removal path).',
+          'Dense layers). Every model was timed in one sitting, interleaved '
+          f'({_ROUNDS.value} rounds, vitjax/timing.py): latency at batch 1 '
+          f'and images/s at batch {batch} are medians over the rounds, and '
+          f'each speed-up over {baseline} is the median of per-round ratios '
+          "with its interquartile range. A-ViT's images/s: its "
+          'token-removal path.',
           '',
           *table,
           '',
       ]
   )
   (out / 'report.md').write_text(text)
-  (out / 'report.json').write_text(json.dumps(reports, indent=1))
+  (out / 'report.json').write_text(json.dumps(list(reports.values()), indent=1))
   print(text)
+  reports = list(reports.values())
 
   import matplotlib.pyplot as plt
 

@@ -87,7 +87,7 @@ def smoke_config(tiny_data_root, tmp_path):
   c.train.log_every_steps = 5
   c.eval.batch_size = 32
   c.eval.speed_batch = 16
-  c.eval.speed_seconds = 0.02
+  c.eval.speed_seconds, c.eval.speed_rounds = 0.02, 2
   c.data.val_fraction = 0.2
   c.data.log_sampled_images = 32
   return c
@@ -103,7 +103,8 @@ def trained_vit_workdir(tmp_path_factory, tiny_data_root) -> Path:
   c.data.cache_dir = str(tmp_path_factory.mktemp('cache'))
   c.data.val_fraction = 0.2
   c.train.batch_size, c.train.epochs, c.train.eval_every_epochs = 16, 3.0, 1.0
-  c.eval.batch_size, c.eval.speed_batch, c.eval.speed_seconds = 32, 16, 0.02
+  c.eval.batch_size, c.eval.speed_batch = 32, 16
+  c.eval.speed_seconds, c.eval.speed_rounds = 0.02, 2
   workdir = tmp_path_factory.mktemp('vit')
   train.train_and_evaluate(c, str(workdir))
   return workdir

@@ -36,6 +36,13 @@ def test_dynamic_vit_starts_from_the_vit_and_reports_against_it(
   assert cost['predictor_macs_per_image'] > 0
   assert cost['macs_per_image'] < t_cost['macs_per_image']
   assert cost['parameters'] > t_cost['parameters']  # + the predictors
+  # Timed together with its teacher: both batches, ratios with a spread.
+  speed = report['speed']['model']
+  assert speed['speedup_over'] == 'teacher'
+  for at in ('batch 16', 'batch 1'):
+    r = speed['speedup'][at]
+    assert 0 < r['q25'] <= r['median'] <= r['q75'], at
+  assert report['speed']['teacher']['images_per_second']['median'] > 0
   records = [
       json.loads(l)
       for l in (tmp_path / 'dvit' / 'metrics.jsonl').read_text().splitlines()
@@ -117,6 +124,9 @@ def test_avit_calibrates_its_gate_and_reports_depths(
       (np.arange(1, 3) * halts).sum(), sp['mean_depth_per_token'], rtol=1e-6
   )
   assert sp['token_removal_agreement'] == 1.0
+  speed = report['speed']['model']
+  assert speed['masked_images_per_second']['median'] > 0
+  assert speed['path'].startswith('token removal')
   assert len(sp['tokens_per_block']) == 2
   assert (tmp_path / 'avit' / 'eval' / 'halting.png').exists()
   # Evaluation alone reuses the stored calibration.

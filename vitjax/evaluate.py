@@ -7,6 +7,7 @@ table. The measurements themselves live in vitjax/evaluators/.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -19,30 +20,33 @@ from vitjax import checkpoint, errors, families, quantization, sharding
 from vitjax import train_state, workdir as workdir_lib
 from vitjax.data import sources
 from vitjax.evaluators import classification, cost, report as report_lib
-from vitjax.evaluators import sparsity
+from vitjax.evaluators import sparsity, speed
 from vitjax.evaluators.classification import Predictor
 
 
-def evaluate_checkpoint(
+@dataclasses.dataclass(frozen=True)
+class Restored:
+  """A checkpoint's predictors, ready to evaluate or time."""
+
+  predictor: Predictor  # what is evaluated: float, or int8 with eval.quant
+  float_predictor: Predictor
+  teacher: Predictor | None  # a sparse model's dense teacher
+  header: dict[str, Any]  # what the report says of the checkpoint
+
+
+def restore_predictors(
     config: ConfigDict,
     workdir: str | Path,
     which: str | int,
     *,
-    data=None,
-    mesh=None,
+    data: sources.Dataset,
+    mesh,
     family: families.ModelFamily | None = None,
-) -> dict[str, Any]:
-  """Restores a checkpoint, evaluates it on val and test, writes the report.
-
-  With eval.quant='int8' the checkpoint is evaluated in int8 (see
-  vitjax/quantization.py), with its float predictions for comparison.
-  Sparse models also report their dense teacher's accuracy and speed.
-  `data`, `mesh` and `family` spare a caller that has them their rebuilding.
-  """
+) -> Restored:
+  """Restores a checkpoint; with eval.quant='int8' converts it to int8
+  (see vitjax/quantization.py)."""
   workdir = Path(workdir).expanduser()
-  data = data or sources.load(config.data, config.seed)
   workdir_lib.check_split(workdir, data.split_id, record=False)
-  mesh = mesh or sharding.make_mesh()
   family = family or families.build(config, data, 1, mesh, workdir)
   # The optimizer's structure, not its schedule, shapes the saved state.
   tx, _ = family.make_optimizer(1)
@@ -54,10 +58,8 @@ def evaluate_checkpoint(
     # The run's whole training time is in its latest checkpoint.
     train_seconds = ckpts.read_meta('latest')['train_seconds']
   params = state.eval_params(config.eval.use_ema)
-  ev = config.eval
   float_predictor = Predictor(family.model, {'params': params})
-  name = str(which)
-  report = {
+  header = {
       'checkpoint': f'{which} (step {meta["step"]})',
       'workdir': str(workdir),
       'step': int(meta['step']),
@@ -65,48 +67,87 @@ def evaluate_checkpoint(
       'class_names': list(data.class_names),
       'train_seconds': float(train_seconds),
   }
-  if ev.quant == 'int8':
-    predictor, report['quantization'] = _int8_predictor(
-        config, float_predictor, data, mesh, workdir / 'int8' / name
+  quant = config.eval.quant
+  if quant == 'int8':
+    predictor, header['quantization'] = _int8_predictor(
+        config, float_predictor, data, mesh, workdir / 'int8' / str(which)
     )
-    name += '_int8'
-  elif ev.quant == 'none':
+  elif quant == 'none':
     predictor = float_predictor
   else:
     raise errors.ConfigError(
-        f"eval.quant={ev.quant!r}: expected 'none' or 'int8'."
+        f"eval.quant={quant!r}: expected 'none' or 'int8'."
     )
-  report['precision'] = 'int8' if ev.quant == 'int8' else 'float'
+  header['precision'] = 'int8' if quant == 'int8' else 'float'
+  teacher = None
+  if family.teacher is not None:
+    teacher = Predictor(family.teacher.model, {'params': family.teacher.params})
+    header['teacher'] = {
+        'workdir': config.sparse.init_from,
+        'step': family.teacher.step,
+    }
+  return Restored(predictor, float_predictor, teacher, header)
+
+
+def evaluate_checkpoint(
+    config: ConfigDict,
+    workdir: str | Path,
+    which: str | int,
+    *,
+    data=None,
+    mesh=None,
+    family: families.ModelFamily | None = None,
+    restored: Restored | None = None,
+    timed: bool = True,
+) -> dict[str, Any]:
+  """Restores a checkpoint, evaluates it on val and test, writes the report.
+
+  With eval.quant='int8' the checkpoint is evaluated in int8, with its
+  float predictions for comparison. Sparse models also report their dense
+  teacher's accuracy, and (`timed`) its speed timed interleaved with theirs.
+  `data`, `mesh`, `family` and `restored` spare a caller that has them their
+  rebuilding; `timed=False` leaves the timing to a caller that times several
+  checkpoints together (scripts/compare.py).
+  """
+  workdir = Path(workdir).expanduser()
+  data = data or sources.load(config.data, config.seed)
+  mesh = mesh or sharding.make_mesh()
+  restored = restored or restore_predictors(
+      config, workdir, which, data=data, mesh=mesh, family=family
+  )
+  predictor, ev = restored.predictor, config.eval
+  report = dict(restored.header)
   report['sparsity'] = sparsity.sparsity_report(
-      predictor,
-      data.test.images,
-      ev.batch_size,
-      ev.speed_batch,
-      ev.speed_seconds,
+      predictor, data.test.images, ev.batch_size
   )
   report.update(_accuracy(predictor, data, ev.batch_size, mesh))
   report['cost'] = cost.cost_report(
       predictor,
-      mesh,
-      ev.speed_batch,
-      ev.speed_seconds,
       # A-ViT's cost depends on the images: count what the test set ran.
       report['sparsity'].get('tokens_per_block')
       if config.model.name == 'avit'
       else None,
-      float_params=params,
+      float_params=restored.float_predictor.params,
   )
-  if family.teacher is not None:
-    teacher = Predictor(family.teacher.model, {'params': family.teacher.params})
-    report['teacher'] = {
-        'workdir': config.sparse.init_from,
-        'step': family.teacher.step,
-        **_accuracy(teacher, data, ev.batch_size, mesh),
-        'cost': cost.cost_report(
-            teacher, mesh, ev.speed_batch, ev.speed_seconds
-        ),
-    }
+  timed_predictors = {'model': predictor}
+  if restored.teacher is not None:
+    report['teacher'].update(
+        _accuracy(restored.teacher, data, ev.batch_size, mesh),
+        cost=cost.cost_report(restored.teacher),
+    )
+    timed_predictors['teacher'] = restored.teacher
+  if timed:
+    report['speed'] = speed.speed_report(
+        timed_predictors,
+        mesh,
+        data.test.images,
+        ev.speed_batch,
+        rounds=ev.speed_rounds,
+        seconds=ev.speed_seconds,
+        baseline='teacher' if restored.teacher is not None else None,
+    )
   if jax.process_index() == 0:
+    name = str(which) + ('_int8' if report['precision'] == 'int8' else '')
     path = report_lib.write_report(
         report,
         workdir / 'eval',

@@ -1,4 +1,4 @@
-"""Cost of a model: parameters, MACs per image, measured speed.
+"""Cost of a model: parameters and MACs per image.
 
 MACs follow the fvcore / paper convention (DynamicViT and A-ViT count
 them so): matmuls and convolutions only; LayerNorm, softmax and GELU are
@@ -7,16 +7,13 @@ not counted.
 
 from __future__ import annotations
 
-import statistics
-import time
 from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
 
-from vitjax import sharding
 from vitjax.data.sources import IMAGE_SHAPE
-from vitjax.evaluators.classification import Predictor, make_predict_fn
+from vitjax.evaluators.classification import Predictor
 
 
 def param_count(params: Any) -> int:
@@ -79,65 +76,25 @@ def xla_flops(fn: Callable, *args) -> float:
   return float(cost.get('flops', float('nan'))) if cost else float('nan')
 
 
-def images_per_second(
-    fn: Callable, *args, batch: int, repeats: int = 5, min_seconds: float = 0.5
-) -> float:
-  """Median throughput of an already jitted fn(*args) over `repeats` runs.
-
-  Each run loops long enough (min_seconds) to average out timer noise.
-  """
-  jax.block_until_ready(fn(*args))  # compile and warm up
-  rates = []
-  for _ in range(repeats):
-    n, start = 0, time.perf_counter()
-    while True:
-      jax.block_until_ready(fn(*args))
-      n += 1
-      elapsed = time.perf_counter() - start
-      if elapsed >= min_seconds:
-        break
-    rates.append(n * batch / elapsed)
-  return statistics.median(rates)
-
-
 def cost_report(
     predictor: Predictor,
-    mesh,
-    speed_batch: int,
-    speed_seconds: float = 0.5,
     tokens_per_block=None,
     float_params: Any = None,
 ) -> dict[str, Any]:
-  """Parameters, MACs per image (analytic and XLA's count), speed.
+  """Parameters and MACs per image, analytic and as XLA counts them.
 
   tokens_per_block: measured per-block token counts (A-ViT); by default the
   model's static ones. float_params: what to count as the parameters when
   the predictor's own tree lacks some (an int8 server keeps its quantized
-  kernels outside 'params').
+  kernels outside 'params'). Speed is measured apart (evaluators/speed.py),
+  with the models it is compared with.
   """
   model, variables = predictor.model, predictor.variables
-  predict_fn = make_predict_fn(predictor.logits, mesh)
-  batch = max(speed_batch // mesh.size, 1) * mesh.size
-  images = jax.device_put(
-      np.zeros((batch,) + IMAGE_SHAPE, np.uint8), sharding.batch_sharding(mesh)
-  )
   single = np.zeros((1,) + IMAGE_SHAPE, np.uint8)
-  one = jax.jit(predictor.logits)
   return {
       'parameters': param_count(
           variables['params'] if float_params is None else float_params
       ),
       **model_macs(model, IMAGE_SHAPE[0], tokens_per_block),
-      'xla_flops_per_image': xla_flops(one, variables, single),
-      'inference_images_per_second': images_per_second(
-          predict_fn, variables, images, batch=batch, min_seconds=speed_seconds
-      ),
-      'inference_batch': batch,
-      'latency_ms_batch1': (
-          1000.0
-          / images_per_second(
-              one, variables, single, batch=1, min_seconds=speed_seconds
-          )
-      ),
-      'device': f'{jax.device_count()} x {jax.devices()[0].device_kind}',
+      'xla_flops_per_image': xla_flops(predictor.logits, variables, single),
   }

@@ -8,17 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from vitjax import metric_writers, plots
-
-
-def serving_images_per_second(report: dict[str, Any]) -> tuple[float, str]:
-  """The batch images/s a model serves at, and the path when it is not the
-  plain forward: A-ViT serves through token removal (its masked path is no
-  faster than dense)."""
-  sp = report.get('sparsity', {})
-  if 'token_removal_images_per_second' in sp:
-    return sp['token_removal_images_per_second'], 'token removal'
-  return report['cost']['inference_images_per_second'], ''
+from vitjax import metric_writers, plots, timing
 
 
 def write_report(
@@ -81,20 +71,23 @@ def format_table(report: dict[str, Any], class_names: tuple[str, ...]) -> str:
     )
   c = report['cost']
   sp = report.get('sparsity', {})
+  speed = report.get('speed', {}).get('model')
   if 'teacher' in report:
     t = report['teacher']
-    rate, path = serving_images_per_second(report)
     rows.append(
         f'teacher (dense ViT) test balanced accuracy '
         f'{t["test"]["balanced_accuracy"]:.4f}; drop '
         f'{t["test"]["balanced_accuracy"] - report["test"]["balanced_accuracy"]:+.4f}; '
-        f'MACs ratio {c["macs_per_image"] / t["cost"]["macs_per_image"]:.3f}; '
-        f'speed-up at batch {c["inference_batch"]} '
-        f'{rate / t["cost"]["inference_images_per_second"]:.2f}x'
-        f'{f" ({path})" if path else ""}, '
-        f'at batch 1 {t["cost"]["latency_ms_batch1"] / c["latency_ms_batch1"]:.2f}x'
-        + (' (masked)' if path else '')
+        f'MACs ratio {c["macs_per_image"] / t["cost"]["macs_per_image"]:.3f}'
     )
+    if speed:
+      rows.append(
+          'speed-up over the teacher, timed interleaved: '
+          + '; '.join(
+              f'{at} {format_spread(r, "x")}'
+              for at, r in speed['speedup'].items()
+          )
+      )
   q = report.get('quantization')
   if q:
     line = (
@@ -115,17 +108,33 @@ def format_table(report: dict[str, Any], class_names: tuple[str, ...]) -> str:
         f'A-ViT: mean depth {sp["mean_depth_per_token"]:.2f} blocks '
         f'per token (class token {sp["mean_depth_cls_token"]:.2f}); '
         f'token removal agrees on {sp["token_removal_agreement"]:.4f} '
-        f'of images; {sp["masked_images_per_second"]:.0f} images/s '
-        f'masked vs {sp["token_removal_images_per_second"]:.0f} with '
-        'token removal'
+        'of images'
+        + (
+            f'; {speed["masked_images_per_second"]["median"]:.0f} images/s '
+            f'masked vs {speed["images_per_second"]["median"]:.0f} with '
+            'token removal'
+            if speed
+            else ''
+        )
     )
   rows.append(
       f'parameters {c["parameters"]:,}; {c["macs_per_image"] / 1e6:.1f} M '
-      f'MACs/image; {c["inference_images_per_second"]:.0f} images/s at batch '
-      f'{c["inference_batch"]}; {c["latency_ms_batch1"]:.2f} ms at batch 1 '
-      f'({c["device"]})'
+      'MACs/image'
   )
+  if speed:
+    rows.append(
+        f'{format_spread(speed["images_per_second"], " images/s", 0)} at '
+        f'batch {speed["batch"]}; '
+        f'{format_spread(speed["latency_ms_batch1"], " ms")} at batch 1 '
+        f'({report["speed"]["device"]}; medians of {speed["rounds"]} '
+        'interleaved rounds)'
+    )
   return '\n'.join(rows)
+
+
+def format_spread(spread: dict[str, float], unit: str = '', digits=2) -> str:
+  """A timing.Spread's dict as 'median (IQR q25-q75)'."""
+  return timing.Spread(**spread).format(unit, digits)
 
 
 def print_report(report: dict[str, Any], class_names: tuple[str, ...]) -> None:

@@ -1,8 +1,8 @@
 """What a sparse model computes on a set of images (the test set).
 
 DynamicViT: its static stage layout. A-ViT: mean depth per token (and of
-the class token), tokens per block, where tokens halt, and both inference
-paths: their agreement and their speed.
+the class token), tokens per block, where tokens halt, and whether its two
+inference paths agree (their speed: evaluators/speed.py).
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from typing import Any
 import jax
 import numpy as np
 
-from vitjax.evaluators import cost
 from vitjax.evaluators.classification import Predictor
 from vitjax.models import avit, dynamic_vit
 
@@ -21,8 +20,6 @@ def sparsity_report(
     predictor: Predictor,
     images: np.ndarray,
     batch_size: int,
-    speed_batch: int,
-    speed_seconds: float,
 ) -> dict[str, Any]:
   """{} for a dense model."""
   model = predictor.model
@@ -54,13 +51,6 @@ def sparsity_report(
       np.bincount(depth.astype(int).ravel() - 1, minlength=model.depth)
       / depth.size
   )
-  # What A-ViT computes depends on the images, and the test set is sorted
-  # by class: time a seeded sample of all classes, not the first class.
-  sample = np.random.default_rng(0).permutation(len(images))[:speed_batch]
-  speed_x = images[np.sort(sample)]
-  rate = lambda fn, v: cost.images_per_second(
-      fn, v, speed_x, batch=len(speed_x), min_seconds=speed_seconds
-  )
   return {
       'gate_center': model.gate_center,
       'mean_depth_per_token': float(depth.mean()),
@@ -70,11 +60,4 @@ def sparsity_report(
       'token_removal_agreement': float(
           np.mean(np.concatenate(preds) == np.concatenate(removal_preds))
       ),
-      'masked_images_per_second': rate(
-          lambda v, x: masked(v, x)[0], predictor.variables
-      ),
-      'token_removal_images_per_second': rate(
-          lambda v, x: removal(v, x)[0], ready
-      ),
-      'speed_batch': int(len(speed_x)),
   }

@@ -1,0 +1,116 @@
+"""How fast predictors serve, timed together so their ratios hold.
+
+Each predictor is timed at a batch (images/s) and at batch 1 (latency of
+one image, waited for), on the same seeded test images, all of them
+interleaved by vitjax/timing.py. A model is timed on the path it serves
+with: A-ViT at a batch on token removal (its masked path, which runs every
+block on every token, is timed beside it for comparison), and at batch 1 on
+the masked path (token removal plans each block on the host, which costs
+more than one image's skipped tokens save).
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable, Mapping
+
+import jax
+import numpy as np
+
+from vitjax import sharding, timing
+from vitjax.evaluators.classification import Predictor, make_predict_fn
+from vitjax.models import avit
+
+# Distinct images cycled through at batch 1: A-ViT's work depends on the image.
+_SINGLE_IMAGES = 64
+
+
+def _serving_fn(
+    predictor: Predictor, mesh, batch: int
+) -> Callable[[Any, Any], Any]:
+  """(variables, images) -> logits, as the model serves at this batch."""
+  if isinstance(predictor.model, avit.AViT) and batch > 1:
+    ready = jax.jit(predictor.prepare)
+    model = predictor.model
+    return lambda v, x: avit.token_removal_apply(model, ready(v), x)[0]
+  if batch == 1:
+    return jax.jit(predictor.logits)
+  return make_predict_fn(predictor.logits, mesh)
+
+
+def _candidates(
+    name: str, predictor: Predictor, mesh, images: np.ndarray
+) -> dict[str, timing.Candidate]:
+  """images: the batch timed; 64 of them are cycled through at batch 1."""
+  batch = len(images)
+  serve = _serving_fn(predictor, mesh, batch)
+  batched = jax.device_put(images, sharding.batch_sharding(mesh))
+  # Spread over the batch, which keeps the test set's class order.
+  spread = np.linspace(0, batch - 1, min(batch, _SINGLE_IMAGES)).astype(int)
+  singles = itertools.cycle([jax.device_put(images[i : i + 1]) for i in spread])
+  serve_one = _serving_fn(predictor, mesh, 1)
+  v = predictor.variables
+  out = {
+      f'{name}@{batch}': timing.Candidate(lambda: serve(v, batched), batch),
+      f'{name}@1': timing.Candidate(lambda: serve_one(v, next(singles)), 1),
+  }
+  if isinstance(predictor.model, avit.AViT):
+    masked = make_predict_fn(predictor.logits, mesh)
+    out[f'{name} masked@{batch}'] = timing.Candidate(
+        lambda: masked(v, batched), batch
+    )
+  return out
+
+
+def speed_report(
+    predictors: Mapping[str, Predictor],
+    mesh,
+    images: np.ndarray,
+    batch: int,
+    *,
+    rounds: int,
+    seconds: float,
+    baseline: str | None = None,
+) -> dict[str, Any]:
+  """Images/s at `batch` and batch-1 latency of every predictor.
+
+  images: test images, a seeded sample of which (up to `batch`, repeated
+  if there are fewer) is timed (the test set is sorted by class, and A-ViT's cost depends on the
+  image). With `baseline`, every other predictor's speed-up over it at both
+  batches, as the median and interquartile range of per-round ratios.
+  Returns {name: {...}} as plain JSON-able numbers.
+  """
+  batch = max(batch // mesh.size, 1) * mesh.size
+  pick = np.random.default_rng(0).permutation(len(images))
+  sample = images[np.sort(pick[:batch])]
+  sample = np.take(sample, np.arange(batch) % len(sample), 0)
+  candidates = {}
+  for name, predictor in predictors.items():
+    candidates.update(_candidates(name, predictor, mesh, sample))
+  t = timing.interleaved(candidates, rounds=rounds, seconds=seconds)
+  report = {}
+  for name, predictor in predictors.items():
+    r = {
+        'batch': batch,
+        'images_per_second': t.rate(f'{name}@{batch}').as_dict(),
+        'latency_ms_batch1': t.latency_ms(f'{name}@1').as_dict(),
+        'path': (
+            'token removal (batch), masked (batch 1)'
+            if isinstance(predictor.model, avit.AViT)
+            else 'forward'
+        ),
+        'rounds': rounds,
+    }
+    if f'{name} masked@{batch}' in candidates:
+      r['masked_images_per_second'] = t.rate(f'{name} masked@{batch}').as_dict()
+    if baseline is not None and name != baseline:
+      r['speedup_over'] = baseline
+      r['speedup'] = {
+          f'batch {batch}': (
+              t.ratio(f'{name}@{batch}', f'{baseline}@{batch}').as_dict()
+          ),
+          'batch 1': t.ratio(f'{name}@1', f'{baseline}@1').as_dict(),
+      }
+    report[name] = r
+  report['device'] = f'{jax.device_count()} x {jax.devices()[0].device_kind}'
+  return report
