@@ -133,14 +133,15 @@ def base() -> ConfigDict:
   # trials, which are compared on validation (metrics.jsonl's
   # val/best_balanced_accuracy); the test set is for final configs.
   c.train.final_evaluation = True
-  c.train.distributed = False  # True: jax.distributed.initialize() first
+  # True: one process per host joins jax.distributed (vitjax/distributed.py).
+  c.train.distributed = False
 
   # Evaluation section.
   c.eval = ConfigDict()
   c.eval.batch_size = 512
   c.eval.checkpoint = 'best'  # 'best' | 'latest' | a step number
   c.eval.use_ema = True  # evaluate the EMA weights when they exist
-  c.eval.speed_batch = 256  # batch of the images/s figure (also batch 1)
+  c.eval.speed_batch = 256  # batch of the images/s figure; batch 1 is timed too
   # Speed is timed interleaved with what it is compared with (vitjax/
   # timing.py): `speed_rounds` rounds, each running every candidate for
   # about `speed_seconds`; figures are medians over the rounds.

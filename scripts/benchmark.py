@@ -5,7 +5,8 @@
   python scripts/benchmark.py --config=configs/vit.py:cpu --input=device
 
 Training images/s is the real jitted train step (augmentation mixing, loss,
-AdamW update, EMA) at config.train.batch_size; `--input` chooses what feeds
+AdamW update, EMA) at config.train.batch_size, 5 steps per timed call as the
+training loop dispatches them; `--input` chooses what feeds
 it: fixed synthetic batches ('none': the model step alone), the tf.data
 pipeline or the device pipeline on the configured data. Inference images/s is
 the jitted forward at config.eval.speed_batch. Each figure is the median of
@@ -38,6 +39,7 @@ _SECONDS = flags.DEFINE_float(
     'seconds', 10.0, 'Length of one timing of one candidate.'
 )
 flags.mark_flags_as_required(['config'])
+_STEPS_PER_CALL = 5
 
 
 def _candidates(config, label: str) -> tuple[dict, str]:
@@ -96,9 +98,12 @@ def _candidates(config, label: str) -> tuple[dict, str]:
   # The batch iterator runs across calls, so that tf.data keeps streaming.
   stream = batches(0, 10**9)
 
-  def train_step():
+  def train_steps():
+    # Several steps per timed call, waited for at the end only, as the
+    # training loop runs them (it waits at its log steps).
     nonlocal state, metrics
-    state, metrics = step(state, next(stream), metrics)
+    for _ in range(_STEPS_PER_CALL):
+      state, metrics = step(state, next(stream), metrics)
     return state.params
 
   predict = classification.make_predict_fn(
@@ -116,7 +121,7 @@ def _candidates(config, label: str) -> tuple[dict, str]:
       f'parameters, {cost.vit_macs(model) / 1e6:.1f} M MACs/image'
   )
   return {
-      f'{label} train': timing.Candidate(train_step, batch),
+      f'{label} train': timing.Candidate(train_steps, _STEPS_PER_CALL * batch),
       f'{label} infer': timing.Candidate(
           lambda: predict({'params': state.params}, images), eval_batch
       ),
@@ -132,8 +137,13 @@ def main(argv):
   lines = [about]
   if _BASELINE.value is not None:
     more, about = _candidates(_BASELINE.value, 'baseline')
-    candidates.update(more)
     lines.append(about)
+    # What is compared runs side by side: train, train, infer, infer.
+    candidates = {
+        f'{label} {what}': (candidates | more)[f'{label} {what}']
+        for what in ('train', 'infer')
+        for label in ('config', 'baseline')
+    }
   t = timing.interleaved(
       candidates, rounds=_REPEATS.value, seconds=_SECONDS.value
   )
@@ -144,11 +154,8 @@ def main(argv):
       'with its interquartile range'
   )
   print('\n'.join(lines))
-  for name, c in candidates.items():
-    print(
-        f'{name:16} (batch {c.items}): '
-        f'{t.rate(name).format(" images/s", 0)}'
-    )
+  for name in candidates:
+    print(f'{name:16}: {t.rate(name).format(" images/s", 0)}')
   if _BASELINE.value is not None:
     for what in ('train', 'infer'):
       print(

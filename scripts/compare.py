@@ -89,6 +89,11 @@ def main(argv):
   workdirs = [Path(w) for w in argv[1:]]
   if not workdirs:
     raise app.UsageError('name the workdirs to compare.')
+  names = [w.name for w in workdirs]
+  if len(set(names)) < len(names):
+    raise app.UsageError(
+        f'the workdirs {names} name their rows: give them distinct names.'
+    )
   out = Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)
   mesh = sharding.make_mesh()

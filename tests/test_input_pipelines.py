@@ -9,6 +9,7 @@ tf = pytest.importorskip('tensorflow')  # absent on the GPU image
 import tensorflow.experimental.numpy as tnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vitjax import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
 from vitjax.data import augment, device_pipeline, sampling, tf_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 from vitjax.data.sources import Split
 
@@ -106,15 +107,24 @@ def test_each_host_gets_its_slice_of_the_global_batch(split):
           7, 8
       )
   )
-  for host in range(2):
+  for rows in ((0, 20), (20, 40), (10, 30)):
     part = next(
         tf_pipeline.TfPipeline(
-            split, plan, aug, seed=3, global_batch=40, host_id=host, num_hosts=2
+            split, plan, aug, seed=3, global_batch=40, rows=rows
         ).batches(7, 8)
     )
     np.testing.assert_array_equal(
-        part['image'], whole['image'][20 * host : 20 * (host + 1)]
+        part['image'], whole['image'][rows[0] : rows[1]]
     )
+
+
+def test_a_process_feeds_the_rows_its_devices_hold_in_the_mesh():
+  devices = jax.devices()
+  mesh = sharding.make_mesh(devices)
+  assert sharding.process_rows(mesh, 8 * len(devices)) == (
+      0,
+      8 * len(devices),
+  )
 
 
 def test_the_same_augmentation_code_gives_the_same_images_in_tf_and_jax(split):

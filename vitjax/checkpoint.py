@@ -44,11 +44,17 @@ def check_layout(workdir: Path) -> None:
     )
 
 
-def has_steps(workdir: Path) -> bool:
-  """Whether the workdir holds a finished save (orbax names them by step;
-  a save in progress has a temporary name)."""
+def saved_steps(workdir: Path) -> list[int]:
+  """The workdir's finished saves (orbax names them by step; a save in
+  progress has a temporary name)."""
   steps = Path(workdir) / STEPS_DIR
-  return steps.is_dir() and any(p.name.isdigit() for p in steps.iterdir())
+  if not steps.is_dir():
+    return []
+  return sorted(int(p.name) for p in steps.iterdir() if p.name.isdigit())
+
+
+def has_steps(workdir: Path) -> bool:
+  return bool(saved_steps(workdir))
 
 
 class Checkpoints:

@@ -7,6 +7,7 @@ table. The measurements themselves live in vitjax/evaluators/.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -16,8 +17,8 @@ import jax
 from ml_collections import ConfigDict
 import numpy as np
 
-from vitjax import checkpoint, errors, families, quantization, sharding
-from vitjax import train_state, workdir as workdir_lib
+from vitjax import checkpoint, distributed, errors, families, quantization
+from vitjax import sharding, train_state, workdir as workdir_lib
 from vitjax.data import sources
 from vitjax.evaluators import classification, cost, report as report_lib
 from vitjax.evaluators import sparsity, speed
@@ -106,8 +107,9 @@ def evaluate_checkpoint(
   float predictions for comparison. Sparse models also report their dense
   teacher's accuracy, and (`timed`) its speed timed interleaved with theirs.
   `data`, `mesh`, `family` and `restored` spare a caller that has them their
-  rebuilding; `timed=False` leaves the timing to a caller that times several
-  checkpoints together (scripts/compare.py).
+  rebuilding. `timed=False` is for a caller that times several checkpoints
+  together and writes its own report (scripts/compare.py): the returned
+  report has no speed, and is neither written nor printed here.
   """
   workdir = Path(workdir).expanduser()
   data = data or sources.load(config.data, config.seed)
@@ -116,7 +118,7 @@ def evaluate_checkpoint(
       config, workdir, which, data=data, mesh=mesh, family=family
   )
   predictor, ev = restored.predictor, config.eval
-  report = dict(restored.header)
+  report = copy.deepcopy(restored.header)
   report['sparsity'] = sparsity.sparsity_report(
       predictor, data.test.images, ev.batch_size
   )
@@ -136,7 +138,12 @@ def evaluate_checkpoint(
         cost=cost.cost_report(restored.teacher),
     )
     timed_predictors['teacher'] = restored.teacher
-  if timed:
+  if timed and jax.process_count() > 1:
+    logging.info(
+        'Speed is not timed with several processes (each would time its own'
+        ' devices); evaluate the checkpoint with --mode=eval on one.'
+    )
+  elif timed:
     report['speed'] = speed.speed_report(
         timed_predictors,
         mesh,
@@ -146,7 +153,7 @@ def evaluate_checkpoint(
         seconds=ev.speed_seconds,
         baseline='teacher' if restored.teacher is not None else None,
     )
-  if jax.process_index() == 0:
+  if timed and jax.process_index() == 0:
     name = str(which) + ('_int8' if report['precision'] == 'int8' else '')
     path = report_lib.write_report(
         report,
@@ -201,9 +208,11 @@ def _int8_predictor(
   else:
     server = quantization.Int8Server.convert(model, ev, params)
     info.update(quantization.weight_bytes(params, server))
-    if jax.process_index() == 0:
-      info['checkpoint_bytes_on_disk'] = server.save(save_dir)
-      info['checkpoint'] = str(save_dir)
+    # Every process takes part in orbax's save, and reads it back only once
+    # it is complete.
+    info['checkpoint_bytes_on_disk'] = server.save(save_dir)
+    info['checkpoint'] = str(save_dir)
+    distributed.barrier('int8 server saved')
     # Serve what was saved: the round trip is part of the check.
     server = quantization.Int8Server.load(save_dir, model, ev, params)
     predictor = Predictor(

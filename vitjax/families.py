@@ -225,10 +225,11 @@ def _gate_center(
       'gate_input_mean': float(np.mean(gate_inputs)),
       'gate_input_std': float(np.std(gate_inputs)),
   }
-  workdir.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_suffix('.tmp')
-  tmp.write_text(json.dumps(record, indent=1))
-  tmp.replace(path)
+  if jax.process_index() == 0:  # every process calibrated the same
+    workdir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix('.tmp')
+    tmp.write_text(json.dumps(record, indent=1))
+    tmp.replace(path)
   logging.info(
       'A-ViT gate_center calibrated to %.4f (gate_scale %.1f, mean '
       'halting sum %.2f over the first D-1 blocks of the ViT, on '

@@ -7,6 +7,7 @@ python -m vitjax.main --config=configs/vit.py:cpu --config.model.depth=6 ...
 
 import logging as std_logging
 import os
+from pathlib import Path
 import sys
 
 from absl import app, flags, logging
@@ -52,22 +53,29 @@ def main(argv):
   logging.get_absl_handler().addFilter(_quiet_orbax)
   # pylint: disable=g-import-not-at-top
   import jax
-  from vitjax import errors, evaluate, stopping, train
+  from vitjax import distributed, errors, evaluate, stopping, train
+  from vitjax import workdir as workdir_lib
 
-  try:
-    from vitjax.data import tf_pipeline
-
-    tf_pipeline.hide_accelerators_from_tf()
-  except ImportError:  # no TensorFlow: the device pipeline needs none
-    pass
-  logging.info(
-      'JAX %s on %d device(s): %s',
-      jax.__version__,
-      jax.device_count(),
-      jax.devices()[0].device_kind,
-  )
   config = _CONFIG.value
   try:
+    if config.train.distributed:
+      if _MODE.value == 'train':
+        # Refused before joining: a second job must not reach the live
+        # job's coordinator, which would take it down.
+        workdir_lib.WorkdirLock.check_free(Path(_WORKDIR.value).expanduser())
+      distributed.initialize()  # before anything asks JAX for its devices
+    try:
+      from vitjax.data import tf_pipeline
+
+      tf_pipeline.hide_accelerators_from_tf()
+    except ImportError:  # no TensorFlow: the device pipeline needs none
+      pass
+    logging.info(
+        'JAX %s on %d device(s): %s',
+        jax.__version__,
+        jax.device_count(),
+        jax.devices()[0].device_kind,
+    )
     if _MODE.value == 'train':
       train.train_and_evaluate(config, _WORKDIR.value)
     else:

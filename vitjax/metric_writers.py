@@ -98,7 +98,7 @@ def read_records(path: Path) -> list[dict[str, Any]]:
 def copy_records(source: Path, destination: Path, up_to_step: int) -> None:
   """Starts `destination` afresh with the records of `source` up to a
   step: a run continued from another keeps the curves that led to it."""
-  if not Path(source).exists():
+  if not Path(source).exists() or jax.process_index() != 0:
     return
   records = [r for r in read_records(source) if r['step'] <= up_to_step]
   destination.parent.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,7 @@
 
 Parameters and optimizer state are replicated; batches are sharded on their
 leading axis. The same code runs on one CPU, several GPUs, or several hosts
-(after `jax.distributed.initialize()`), each host feeding its own slice.
+(vitjax/distributed.py), each process feeding the rows its devices hold.
 """
 
 from __future__ import annotations
@@ -59,6 +59,25 @@ def host_batch_to_global(
       k: jax.make_array_from_process_local_data(sharding, v)
       for k, v in batch.items()
   }
+
+
+def process_rows(mesh: Mesh, global_batch: int) -> tuple[int, int]:
+  """The rows [start, stop) of a global batch that this process's devices
+  hold under `batch_sharding(mesh)`: what its input pipeline must feed.
+
+  They follow the mesh's device order, which need not be the process order.
+  """
+  index = batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
+  slices = sorted(
+      s[0].indices(global_batch)[:2] for s in index.values()
+  )  # [(start, stop)] per local device
+  for (_, stop), (start, _) in zip(slices, slices[1:]):
+    if stop != start:
+      raise ValueError(
+          f'the batch rows of process {jax.process_index()} are not '
+          f'contiguous in the mesh: {slices}.'
+      )
+  return slices[0][0], slices[-1][1]
 
 
 def to_host(tree: Any) -> Any:

@@ -12,16 +12,21 @@ import signal
 
 from absl import logging
 
+from vitjax import distributed
+
 
 class Stopped(KeyboardInterrupt):
   """A run stopped by a signal after saving its step."""
 
   def __init__(self, signal_name: str, step: int, workdir: Path):
+    """signal_name: 'SIGTERM' or 'SIGINT', or '' for a signal that another
+    process of the run received (exit status as SIGTERM's)."""
     super().__init__(
-        f'stopped by {signal_name} at step {step}, which is saved in '
-        f'{str(workdir)!r}; rerun the same command to resume.'
+        f'stopped by {signal_name or "a signal to another process"} at step '
+        f'{step}, which is saved in {str(workdir)!r}; rerun the same '
+        'command to resume.'
     )
-    self.exit_code = 128 + signal.Signals[signal_name].value
+    self.exit_code = 128 + signal.Signals[signal_name or 'SIGTERM'].value
 
 
 class StopRequest:
@@ -46,6 +51,14 @@ class StopRequest:
   def __exit__(self, *exc) -> None:
     for s, handler in self._previous.items():
       signal.signal(s, handler)
+
+  def agreed(self) -> str | None:
+    """Whether any process of the run received a stop signal: its name here,
+    '' if another process did, None if none did. Every process calls it at
+    the same step."""
+    if not distributed.any_process(bool(self.requested)):
+      return None
+    return self.requested
 
   def _handle(self, signum, frame):
     del frame

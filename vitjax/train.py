@@ -21,7 +21,8 @@ import jax.numpy as jnp
 from ml_collections import ConfigDict
 import optax
 
-from vitjax import checkpoint, errors, evaluate, families, metric_writers
+from vitjax import checkpoint, distributed, errors, evaluate, families
+from vitjax import metric_writers
 from vitjax import mixing, sharding, stopping, time_budget, train_state
 from vitjax import workdir as workdir_lib
 from vitjax.data import pipelines, sources
@@ -103,19 +104,29 @@ def train_and_evaluate(
   t_start = time.monotonic()
   workdir = Path(workdir).expanduser()
   if config.train.distributed:
-    jax.distributed.initialize()
+    distributed.initialize()  # main.py has, before its first JAX call
   # Closes what the run opened in reverse, also when it fails: the lock, the
   # checkpoints (after the save in flight), the metric writers.
   with contextlib.ExitStack() as run:
-    if jax.process_index() == 0:
-      run.enter_context(workdir_lib.WorkdirLock(workdir))
-    checkpoint.check_layout(workdir)  # before the config: its fields moved
-    fresh = not checkpoint.has_steps(workdir)
-    workdir_lib.save_or_check_config(config, workdir, fresh=fresh)
-    mesh = sharding.make_mesh()
-    _check_before_start(config, mesh)
-    data = sources.load(config.data, config.seed)
-    workdir_lib.check_split(workdir, data.split_id, record=fresh)
+    start_error, mesh, data = None, None, None
+    try:
+      mesh, data = _open_run(config, workdir, run)
+    except (errors.UserError, OSError) as e:
+      start_error = e
+    # With several processes, none goes on alone into the collectives.
+    distributed.raise_together(
+        start_error, 'the run did not start on another process (see its log).'
+    )
+    distributed.check_same(
+        repr(
+            (
+                config.to_json_best_effort(),
+                data.split_id,
+                checkpoint.saved_steps(workdir),
+            )
+        ),
+        'config, data split or saved checkpoints',
+    )
     data.log_counts()
     batch_size = config.train.batch_size
     steps_per_epoch = math.ceil(len(data.train) / batch_size)
@@ -230,7 +241,15 @@ def train_and_evaluate(
       ):
         state, window = train_step(state, batch, window)
         validate_now = step % eval_every == 0 or step == total_steps
-        if step % log_every == 0 or validate_now or stop.requested:
+        # Several processes agree on a stop at log steps only: asking the
+        # others waits for the step, which one process need not do.
+        stop_now = (
+            stop.agreed()
+            if step % log_every == 0 or validate_now or jax.process_count() == 1
+            else None
+        )
+        stopping_now = stop_now is not None
+        if step % log_every == 0 or validate_now or stopping_now:
           # Steps run asynchronously: float() waits for them, then the clock.
           scalars = {k: float(v) for k, v in window.compute().items()}
           seconds = time.monotonic() - t_window
@@ -248,7 +267,7 @@ def train_and_evaluate(
           window, window_start = metrics_cls.empty(), step
           t_window = time.monotonic()
         report_progress(step)
-        if validate_now or stop.requested:
+        if validate_now or stopping_now:
           val_score = None
           if validate_now:
             with report_progress.timed('validation', False):
@@ -274,9 +293,9 @@ def train_and_evaluate(
           )
           writer.flush()
           t_window = time.monotonic()  # validating and saving are not training
-        if stop.requested:
+        if stopping_now:
           ckpts.wait()  # the save is asynchronous; finish it first
-          raise stopping.Stopped(stop.requested, step, workdir)
+          raise stopping.Stopped(stop_now, step, workdir)
     ckpts.wait()
     writer.flush()
     if not config.train.final_evaluation:
@@ -298,7 +317,8 @@ def _steps_for_budget(
     num_train: int,
     t_start: float,
 ) -> int:
-  """Times steps of a throwaway state (see vitjax/time_budget.py)."""
+  """Times steps of a throwaway state (see vitjax/time_budget.py). Every
+  process times the same steps; process 0's clock decides for all."""
   provisional = math.ceil(
       config.train.epochs * num_train / config.train.batch_size
   )
@@ -310,14 +330,37 @@ def _steps_for_budget(
     state, window = step(state, batch, window)
     return state.step
 
-  return time_budget.fit_steps(
-      config.train.time_budget_minutes,
-      t_start,
-      run_step=run_step,
-      batches=pipeline.batches(0, time_budget.STEPS_TIMED),
-      validate=lambda: validate(state.params),
-      eval_every=eval_every,
-  )
+  steps, error = 0, None
+  try:
+    steps = time_budget.fit_steps(
+        config.train.time_budget_minutes,
+        t_start,
+        run_step=run_step,
+        batches=pipeline.batches(0, time_budget.STEPS_TIMED),
+        validate=lambda: validate(state.params),
+        eval_every=eval_every,
+    )
+  except errors.UserError as e:
+    error = e
+  distributed.raise_together(error, 'the time budget is too short (process 0).')
+  return distributed.from_process_0(steps)
+
+
+def _open_run(
+    config: ConfigDict, workdir: Path, run: contextlib.ExitStack
+) -> tuple[Any, sources.Dataset]:
+  """Locks the workdir (process 0), checks it against the config and the
+  data; returns the mesh and the data."""
+  if jax.process_index() == 0:
+    run.enter_context(workdir_lib.WorkdirLock(workdir))
+  checkpoint.check_layout(workdir)  # before the config: its fields moved
+  fresh = not checkpoint.has_steps(workdir)
+  workdir_lib.save_or_check_config(config, workdir, fresh=fresh)
+  mesh = sharding.make_mesh()
+  _check_before_start(config, mesh)
+  data = sources.load(config.data, config.seed)
+  workdir_lib.check_split(workdir, data.split_id, record=fresh)
+  return mesh, data
 
 
 def _check_before_start(config: ConfigDict, mesh) -> None:

@@ -38,16 +38,27 @@ class WorkdirLock:
       fcntl.flock(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
       self._file.seek(0)
-      holder = self._file.read().strip() or 'another process'
+      holder = self._file.read()
       self._file.close()
-      raise errors.UserError(
-          f'workdir {str(workdir)!r} is in use by a live run ({holder}). '
-          'Wait for it to finish, stop it, or pass another --workdir.'
-      ) from None
+      raise _in_use(workdir, holder) from None
     self._file.seek(0)
     self._file.truncate()
     self._file.write(f'pid {os.getpid()} on {os.uname().nodename}\n')
     self._file.flush()
+
+  @staticmethod
+  def check_free(workdir: Path) -> None:
+    """Raises if a live run holds the lock, without taking it: the other
+    processes of a multi-process run check before they join it."""
+    path = workdir / '.lock'
+    if not path.exists():
+      return
+    with open(path) as f:
+      try:
+        fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
+      except BlockingIOError:
+        raise _in_use(workdir, f.read()) from None
+      fcntl.flock(f, fcntl.LOCK_UN)
 
   def __enter__(self) -> 'WorkdirLock':
     return self
@@ -58,6 +69,14 @@ class WorkdirLock:
   def release(self) -> None:
     fcntl.flock(self._file, fcntl.LOCK_UN)
     self._file.close()
+
+
+def _in_use(workdir: Path, holder: str) -> errors.UserError:
+  return errors.UserError(
+      f'workdir {str(workdir)!r} is in use by a live run '
+      f'({holder.strip() or "another process"}). Wait for it to finish, stop '
+      'it, or pass another --workdir.'
+  )
 
 
 def save_or_check_config(

@@ -56,8 +56,7 @@ def make(config: ConfigDict, data: Dataset, mesh: Mesh) -> Pipeline:
         split,
         plan,
         config.aug,
-        host_id=jax.process_index(),
-        num_hosts=jax.process_count(),
+        rows=sharding.process_rows(mesh, config.train.batch_size),
         **common,
     )
   if config.data.pipeline == 'device':

@@ -40,22 +40,18 @@ class TfPipeline:
       *,
       seed: int,
       global_batch: int,
-      host_id: int = 0,
-      num_hosts: int = 1,
+      rows: tuple[int, int] | None = None,
       batch_sharding: jax.sharding.Sharding | None = None,
   ):
-    if global_batch % num_hosts:
-      raise errors.ConfigError(
-          f'train.batch_size={global_batch} does not divide '
-          f'over {num_hosts} hosts.'
-      )
+    """rows: [start, stop) of each global batch that this host feeds (its
+    devices' rows, sharding.process_rows); by default all."""
     if global_batch > plan.num_examples:
       raise errors.ConfigError(
           f'train.batch_size={global_batch} exceeds the '
           f'{plan.num_examples} training images.'
       )
-    self._local = global_batch // num_hosts
-    self._offset = host_id * self._local
+    self._offset, stop = rows or (0, global_batch)
+    self._local = stop - self._offset
     self._global = global_batch
     self._seed = seed
     self._plan = plan

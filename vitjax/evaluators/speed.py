@@ -1,8 +1,8 @@
 """How fast predictors serve, timed together so their ratios hold.
 
 Each predictor is timed at a batch (images/s) and at batch 1 (latency of
-one image, waited for), on the same seeded test images, all of them
-interleaved by vitjax/timing.py. A model is timed on the path it serves
+one image, waited for), on the same seeded test images (the batch, and its
+first image), all of them interleaved by vitjax/timing.py. A model is timed on the path it serves
 with: A-ViT at a batch on token removal (its masked path, which runs every
 block on every token, is timed beside it for comparison), and at batch 1 on
 the masked path (token removal plans each block on the host, which costs
@@ -11,18 +11,14 @@ more than one image's skipped tokens save).
 
 from __future__ import annotations
 
-import itertools
 from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
 
-from vitjax import sharding, timing
+from vitjax import errors, sharding, timing
 from vitjax.evaluators.classification import Predictor, make_predict_fn
 from vitjax.models import avit
-
-# Distinct images cycled through at batch 1: A-ViT's work depends on the image.
-_SINGLE_IMAGES = 64
 
 
 def _serving_fn(
@@ -30,9 +26,9 @@ def _serving_fn(
 ) -> Callable[[Any, Any], Any]:
   """(variables, images) -> logits, as the model serves at this batch."""
   if isinstance(predictor.model, avit.AViT) and batch > 1:
-    ready = jax.jit(predictor.prepare)
     model = predictor.model
-    return lambda v, x: avit.token_removal_apply(model, ready(v), x)[0]
+    # Its variables come prepared (see _candidates): it runs from the host.
+    return lambda v, x: avit.token_removal_apply(model, v, x)[0]
   if batch == 1:
     return jax.jit(predictor.logits)
   return make_predict_fn(predictor.logits, mesh)
@@ -41,18 +37,22 @@ def _serving_fn(
 def _candidates(
     name: str, predictor: Predictor, mesh, images: np.ndarray
 ) -> dict[str, timing.Candidate]:
-  """images: the batch timed; 64 of them are cycled through at batch 1."""
+  """images: the batch timed; its first image is timed at batch 1."""
   batch = len(images)
   serve = _serving_fn(predictor, mesh, batch)
   batched = jax.device_put(images, sharding.batch_sharding(mesh))
-  # Spread over the batch, which keeps the test set's class order.
-  spread = np.linspace(0, batch - 1, min(batch, _SINGLE_IMAGES)).astype(int)
-  singles = itertools.cycle([jax.device_put(images[i : i + 1]) for i in spread])
+  single = jax.device_put(images[:1])
   serve_one = _serving_fn(predictor, mesh, 1)
   v = predictor.variables
+  if isinstance(predictor.model, avit.AViT):
+    # Token removal plans on the host: prepared once, not in every call.
+    ready = jax.jit(predictor.prepare)(v)
+    batch_call = lambda: serve(ready, batched)
+  else:
+    batch_call = lambda: serve(v, batched)
   out = {
-      f'{name}@{batch}': timing.Candidate(lambda: serve(v, batched), batch),
-      f'{name}@1': timing.Candidate(lambda: serve_one(v, next(singles)), 1),
+      f'{name}@{batch}': timing.Candidate(batch_call, batch),
+      f'{name}@1': timing.Candidate(lambda: serve_one(v, single), 1),
   }
   if isinstance(predictor.model, avit.AViT):
     masked = make_predict_fn(predictor.logits, mesh)
@@ -74,13 +74,19 @@ def speed_report(
 ) -> dict[str, Any]:
   """Images/s at `batch` and batch-1 latency of every predictor.
 
-  images: test images, a seeded sample of which (up to `batch`, repeated
-  if there are fewer) is timed (the test set is sorted by class, and A-ViT's cost depends on the
-  image). With `baseline`, every other predictor's speed-up over it at both
-  batches, as the median and interquartile range of per-round ratios.
+  images: test images; a seeded sample of `batch` of them (repeated if
+  there are fewer) is timed, since the test set is sorted by class and
+  A-ViT's cost depends on the images. With `baseline`, every other
+  predictor's speed-up over it at both batches, as the median and
+  interquartile range of per-round ratios.
   Returns {name: {...}} as plain JSON-able numbers.
   """
   batch = max(batch // mesh.size, 1) * mesh.size
+  if batch < 2:
+    raise errors.ConfigError(
+        f'eval.speed_batch={batch}: time a batch of at least 2 images (batch'
+        ' 1 is timed beside it anyway).'
+    )
   pick = np.random.default_rng(0).permutation(len(images))
   sample = images[np.sort(pick[:batch])]
   sample = np.take(sample, np.arange(batch) % len(sample), 0)
