@@ -130,8 +130,7 @@ def _candidates(config, label: str) -> tuple[dict, str]:
 
 def main(argv):
   del argv
-  import jax  # pylint: disable=g-import-not-at-top
-  from vitjax import timing  # pylint: disable=g-import-not-at-top
+  from vitjax import machine, timing  # pylint: disable=g-import-not-at-top
 
   candidates, about = _candidates(_CONFIG.value, 'config')
   lines = [about]
@@ -148,8 +147,8 @@ def main(argv):
       candidates, rounds=_REPEATS.value, seconds=_SECONDS.value
   )
   print(
-      f'device: {jax.device_count()} x {jax.devices()[0].device_kind}; '
-      f'jax {jax.__version__}; input {_INPUT.value}; each figure the median '
+      f'{machine.summary(machine.describe())}; '
+      f'input {_INPUT.value}; each figure the median '
       f'of {_REPEATS.value} interleaved rounds of about {_SECONDS.value} s, '
       'with its interquartile range'
   )

@@ -82,7 +82,7 @@ def main(argv):
   # pylint: disable=g-import-not-at-top
   from ml_collections import ConfigDict
   import numpy as np
-  from vitjax import evaluate, metric_writers, sharding
+  from vitjax import evaluate, machine, metric_writers, sharding
   from vitjax.data import sources
   from vitjax.evaluators import speed
 
@@ -140,7 +140,7 @@ def main(argv):
   )
   batch = speeds[baseline]['batch']
   for name, report in reports.items():
-    report['speed'] = {'model': speeds[name], 'device': speeds['device']}
+    report['speed'] = {'model': speeds[name]}
   rows = [_row(reports[n], speeds[n], batch) for n in reports]
   header = [
       f'{c} bs{batch}' if c in ('images/s', 'speed-up') else c for c in COLUMNS
@@ -150,7 +150,7 @@ def main(argv):
   first = next(iter(reports.values()))
   text = '\n'.join(
       [
-          f'# Accuracy against cost ({speeds["device"]})',
+          f'# Accuracy against cost ({machine.summary(first["machine"])})',
           '',
           'Best checkpoint of each run, test set '
           f'({first["test"]["num_images"]:,} images). '

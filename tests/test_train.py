@@ -59,6 +59,7 @@ def test_a_run_writes_checkpoints_metrics_and_report(smoke_config, tmp_path):
       test['balanced_accuracy'], np.mean(test['per_class_recall'])
   )
   assert report['cost']['parameters'] == 21_162
+  assert report['machine']['cpu'] and 'cpu_features' in report['machine']
   # The synthetic classes are easy: two epochs must beat chance clearly.
   assert test['balanced_accuracy'] > 0.3
 

@@ -17,7 +17,8 @@ import jax
 from ml_collections import ConfigDict
 import numpy as np
 
-from vitjax import checkpoint, distributed, errors, families, quantization
+from vitjax import checkpoint, distributed, errors, families, machine
+from vitjax import quantization
 from vitjax import sharding, train_state, workdir as workdir_lib
 from vitjax.data import sources
 from vitjax.evaluators import classification, cost, report as report_lib
@@ -67,6 +68,7 @@ def restore_predictors(
       'model': config.model.name,
       'class_names': list(data.class_names),
       'train_seconds': float(train_seconds),
+      'machine': machine.describe(),
   }
   quant = config.eval.quant
   if quant == 'int8':

@@ -52,9 +52,8 @@ def main(argv):
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_quiet_orbax)
   # pylint: disable=g-import-not-at-top
-  import jax
   from vitjax import distributed, errors, evaluate, stopping, train
-  from vitjax import workdir as workdir_lib
+  from vitjax import machine, workdir as workdir_lib
 
   config = _CONFIG.value
   try:
@@ -70,12 +69,7 @@ def main(argv):
       tf_pipeline.hide_accelerators_from_tf()
     except ImportError:  # no TensorFlow: the device pipeline needs none
       pass
-    logging.info(
-        'JAX %s on %d device(s): %s',
-        jax.__version__,
-        jax.device_count(),
-        jax.devices()[0].device_kind,
-    )
+    logging.info('Running on %s.', machine.summary(machine.describe()))
     if _MODE.value == 'train':
       train.train_and_evaluate(config, _WORKDIR.value)
     else:

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from vitjax import metric_writers, plots, timing
+from vitjax import machine, metric_writers, plots, timing
 
 
 def write_report(
@@ -126,8 +126,8 @@ def format_table(report: dict[str, Any], class_names: tuple[str, ...]) -> str:
         f'{format_spread(speed["images_per_second"], " images/s", 0)} at '
         f'batch {speed["batch"]}; '
         f'{format_spread(speed["latency_ms_batch1"], " ms")} at batch 1 '
-        f'({report["speed"]["device"]}; medians of {speed["rounds"]} '
-        'interleaved rounds)'
+        f'(medians of {speed["rounds"]} interleaved rounds on '
+        f'{machine.summary(report["machine"])})'
     )
   return '\n'.join(rows)
 

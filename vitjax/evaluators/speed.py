@@ -118,5 +118,4 @@ def speed_report(
           'batch 1': t.ratio(f'{name}@1', f'{baseline}@1').as_dict(),
       }
     report[name] = r
-  report['device'] = f'{jax.device_count()} x {jax.devices()[0].device_kind}'
   return report

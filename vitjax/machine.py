@@ -1,0 +1,79 @@
+"""The machine a figure was measured on: every timing the project prints or
+saves names it.
+
+The same "AMD EPYC" can be a Zen 3 (AVX2 only) or a Zen 4 (AVX-512 with
+bfloat16), which time this project 2-3x apart, so the CPU is named by its
+model name, family and model numbers, and the instruction sets that decide
+which kernels XLA can use here.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+import platform
+from typing import Any
+
+import jax
+import jaxlib
+
+# What decides matmul speed on a CPU: AVX2 only, AVX-512, native bfloat16
+# dot products, Intel AMX tiles.
+CPU_FEATURES = ('avx2', 'avx512f', 'avx512_bf16', 'amx_bf16', 'amx_int8')
+
+
+def _cpuinfo() -> dict[str, str]:
+  """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
+  try:
+    text = Path('/proc/cpuinfo').read_text()
+  except OSError:
+    return {}
+  fields = {}
+  for line in text.split('\n\n')[0].splitlines():
+    key, _, value = line.partition(':')
+    fields[key.strip()] = value.strip()
+  return fields
+
+
+def describe() -> dict[str, Any]:
+  """The CPU, its usable cores and features, the accelerators, and the
+  versions of jax and jaxlib."""
+  info = _cpuinfo()
+  flags = set(info.get('flags', '').split())
+  devices = jax.devices()
+  return {
+      'cpu': info.get('model name') or platform.processor() or 'unknown',
+      'cpu_family_model': (
+          f'{info["cpu family"]}/{info["model"]}'
+          if 'cpu family' in info and 'model' in info
+          else ''
+      ),
+      'cpu_cores': (
+          len(os.sched_getaffinity(0))
+          if hasattr(os, 'sched_getaffinity')
+          else os.cpu_count()
+      ),
+      'cpu_features': [f for f in CPU_FEATURES if f in flags],
+      'accelerator': (
+          'none'
+          if devices[0].platform == 'cpu'
+          else f'{len(devices)} x {devices[0].device_kind}'
+      ),
+      'jax': jax.__version__,
+      'jaxlib': jaxlib.__version__,
+  }
+
+
+def summary(machine: dict[str, Any]) -> str:
+  """One line, e.g. 'AMD EPYC (family/model 25/17), 2 cores, avx2 avx512f
+  avx512_bf16; no accelerator; jax 0.10.2'."""
+  cpu = machine['cpu']
+  if machine.get('cpu_family_model'):
+    cpu += f' (family/model {machine["cpu_family_model"]})'
+  features = ' '.join(machine['cpu_features']) or 'no AVX2'
+  accelerator = machine['accelerator']
+  return (
+      f'{cpu}, {machine["cpu_cores"]} cores, {features}; '
+      f'{"no accelerator" if accelerator == "none" else accelerator}; '
+      f'jax {machine["jax"]}'
+  )
