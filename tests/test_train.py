@@ -15,7 +15,7 @@ import pytest
 
 from vitjax import checkpoint, errors, evaluate, families, models, objectives
 from vitjax import losses as losses_lib, optimizers, sharding, train
-from vitjax import time_budget, train_state, workdir
+from vitjax import stopping, time_budget, train_state, workdir
 from vitjax.data import pipelines, sources
 
 
@@ -223,7 +223,7 @@ def test_a_late_divergence_says_how_to_continue_from_the_last_checkpoint(
     return dataclasses.replace(family, objective=nan_later)
 
   monkeypatch.setattr(families, 'build', diverging_after_step_18)
-  with pytest.raises(train.DivergedError) as err:
+  with pytest.raises(stopping.DivergedError) as err:
     _run(smoke_config, tmp_path / 'run')
   message = str(err.value)
   assert 'steps 17-20' in message and 'checkpoint, step 16,' in message

@@ -1,18 +1,23 @@
-"""Stopping a run on request: SIGTERM (a scheduler's preemption) or Ctrl-C.
+"""Stopping a run: on request (SIGTERM, a scheduler's preemption, or
+Ctrl-C), or when its loss diverges.
 
 The first signal lets the step finish; the loop then saves it and raises
 `Stopped`, which the command line turns into exit status 128 + the signal's
-number. A second signal kills at once.
+number. A second signal kills at once. A NaN or infinite training metric
+raises `DivergedError`, which says how to continue from the last good
+checkpoint.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 import signal
 
 from absl import logging
+from ml_collections import ConfigDict
 
-from vitjax import distributed
+from vitjax import distributed, errors
 
 
 class Stopped(KeyboardInterrupt):
@@ -67,3 +72,42 @@ class StopRequest:
         '%s: saving the latest step, then stopping.', self.requested
     )
     signal.signal(signum, signal.SIG_DFL)
+
+
+class DivergedError(errors.UserError, FloatingPointError):
+  """A NaN or infinite training metric; says how to go on."""
+
+
+def stop_if_diverged(
+    scalars: dict[str, float],
+    window_start: int,
+    step: int,
+    ckpts,
+    config: ConfigDict,
+) -> None:
+  """Raises DivergedError if a training metric is not finite; `ckpts`: the
+  run's checkpoint.Checkpoints, for where it can continue from."""
+  if all(math.isfinite(v) for v in scalars.values()):
+    return
+  lr, clip = config.optim.lr, config.optim.grad_clip_norm
+  last = ckpts.latest_step()
+  where = (
+      f'The last good checkpoint, step {last}, is kept in '
+      f'{str(ckpts.directory)!r}. A rerun of this config diverges again; '
+      'continue from that checkpoint in a new workdir'
+      if last is not None
+      else 'No checkpoint was saved before; start again'
+  )
+  resume = (
+      f' --config.train.resume_from={str(ckpts.directory.parent)!r}'
+      if last is not None
+      else ''
+  )
+  raise DivergedError(
+      f'training diverged: loss {scalars["loss"]} over steps '
+      f'{window_start + 1}-{step}. {where} with a lower peak learning rate '
+      f'(optim.lr, now {lr:g}) or tighter gradient clipping '
+      f'(optim.grad_clip_norm, now {clip:g}), e.g. python -m vitjax.main '
+      '--config=<the same config and overrides> --workdir=<a new workdir>'
+      f'{resume} --config.optim.lr={lr / 2:g}'
+  )

@@ -253,7 +253,7 @@ def train_and_evaluate(
           # Steps run asynchronously: float() waits for them, then the clock.
           scalars = {k: float(v) for k, v in window.compute().items()}
           seconds = time.monotonic() - t_window
-          _stop_if_diverged(scalars, window_start, step, ckpts, config)
+          stopping.stop_if_diverged(scalars, window_start, step, ckpts, config)
           train_seconds += seconds
           scalars.update(
               epoch=step / steps_per_epoch,
@@ -400,40 +400,3 @@ def _starting_point(
       source / 'metrics.jsonl', workdir / 'metrics.jsonl', int(meta['step'])
   )
   return origin, meta
-
-
-class DivergedError(errors.UserError, FloatingPointError):
-  """A NaN or infinite training metric; says how to go on."""
-
-
-def _stop_if_diverged(
-    scalars: dict[str, float],
-    window_start: int,
-    step: int,
-    ckpts: checkpoint.Checkpoints,
-    config: ConfigDict,
-) -> None:
-  if all(math.isfinite(v) for v in scalars.values()):
-    return
-  lr, clip = config.optim.lr, config.optim.grad_clip_norm
-  last = ckpts.latest_step()
-  where = (
-      f'The last good checkpoint, step {last}, is kept in '
-      f'{str(ckpts.directory)!r}. A rerun of this config diverges again; '
-      'continue from that checkpoint in a new workdir'
-      if last is not None
-      else 'No checkpoint was saved before; start again'
-  )
-  resume = (
-      f' --config.train.resume_from={str(ckpts.directory.parent)!r}'
-      if last is not None
-      else ''
-  )
-  raise DivergedError(
-      f'training diverged: loss {scalars["loss"]} over steps '
-      f'{window_start + 1}-{step}. {where} with a lower peak learning rate '
-      f'(optim.lr, now {lr:g}) or tighter gradient clipping '
-      f'(optim.grad_clip_norm, now {clip:g}), e.g. python -m vitjax.main '
-      '--config=<the same config and overrides> --workdir=<a new workdir>'
-      f'{resume} --config.optim.lr={lr / 2:g}'
-  )
