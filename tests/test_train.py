@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -383,6 +384,22 @@ def test_a_user_mistake_exits_2_with_its_message_alone(
   assert proc.returncode == 2
   assert 'Train the ViT first' in proc.stderr
   assert 'Traceback' not in proc.stderr
+
+
+def test_a_signal_before_the_first_step_stops_after_it_saved(
+    smoke_config, tmp_path, monkeypatch
+):
+  make_pipeline = pipelines.make
+
+  def pipeline_then_sigterm(*args, **kwargs):
+    os.kill(os.getpid(), signal.SIGTERM)  # while the run is still starting
+    return make_pipeline(*args, **kwargs)
+
+  monkeypatch.setattr(pipelines, 'make', pipeline_then_sigterm)
+  with pytest.raises(stopping.Stopped, match='stopped by SIGTERM at step 1'):
+    _run(smoke_config, tmp_path / 'run')
+  with checkpoint.Checkpoints(tmp_path / 'run') as ckpts:
+    assert ckpts.latest_step() == 1
 
 
 def test_sigterm_saves_the_step_and_a_rerun_resumes(tiny_data_root, tmp_path):

@@ -1,9 +1,11 @@
 """Stopping a run: on request (SIGTERM, a scheduler's preemption, or
 Ctrl-C), or when its loss diverges.
 
-The first signal lets the step finish; the loop then saves it and raises
-`Stopped`, which the command line turns into exit status 128 + the signal's
-number. A second signal kills at once. A NaN or infinite training metric
+The first signal lets the step finish (a signal while the run starts, the
+next step); the loop then saves it and raises `Stopped`, which the command
+line turns into exit status 128 + the signal's number. Once training is
+done and saved, a first signal during the final evaluation is not acted on.
+A second signal kills at once. A NaN or infinite training metric
 raises `DivergedError`, which says how to continue from the last good
 checkpoint.
 """

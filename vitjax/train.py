@@ -105,9 +105,12 @@ def train_and_evaluate(
   workdir = Path(workdir).expanduser()
   if config.train.distributed:
     distributed.initialize()  # main.py has, before its first JAX call
-  # Closes what the run opened in reverse, also when it fails: the lock, the
-  # checkpoints (after the save in flight), the metric writers.
+  # Closes what the run opened in reverse, also when it fails: the signal
+  # handlers, the lock, the checkpoints (after the save in flight), the
+  # metric writers.
   with contextlib.ExitStack() as run:
+    # From here a stop signal waits for the next step to save and stop.
+    stop = run.enter_context(stopping.StopRequest())
     start_error, mesh, data = None, None, None
     try:
       mesh, data = _open_run(config, workdir, run)
@@ -234,70 +237,73 @@ def train_and_evaluate(
     # A window: the steps between two log lines, whose metrics accumulate.
     window, window_start = metrics_cls.empty(), start
     t_window = time.monotonic()
-    with stopping.StopRequest() as stop:
-      for step, batch in zip(
-          range(start + 1, total_steps + 1),
-          pipeline.batches(start, total_steps),
-      ):
-        state, window = train_step(state, batch, window)
-        validate_now = step % eval_every == 0 or step == total_steps
-        # Several processes agree on a stop at log steps only: asking the
-        # others waits for the step, which one process need not do.
-        stop_now = (
-            stop.agreed()
-            if step % log_every == 0 or validate_now or jax.process_count() == 1
-            else None
+    for step, batch in zip(
+        range(start + 1, total_steps + 1),
+        pipeline.batches(start, total_steps),
+    ):
+      state, window = train_step(state, batch, window)
+      validate_now = step % eval_every == 0 or step == total_steps
+      # Several processes agree on a stop at log steps only: asking the
+      # others waits for the step, which one process need not do.
+      stop_now = (
+          stop.agreed()
+          if step % log_every == 0 or validate_now or jax.process_count() == 1
+          else None
+      )
+      stopping_now = stop_now is not None
+      if step % log_every == 0 or validate_now or stopping_now:
+        # Steps run asynchronously: float() waits for them, then the clock.
+        scalars = {k: float(v) for k, v in window.compute().items()}
+        seconds = time.monotonic() - t_window
+        stopping.stop_if_diverged(scalars, window_start, step, ckpts, config)
+        train_seconds += seconds
+        scalars.update(
+            epoch=step / steps_per_epoch,
+            images_per_second=(step - window_start)
+            * batch_size
+            / max(seconds, 1e-9),
         )
-        stopping_now = stop_now is not None
-        if step % log_every == 0 or validate_now or stopping_now:
-          # Steps run asynchronously: float() waits for them, then the clock.
-          scalars = {k: float(v) for k, v in window.compute().items()}
-          seconds = time.monotonic() - t_window
-          stopping.stop_if_diverged(scalars, window_start, step, ckpts, config)
-          train_seconds += seconds
-          scalars.update(
-              epoch=step / steps_per_epoch,
-              images_per_second=(step - window_start)
-              * batch_size
-              / max(seconds, 1e-9),
-          )
+        writer.write_scalars(
+            step, {f'train/{k}': v for k, v in scalars.items()}
+        )
+        window, window_start = metrics_cls.empty(), step
+        t_window = time.monotonic()
+      report_progress(step)
+      if validate_now or stopping_now:
+        val_score = None
+        if validate_now:
+          with report_progress.timed('validation', False):
+            val = validate(state.eval_params(config.eval.use_ema))
+          val_score = val['balanced_accuracy']
+          best = max(best, val_score)
           writer.write_scalars(
-              step, {f'train/{k}': v for k, v in scalars.items()}
-          )
-          window, window_start = metrics_cls.empty(), step
-          t_window = time.monotonic()
-        report_progress(step)
-        if validate_now or stopping_now:
-          val_score = None
-          if validate_now:
-            with report_progress.timed('validation', False):
-              val = validate(state.eval_params(config.eval.use_ema))
-            val_score = val['balanced_accuracy']
-            best = max(best, val_score)
-            writer.write_scalars(
-                step,
-                {f'val/{k}': val[k] for k in VAL_METRICS}
-                | {
-                    'val/epoch': step / steps_per_epoch,
-                    'val/best_balanced_accuracy': best,
-                },
-            )
-          ckpts.save(
-              state,
-              {
-                  'step': step,
-                  'total_steps': total_steps,
-                  'train_seconds': train_seconds,
+              step,
+              {f'val/{k}': val[k] for k in VAL_METRICS}
+              | {
+                  'val/epoch': step / steps_per_epoch,
+                  'val/best_balanced_accuracy': best,
               },
-              val_score,
           )
-          writer.flush()
-          t_window = time.monotonic()  # validating and saving are not training
-        if stopping_now:
-          ckpts.wait()  # the save is asynchronous; finish it first
-          raise stopping.Stopped(stop_now, step, workdir)
+        ckpts.save(
+            state,
+            {
+                'step': step,
+                'total_steps': total_steps,
+                'train_seconds': train_seconds,
+            },
+            val_score,
+        )
+        writer.flush()
+        t_window = time.monotonic()  # validating and saving are not training
+      if stopping_now:
+        ckpts.wait()  # the save is asynchronous; finish it first
+        raise stopping.Stopped(stop_now, step, workdir)
     ckpts.wait()
     writer.flush()
+    # A signal after the last step's check: training is saved, stop before
+    # evaluating (during the evaluation, a first signal is not acted on).
+    if (stop_now := stop.agreed()) is not None:
+      raise stopping.Stopped(stop_now, total_steps, workdir)
     if not config.train.final_evaluation:
       # A recipe trial: it is judged on validation alone (logged above).
       return {'step': total_steps, 'best_val_balanced_accuracy': best}
