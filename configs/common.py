@@ -89,7 +89,9 @@ def base() -> ConfigDict:
   c.model.dropout = 0.0
   c.model.attention_dropout = 0.0
   c.model.drop_path = 0.1
-  c.model.dtype = 'float32'  # compute dtype; parameters stay float32
+  # Compute dtype ('float32' | 'bfloat16' | 'auto': bfloat16 where the
+  # machine computes it natively); parameters stay float32.
+  c.model.dtype = 'float32'
 
   # Loss section: a base loss, optional class weights, optional delay.
   c.loss = ConfigDict()

@@ -43,7 +43,8 @@ def get_config(arg=None):
     common.set_batch_and_lr(c, batch_size=512, lr=1e-3)
   elif preset == 'cpu':
     common.apply_variant(c, 'micro/4')
-    c.model.dtype = 'bfloat16'
+    # bfloat16 where the CPU has AMX or AVX512_BF16, float32 elsewhere.
+    c.model.dtype = 'auto'
     c.loss.name = 'logit_adjusted'
     c.model.drop_path = 0.0
     c.aug.randaugment_layers = 0

@@ -25,7 +25,7 @@ import pytest
 from vitjax import checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 155  # 10 epochs of 248 training images at batch 16
+STEPS = 93  # 6 epochs of 248 training images at batch 16
 
 
 def _free_port() -> int:
@@ -45,7 +45,7 @@ def _args(workdir: Path, data_root: Path, *extra: str) -> list[str]:
       f'--config.data.cache_dir={workdir.parent / "cache"}',
       '--config.data.val_fraction=0.2',
       '--config.train.batch_size=16',
-      '--config.train.epochs=10',
+      '--config.train.epochs=6',
       '--config.train.eval_every_epochs=1',
       '--config.train.log_every_steps=5',
       '--config.eval.batch_size=32',

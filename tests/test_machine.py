@@ -1,6 +1,9 @@
 """Every figure names its machine: what machine.py reads and prints."""
 
-from vitjax import machine
+import pytest
+
+from configs import vit as vit_config
+from vitjax import machine, models
 
 ZEN4 = {
     'model name': 'AMD EPYC',
@@ -28,3 +31,27 @@ def test_a_cpu_without_avx2_or_cpuinfo_is_still_described(monkeypatch):
   m = machine.describe()
   assert m['cpu_features'] == [] and m['cpu_family_model'] == ''
   assert 'no AVX2' in machine.summary(m)
+
+
+def test_bfloat16_is_native_with_avx512_bf16_amx_or_an_accelerator():
+  zen4 = {'accelerator': 'none', 'cpu_features': ['avx2', 'avx512_bf16']}
+  zen3 = {'accelerator': 'none', 'cpu_features': ['avx2']}
+  gpu = {'accelerator': '1 x NVIDIA H200', 'cpu_features': ['avx2']}
+  assert machine.native_bfloat16(zen4) == (True, 'the CPU has avx512_bf16')
+  assert machine.native_bfloat16(gpu)[0]
+  native, why = machine.native_bfloat16(zen3)
+  assert not native and 'neither AMX nor AVX512_BF16' in why
+
+
+@pytest.mark.parametrize(
+    'native, dtype', [(True, 'bfloat16'), (False, 'float32')]
+)
+def test_auto_dtype_follows_the_machine_and_an_explicit_one_wins(
+    monkeypatch, native, dtype
+):
+  monkeypatch.setattr(machine, 'native_bfloat16', lambda: (native, 'test'))
+  cfg = vit_config.get_config('cpu').model
+  assert cfg.dtype == 'auto'
+  assert models.create(cfg, 10).dtype == dtype
+  explicit = dict(cfg, dtype='float32')
+  assert models.create(explicit, 10).dtype == 'float32'

@@ -408,8 +408,8 @@ def test_sigterm_saves_the_step_and_a_rerun_resumes(tiny_data_root, tmp_path):
       '--config=configs/vit.py:smoke',
       f'--workdir={workdir}',
       *_cli_config(tiny_data_root, tmp_path),
-      '--config.train.epochs=12',
-      '--config.train.eval_every_epochs=6',
+      '--config.train.epochs=6',
+      '--config.train.eval_every_epochs=3',
       '--config.train.log_every_steps=5',
   ]
   proc = subprocess.Popen(
@@ -431,10 +431,10 @@ def test_sigterm_saves_the_step_and_a_rerun_resumes(tiny_data_root, tmp_path):
   with checkpoint.Checkpoints(workdir) as ckpts:
     stopped_at = ckpts.latest_step()
     assert ckpts.best_step() is None  # saved, not validated
-  assert 0 < stopped_at < 186
+  assert 0 < stopped_at < 93
   assert _records(workdir)[-1]['step'] == stopped_at
   proc = _main(*args)
   assert proc.returncode == 0, proc.stderr
-  assert f'Resuming from step {stopped_at} of 186' in proc.stderr
+  assert f'Resuming from step {stopped_at} of 93' in proc.stderr
   with checkpoint.Checkpoints(workdir) as ckpts:
-    assert ckpts.latest_step() == 186
+    assert ckpts.latest_step() == 93

@@ -64,6 +64,23 @@ def describe() -> dict[str, Any]:
   }
 
 
+def native_bfloat16(machine: dict[str, Any] | None = None) -> tuple[bool, str]:
+  """Whether the machine computes bfloat16 natively, and why (what
+  model.dtype='auto' follows)."""
+  machine = machine or describe()
+  if machine['accelerator'] != 'none':
+    return True, f'{machine["accelerator"]} computes bfloat16 natively'
+  native = [
+      f for f in ('amx_bf16', 'avx512_bf16') if f in machine['cpu_features']
+  ]
+  if native:
+    return True, f'the CPU has {" and ".join(native)}'
+  return False, (
+      'the CPU has neither AMX nor AVX512_BF16, so bfloat16 would be '
+      'converted to and from float32 around every operation'
+  )
+
+
 def summary(machine: dict[str, Any]) -> str:
   """One line, e.g. 'AMD EPYC (family/model 25/17), 2 cores, avx2 avx512f
   avx512_bf16; no accelerator; jax 0.10.2'."""

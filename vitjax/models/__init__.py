@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from absl import logging
 import flax.linen as nn
 
-from vitjax import errors
+from vitjax import errors, machine
 from vitjax.models.avit import AViT
 from vitjax.models.bf16_dot import Bf16Dot
 from vitjax.models.dynamic_vit import DynamicViT
@@ -23,7 +24,9 @@ def create(model_cfg, num_classes: int, **overrides) -> nn.Module:
   """Builds config.model (a flat dict of the class's fields) into a Module.
 
   `overrides` set fields that are not config (e.g. int8 dot_general_cls)
-  or replace config values (A-ViT's calibrated gate_center).
+  or replace config values (A-ViT's calibrated gate_center). dtype 'auto'
+  becomes bfloat16 where the machine computes it natively (GPUs, CPUs with
+  AMX or AVX512_BF16) and float32 elsewhere.
   """
   kwargs = dict(model_cfg)
   name = kwargs.pop('name')
@@ -38,6 +41,12 @@ def create(model_cfg, num_classes: int, **overrides) -> nn.Module:
     raise errors.ConfigError(
         f'config.model has fields {unknown} that {cls.__name__} '
         f'does not take (it takes {sorted(fields)}).'
+    )
+  if kwargs.get('dtype') == 'auto':
+    native, why = machine.native_bfloat16()
+    kwargs['dtype'] = 'bfloat16' if native else 'float32'
+    logging.log_first_n(
+        logging.INFO, 'model.dtype=auto: %s, as %s.', 1, kwargs['dtype'], why
     )
   if kwargs.get('dtype') == 'bfloat16':
     # Fast bf16 matmuls with float32 accumulation (see bf16_dot.py).

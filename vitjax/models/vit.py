@@ -34,7 +34,7 @@ def compute_dtype(name: str) -> jnp.dtype:
   dtypes = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
   if name not in dtypes:
     raise errors.ConfigError(
-        f'model.dtype={name!r}: expected one of {sorted(dtypes)}.'
+        f"model.dtype={name!r}: expected 'float32', 'bfloat16' or 'auto'."
     )
   return dtypes[name]
 
