@@ -92,6 +92,9 @@ def base() -> ConfigDict:
   # Compute dtype ('float32' | 'bfloat16' | 'auto': bfloat16 where the
   # machine computes it natively); parameters stay float32.
   c.model.dtype = 'float32'
+  # 'auto': the hand-written XLA:CPU kernels on CPUs, the libraries' own
+  # elsewhere; 'cpu' or 'xla' to choose (vitjax/models/vit.py, ViT.kernels).
+  c.model.kernels = 'auto'
 
   # Loss section: a base loss, optional class weights, optional delay.
   c.loss = ConfigDict()

@@ -93,6 +93,36 @@ def test_bfloat16_model_tracks_float32():
   np.testing.assert_allclose(a, b, atol=0.1 * float(jnp.abs(a).max()))
 
 
+@pytest.mark.parametrize('name', ['vit', 'dynamic_vit'])
+def test_the_library_kernels_compute_what_the_cpu_kernels_do(name):
+  # model.kernels='xla' (flax's attention, autodiff's bias gradients, no
+  # Bf16Dot) and 'cpu': the same parameters, values and gradients.
+  cpu = _model('nano/4', name=name, kernels='cpu')
+  xla = _model('nano/4', name=name, kernels='xla')
+  assert (cpu.kernels, xla.kernels) == ('cpu', 'xla')
+  params = _params(cpu)
+  assert jax.tree.structure(params) == jax.tree.structure(_params(xla))
+  params['head']['kernel'] = jax.random.normal(
+      jax.random.key(2), params['head']['kernel'].shape
+  )
+  x = jax.random.randint(jax.random.key(3), (4, 32, 32, 3), 0, 256)
+
+  def loss(model, p):
+    return jnp.sum(model.apply({'params': p}, x, train=False)[0] ** 2)
+
+  for a, b in zip(
+      jax.tree.leaves(jax.value_and_grad(lambda p: loss(cpu, p))(params)),
+      jax.tree.leaves(jax.value_and_grad(lambda p: loss(xla, p))(params)),
+  ):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_auto_kernels_are_the_cpu_ones_on_a_cpu_and_a_bad_name_is_refused():
+  assert _model('nano/4').kernels == 'cpu'  # config default 'auto'
+  with pytest.raises(Exception, match="model.kernels='gpu'"):
+    _model('nano/4', kernels='gpu')
+
+
 @pytest.mark.parametrize(
     'dtype, tol', [(jnp.float32, 1e-5), (jnp.bfloat16, 0.03)]
 )

@@ -6,6 +6,7 @@ import dataclasses
 
 from absl import logging
 import flax.linen as nn
+import jax
 
 from vitjax import errors, machine
 from vitjax.models.avit import AViT
@@ -48,7 +49,24 @@ def create(model_cfg, num_classes: int, **overrides) -> nn.Module:
     logging.log_first_n(
         logging.INFO, 'model.dtype=auto: %s, as %s.', 1, kwargs['dtype'], why
     )
-  if kwargs.get('dtype') == 'bfloat16':
+  kernels = kwargs.get('kernels', 'cpu')
+  if kernels == 'auto':
+    # Measured faster on XLA:CPU (README, "Speed and cost"); elsewhere the
+    # libraries' kernels are what their compilers are tuned for.
+    kernels = 'cpu' if jax.default_backend() == 'cpu' else 'xla'
+    logging.log_first_n(
+        logging.INFO,
+        'model.kernels=auto: %s, on the %s backend.',
+        1,
+        kernels,
+        jax.default_backend(),
+    )
+  if kernels not in ('cpu', 'xla'):
+    raise errors.ConfigError(
+        f"model.kernels={kernels!r}: expected 'auto', 'cpu' or 'xla'."
+    )
+  kwargs['kernels'] = kernels
+  if kwargs.get('dtype') == 'bfloat16' and kernels == 'cpu':
     # Fast bf16 matmuls with float32 accumulation (see bf16_dot.py).
     overrides.setdefault('dot_general_cls', Bf16Dot)
   return cls(num_classes=num_classes, **(kwargs | overrides))

@@ -163,9 +163,10 @@ class SelfAttention(nn.Module):
   projections' bias gradients are fast on XLA:CPU.
 
   Three attention kernels, chosen per call: DynamicViT's soft keep `policy`
-  (`policy_attention`); aqtp's int8 einsums when `einsum_cls` is injected
-  (flax's `dot_product_attention`, which accepts them); otherwise
-  `dot_product_attention` above, with `mask` (A-ViT hides halted tokens).
+  (`policy_attention`); flax's `dot_product_attention` with kernels='xla',
+  or with aqtp's int8 einsums when `einsum_cls` is injected (it accepts
+  them); otherwise `dot_product_attention` above, with `mask` (A-ViT hides
+  halted tokens).
   """
 
   num_heads: int
@@ -174,6 +175,7 @@ class SelfAttention(nn.Module):
   dropout_rate: float = 0.0
   dot_general_cls: Callable[[], Any] | None = None
   einsum_cls: Callable[[], Any] | None = None
+  kernels: str = 'cpu'  # 'xla': flax's attention and autodiff's bias grads
 
   @nn.compact
   def __call__(
@@ -196,6 +198,7 @@ class SelfAttention(nn.Module):
         dtype=self.dtype,
         kernel_init=self.kernel_init,
         dot_general_cls=self.dot_general_cls,
+        bias_grad_matmul=self.kernels == 'cpu',
     )
     q, k, v = (project(name=n)(x) for n in ('query', 'key', 'value'))
     dropout = {
@@ -206,7 +209,13 @@ class SelfAttention(nn.Module):
       dropout['dropout_rng'] = self.make_rng('dropout')
     if policy is not None:
       y = policy_attention(q, k, v, policy=policy, **dropout)
-    elif self.einsum_cls is not None:
+    elif self.einsum_cls is not None or self.kernels == 'xla':
+      einsums = {}
+      if self.einsum_cls is not None:
+        einsums = {
+            'qk_attn_weights_einsum': self.einsum_cls(),
+            'attn_weights_value_einsum': self.einsum_cls(),
+        }
       y = nn.dot_product_attention(
           q,
           k,
@@ -214,8 +223,7 @@ class SelfAttention(nn.Module):
           mask=mask,
           dtype=self.dtype,
           force_fp32_for_softmax=True,
-          qk_attn_weights_einsum=self.einsum_cls(),
-          attn_weights_value_einsum=self.einsum_cls(),
+          **einsums,
           **dropout,
       )
     else:
@@ -226,5 +234,6 @@ class SelfAttention(nn.Module):
         dtype=self.dtype,
         kernel_init=self.kernel_init,
         dot_general_cls=self.dot_general_cls,
+        bias_grad_matmul=self.kernels == 'cpu',
         name='out',
     )(y)

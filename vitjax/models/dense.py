@@ -78,6 +78,8 @@ class Dense(nn.Module):
   kernel_init: Callable[..., Array] = nn.initializers.lecun_normal()
   bias_init: Callable[..., Array] = nn.initializers.zeros
   dot_general_cls: Callable[[], Any] | None = None
+  # False: autodiff's bias gradient, the library path (model.kernels='xla').
+  bias_grad_matmul: bool = True
 
   @nn.compact
   def __call__(self, inputs: Array) -> Array:
@@ -107,4 +109,6 @@ class Dense(nn.Module):
         ((axis, tuple(range(len(axis)))), ((), ())),
         precision=None,
     )
+    if not self.bias_grad_matmul:
+      return y + bias.astype(y.dtype)
     return add_bias(y, bias)

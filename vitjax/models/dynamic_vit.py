@@ -37,6 +37,7 @@ class PredictorLG(nn.Module):
 
   hidden_dim: int
   dtype: Any = jnp.float32
+  kernels: str = 'cpu'  # as the ViT's (ViT.kernels)
 
   @nn.compact
   def __call__(self, x: Array, policy: Array) -> Array:
@@ -53,7 +54,8 @@ class PredictorLG(nn.Module):
         dtype=self.dtype,
         kernel_init=_trunc_normal,
         name=name,
-        dot_general_cls=Bf16Dot,
+        dot_general_cls=Bf16Dot if self.kernels == 'cpu' else None,
+        bias_grad_matmul=self.kernels == 'cpu',
     )
     z = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, name='norm')(x)
     z = gelu_f32(dense(c, 'in')(z))
@@ -139,7 +141,7 @@ class DynamicViT(ViT):
   def setup(self):
     super().setup()
     self.predictors = [
-        PredictorLG(self.hidden_dim, compute_dtype(self.dtype))
+        PredictorLG(self.hidden_dim, compute_dtype(self.dtype), self.kernels)
         for _ in self.stages()
     ]
 

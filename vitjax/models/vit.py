@@ -129,6 +129,7 @@ class MlpBlock(nn.Module):
   dropout: float = 0.0
   dtype: Any = jnp.float32
   dot_general_cls: DotGeneralCls = None
+  kernels: str = 'cpu'
 
   @nn.compact
   def __call__(self, x: Array, *, deterministic: bool) -> Array:
@@ -138,6 +139,7 @@ class MlpBlock(nn.Module):
         kernel_init=_trunc_normal,
         name=name,
         dot_general_cls=self.dot_general_cls,
+        bias_grad_matmul=self.kernels == 'cpu',
     )
     y = dense(self.mlp_dim, 'fc1')(x)
     y = gelu_f32(y)
@@ -167,6 +169,7 @@ class EncoderBlock(nn.Module):
   dtype: Any = jnp.float32
   dot_general_cls: DotGeneralCls = None
   einsum_cls: DotGeneralCls = None  # int8 for the two attention einsums
+  kernels: str = 'cpu'  # see ViT.kernels
 
   @nn.compact
   def __call__(
@@ -193,13 +196,19 @@ class EncoderBlock(nn.Module):
         self.attention_dropout,
         self.dot_general_cls,
         self.einsum_cls,
+        self.kernels,
         name='attn',
     )(y, mask, policy=policy, deterministic=deterministic)
     y = nn.Dropout(self.dropout)(y, deterministic=deterministic)
     x = x + DropPath(self.drop_path)(y, deterministic=deterministic)
     y = norm('norm2', x)
     y = MlpBlock(
-        self.mlp_dim, self.dropout, self.dtype, self.dot_general_cls, name='mlp'
+        self.mlp_dim,
+        self.dropout,
+        self.dtype,
+        self.dot_general_cls,
+        self.kernels,
+        name='mlp',
     )(y, deterministic=deterministic)
     return x + DropPath(self.drop_path)(y, deterministic=deterministic)
 
@@ -225,6 +234,11 @@ class ViT(nn.Module):
   attention_dropout: float = 0.0
   drop_path: float = 0.0  # rate of the last block; rises linearly from 0
   dtype: str = 'float32'  # compute dtype: 'float32' | 'bfloat16'
+  # 'cpu': the hand-written kernels for XLA:CPU (attention's backward pass,
+  # Dense bias gradients as matmuls; with bfloat16, Bf16Dot); 'xla': the
+  # libraries' own (flax's attention, autodiff). models.create resolves
+  # config's 'auto'.
+  kernels: str = 'cpu'
   # Injected, not configured: the blocks' Dense layers (bf16 or int8), the
   # head's (int8 only when asked) and the attention einsums' (int8).
   dot_general_cls: DotGeneralCls = None
@@ -245,6 +259,7 @@ class ViT(nn.Module):
             dtype=dtype,
             dot_general_cls=self.dot_general_cls,
             einsum_cls=self.attention_einsum_cls,
+            kernels=self.kernels,
         )
         for i in range(self.depth)
     ]
@@ -254,6 +269,7 @@ class ViT(nn.Module):
         kernel_init=nn.initializers.zeros,
         dtype=dtype,
         dot_general_cls=self.head_dot_general_cls,
+        bias_grad_matmul=self.kernels == 'cpu',
     )
 
   def tokens_per_block(self, num_patches: int) -> tuple[int, ...]:
