@@ -114,11 +114,11 @@ def _candidates(config, label: str) -> tuple[dict, str]:
       np.zeros((eval_batch,) + sources.IMAGE_SHAPE, np.uint8),
       sharding.batch_sharding(mesh),
   )
-  m = config.model
   about = (
-      f'{label}: model {m.name} dim {m.hidden_dim} depth {m.depth} patch '
-      f'{m.patch_size} dtype {m.dtype}; {cost.param_count(state.params):,} '
-      f'parameters, {cost.vit_macs(model) / 1e6:.1f} M MACs/image'
+      f'{label}: model {config.model.name} dim {model.hidden_dim} depth '
+      f'{model.depth} patch {model.patch_size} dtype {model.dtype} kernels '
+      f'{model.kernels}; {cost.param_count(state.params):,} parameters, '
+      f'{cost.vit_macs(model) / 1e6:.1f} M MACs/image'
   )
   return {
       f'{label} train': timing.Candidate(train_steps, _STEPS_PER_CALL * batch),

@@ -1,11 +1,11 @@
 """Stopping a run: on request (SIGTERM, a scheduler's preemption, or
 Ctrl-C), or when its loss diverges.
 
-The first signal lets the step finish (a signal while the run starts, the
-next step); the loop then saves it and raises `Stopped`, which the command
-line turns into exit status 128 + the signal's number. Once training is
-done and saved, a first signal during the final evaluation is not acted on.
-A second signal kills at once. A NaN or infinite training metric
+The first signal lets the step finish (one while the run starts: its first
+step; with several processes, their next log step); the loop then saves it
+and raises `Stopped`, which the command line turns into exit status 128 +
+the signal's number. A second signal kills at once. Once training is done
+and saved, the final evaluation gets signals as a program normally does. A NaN or infinite training metric
 raises `DivergedError`, which says how to continue from the last good
 checkpoint.
 """
@@ -56,8 +56,13 @@ class StopRequest:
     return self
 
   def __exit__(self, *exc) -> None:
+    self.release()
+
+  def release(self) -> None:
+    """Gives the signals back to their previous handlers."""
     for s, handler in self._previous.items():
       signal.signal(s, handler)
+    self._previous = {}
 
   def agreed(self) -> str | None:
     """Whether any process of the run received a stop signal: its name here,

@@ -22,7 +22,7 @@ from ml_collections import ConfigDict
 import optax
 
 from vitjax import checkpoint, distributed, errors, evaluate, families
-from vitjax import metric_writers
+from vitjax import metric_writers, models
 from vitjax import mixing, sharding, stopping, time_budget, train_state
 from vitjax import workdir as workdir_lib
 from vitjax.data import pipelines, sources
@@ -105,6 +105,7 @@ def train_and_evaluate(
   workdir = Path(workdir).expanduser()
   if config.train.distributed:
     distributed.initialize()  # main.py has, before its first JAX call
+  config = _with_machine_choices(config)
   # Closes what the run opened in reverse, also when it fails: the signal
   # handlers, the lock, the checkpoints (after the save in flight), the
   # metric writers.
@@ -300,13 +301,14 @@ def train_and_evaluate(
         raise stopping.Stopped(stop_now, step, workdir)
     ckpts.wait()
     writer.flush()
-    # A signal after the last step's check: training is saved, stop before
-    # evaluating (during the evaluation, a first signal is not acted on).
-    if (stop_now := stop.agreed()) is not None:
-      raise stopping.Stopped(stop_now, total_steps, workdir)
     if not config.train.final_evaluation:
       # A recipe trial: it is judged on validation alone (logged above).
       return {'step': total_steps, 'best_val_balanced_accuracy': best}
+    # A signal after the last step's check: training is saved, stop before
+    # evaluating. From here signals act as they normally do.
+    if (stop_now := stop.agreed()) is not None:
+      raise stopping.Stopped(stop_now, total_steps, workdir)
+    stop.release()
     return evaluate.evaluate_checkpoint(
         config, workdir, 'best', data=data, mesh=mesh, family=family
     )
@@ -350,6 +352,18 @@ def _steps_for_budget(
     error = e
   distributed.raise_together(error, 'the time budget is too short (process 0).')
   return distributed.from_process_0(steps)
+
+
+def _with_machine_choices(config: ConfigDict) -> ConfigDict:
+  """The config with model.dtype and model.kernels 'auto' made concrete for
+  this machine: config.json records what ran, and a resume on a machine
+  that would choose otherwise is refused rather than silently changed."""
+  resolved = models.resolve_machine_choices(config.model)
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model.dtype = resolved['dtype']
+    config.model.kernels = resolved['kernels']
+  return config
 
 
 def _open_run(

@@ -79,6 +79,14 @@ def _in_use(workdir: Path, holder: str) -> errors.UserError:
   )
 
 
+# Config fields added after runs were saved, with the value those runs ran
+# with: a run saved without them resumes under the same command.
+_ADDED_SINCE = {
+    'model': {'kernels': 'cpu'},
+    'train': {'resume_from': '', 'final_evaluation': True},
+}
+
+
 def save_or_check_config(
     config: ConfigDict, workdir: Path, *, fresh: bool
 ) -> None:
@@ -91,7 +99,11 @@ def save_or_check_config(
   path = workdir / 'config.json'
   current = json.loads(config.to_json_best_effort())
   if path.exists() and not fresh:
-    diffs = _config_diff(json.loads(path.read_text()), current)
+    saved = json.loads(path.read_text())
+    for section, fields in _ADDED_SINCE.items():
+      for field, value in fields.items():
+        saved.setdefault(section, {}).setdefault(field, value)
+    diffs = _config_diff(saved, current)
     # Evaluation settings may change between runs without harm.
     diffs = [d for d in diffs if not d.startswith('eval.')]
     if diffs:

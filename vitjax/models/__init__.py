@@ -21,35 +21,18 @@ MODELS: dict[str, type[nn.Module]] = {
 }
 
 
-def create(model_cfg, num_classes: int, **overrides) -> nn.Module:
-  """Builds config.model (a flat dict of the class's fields) into a Module.
-
-  `overrides` set fields that are not config (e.g. int8 dot_general_cls)
-  or replace config values (A-ViT's calibrated gate_center). dtype 'auto'
-  becomes bfloat16 where the machine computes it natively (GPUs, CPUs with
-  AMX or AVX512_BF16) and float32 elsewhere.
-  """
-  kwargs = dict(model_cfg)
-  name = kwargs.pop('name')
-  if name not in MODELS:
-    raise errors.ConfigError(
-        f'model.name={name!r}: expected one of {sorted(MODELS)}.'
-    )
-  cls = MODELS[name]
-  fields = {f.name for f in dataclasses.fields(cls)} - {'parent', 'name'}
-  unknown = sorted(set(kwargs) - fields)
-  if unknown:
-    raise errors.ConfigError(
-        f'config.model has fields {unknown} that {cls.__name__} '
-        f'does not take (it takes {sorted(fields)}).'
-    )
-  if kwargs.get('dtype') == 'auto':
+def resolve_machine_choices(model_cfg: dict) -> dict:
+  """model_cfg with dtype and kernels 'auto' made concrete for this machine
+  (logged with the reason); a config without `kernels` (runs before it
+  existed) counts as 'auto'."""
+  model_cfg = dict(model_cfg)
+  if model_cfg.get('dtype') == 'auto':
     native, why = machine.native_bfloat16()
-    kwargs['dtype'] = 'bfloat16' if native else 'float32'
+    model_cfg['dtype'] = 'bfloat16' if native else 'float32'
     logging.log_first_n(
-        logging.INFO, 'model.dtype=auto: %s, as %s.', 1, kwargs['dtype'], why
+        logging.INFO, 'model.dtype=auto: %s, as %s.', 1, model_cfg['dtype'], why
     )
-  kernels = kwargs.get('kernels', 'cpu')
+  kernels = model_cfg.get('kernels', 'auto')
   if kernels == 'auto':
     # Measured faster on XLA:CPU (README, "Speed and cost"); elsewhere the
     # libraries' kernels are what their compilers are tuned for.
@@ -65,8 +48,33 @@ def create(model_cfg, num_classes: int, **overrides) -> nn.Module:
     raise errors.ConfigError(
         f"model.kernels={kernels!r}: expected 'auto', 'cpu' or 'xla'."
     )
-  kwargs['kernels'] = kernels
-  if kwargs.get('dtype') == 'bfloat16' and kernels == 'cpu':
+  model_cfg['kernels'] = kernels
+  return model_cfg
+
+
+def create(model_cfg, num_classes: int, **overrides) -> nn.Module:
+  """Builds config.model (a flat dict of the class's fields) into a Module.
+
+  `overrides` set fields that are not config (e.g. int8 dot_general_cls)
+  or replace config values (A-ViT's calibrated gate_center). dtype 'auto'
+  becomes bfloat16 where the machine computes it natively (GPUs, CPUs with
+  AMX or AVX512_BF16) and float32 elsewhere.
+  """
+  kwargs = resolve_machine_choices(dict(model_cfg))
+  name = kwargs.pop('name')
+  if name not in MODELS:
+    raise errors.ConfigError(
+        f'model.name={name!r}: expected one of {sorted(MODELS)}.'
+    )
+  cls = MODELS[name]
+  fields = {f.name for f in dataclasses.fields(cls)} - {'parent', 'name'}
+  unknown = sorted(set(kwargs) - fields)
+  if unknown:
+    raise errors.ConfigError(
+        f'config.model has fields {unknown} that {cls.__name__} '
+        f'does not take (it takes {sorted(fields)}).'
+    )
+  if kwargs.get('dtype') == 'bfloat16' and kwargs['kernels'] == 'cpu':
     # Fast bf16 matmuls with float32 accumulation (see bf16_dot.py).
     overrides.setdefault('dot_general_cls', Bf16Dot)
   return cls(num_classes=num_classes, **(kwargs | overrides))

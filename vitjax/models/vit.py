@@ -34,7 +34,8 @@ def compute_dtype(name: str) -> jnp.dtype:
   dtypes = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
   if name not in dtypes:
     raise errors.ConfigError(
-        f"model.dtype={name!r}: expected 'float32', 'bfloat16' or 'auto'."
+        f"model.dtype={name!r}: expected 'float32' or 'bfloat16' ('auto' is "
+        'made one of them by models.create).'
     )
   return dtypes[name]
 
@@ -247,6 +248,11 @@ class ViT(nn.Module):
 
   def setup(self):
     dtype = compute_dtype(self.dtype)
+    if self.kernels not in ('cpu', 'xla'):
+      raise errors.ConfigError(
+          f"ViT.kernels={self.kernels!r}: expected 'cpu' or 'xla' ('auto' "
+          'is made one of them by models.create).'
+      )
     self.embed = PatchEmbed(self.patch_size, self.hidden_dim, self.stem, dtype)
     self.embed_dropout = nn.Dropout(self.dropout)
     self.blocks = [
