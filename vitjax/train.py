@@ -105,7 +105,7 @@ def train_and_evaluate(
   workdir = Path(workdir).expanduser()
   if config.train.distributed:
     distributed.initialize()  # main.py has, before its first JAX call
-  config = _with_machine_choices(config)
+  config = models.with_machine_choices(config)
   # Closes what the run opened in reverse, also when it fails: the signal
   # handlers, the lock, the checkpoints (after the save in flight), the
   # metric writers.
@@ -352,18 +352,6 @@ def _steps_for_budget(
     error = e
   distributed.raise_together(error, 'the time budget is too short (process 0).')
   return distributed.from_process_0(steps)
-
-
-def _with_machine_choices(config: ConfigDict) -> ConfigDict:
-  """The config with model.dtype and model.kernels 'auto' made concrete for
-  this machine: config.json records what ran, and a resume on a machine
-  that would choose otherwise is refused rather than silently changed."""
-  resolved = models.resolve_machine_choices(config.model)
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    config.model.dtype = resolved['dtype']
-    config.model.kernels = resolved['kernels']
-  return config
 
 
 def _open_run(

@@ -7,6 +7,7 @@ import dataclasses
 from absl import logging
 import flax.linen as nn
 import jax
+from ml_collections import ConfigDict
 
 from vitjax import errors, machine
 from vitjax.models.avit import AViT
@@ -50,6 +51,18 @@ def resolve_machine_choices(model_cfg: dict) -> dict:
     )
   model_cfg['kernels'] = kernels
   return model_cfg
+
+
+def with_machine_choices(config: ConfigDict) -> ConfigDict:
+  """A copy of the run's config with model.dtype and model.kernels made
+  concrete for this machine: config.json records what ran, and a resume on
+  a machine that would choose otherwise is refused rather than changed."""
+  resolved = resolve_machine_choices(config.model)
+  config = config.copy_and_resolve_references()
+  with config.unlocked():
+    config.model.dtype = resolved['dtype']
+    config.model.kernels = resolved['kernels']
+  return config
 
 
 def create(model_cfg, num_classes: int, **overrides) -> nn.Module:
