@@ -238,17 +238,18 @@ def train_and_evaluate(
     # A window: the steps between two log lines, whose metrics accumulate.
     window, window_start = metrics_cls.empty(), start
     t_window = time.monotonic()
+    # Several processes agree on a stop at log steps only: asking the others
+    # waits for the step, which one process need not do.
+    stop_every_step = jax.process_count() == 1
     for step, batch in zip(
         range(start + 1, total_steps + 1),
         pipeline.batches(start, total_steps),
     ):
       state, window = train_step(state, batch, window)
       validate_now = step % eval_every == 0 or step == total_steps
-      # Several processes agree on a stop at log steps only: asking the
-      # others waits for the step, which one process need not do.
       stop_now = (
           stop.agreed()
-          if step % log_every == 0 or validate_now or jax.process_count() == 1
+          if stop_every_step or step % log_every == 0 or validate_now
           else None
       )
       stopping_now = stop_now is not None
