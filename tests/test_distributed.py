@@ -188,6 +188,7 @@ def test_two_processes_train_as_one_with_two_devices(
   assert [p.name for p in (workdir / 'eval').glob('report_*.json')] == [
       'report_best.json'
   ]
+  assert (workdir / 'eval' / 'attention.png').exists()
   records = [
       json.loads(line)
       for line in (workdir / 'metrics.jsonl').read_text().splitlines()

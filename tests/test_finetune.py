@@ -50,6 +50,7 @@ def test_dynamic_vit_starts_from_the_vit_and_reports_against_it(
   train_records = [r for r in records if r['split'] == 'train']
   for key in ('ratio_loss', 'kl_loss', 'token_loss', 'keep_0'):
     assert np.isfinite(train_records[-1][key]), key
+  assert (tmp_path / 'dvit' / 'eval' / 'tokens.png').exists()
 
 
 def test_the_predictors_train_at_the_full_rate_the_backbone_frozen_first():
@@ -129,6 +130,10 @@ def test_avit_calibrates_its_gate_and_reports_depths(
   assert speed['path'].startswith('token removal')
   assert len(sp['tokens_per_block']) == 2
   assert (tmp_path / 'avit' / 'eval' / 'halting.png').exists()
+  assert (tmp_path / 'avit' / 'eval' / 'depth.png').exists()
+  depth_per_class = np.asarray(sp['mean_depth_per_class'])
+  assert depth_per_class.shape == (10,)
+  assert (1 <= depth_per_class).all() and (depth_per_class <= 2).all()
   # Evaluation alone reuses the stored calibration.
   again = evaluate.evaluate_checkpoint(c, tmp_path / 'avit', 'best')
   assert again['test'] == report['test']

@@ -122,6 +122,7 @@ def test_a_trained_model_keeps_its_predictions_in_int8(
     assert report['cost']['parameters'] == 21_162, path
   assert q['checkpoint_bytes_on_disk'] > 0
   assert (trained_vit_workdir / 'eval' / 'report_best_int8.json').exists()
+  assert (trained_vit_workdir / 'eval' / 'attention_int8.png').exists()
 
 
 def test_bad_quant_settings_are_named():

@@ -51,6 +51,7 @@ def test_a_run_writes_checkpoints_metrics_and_report(smoke_config, tmp_path):
       'curves.png',
       'confusion_test.png',
       'recall_test.png',
+      'attention.png',  # the class token's attention rollout
   ):
     assert (run / 'eval' / name).exists(), name
   assert list(run.glob('events.out.tfevents.*'))

@@ -1,7 +1,8 @@
 """Evaluating a checkpoint: accuracy on val and test, cost, sparsity, int8.
 
 `--mode=eval` and the end of training both call `evaluate_checkpoint`, which
-writes <workdir>/eval/report_<checkpoint>.json plus PNG figures and prints a
+writes <workdir>/eval/report_<checkpoint>.json plus PNG figures (among them
+the model's per-patch decisions: evaluators/decisions.py) and prints a
 table. The measurements themselves live in vitjax/evaluators/.
 """
 
@@ -21,8 +22,8 @@ from vitjax import checkpoint, distributed, errors, families, machine
 from vitjax import quantization
 from vitjax import sharding, train_state, workdir as workdir_lib
 from vitjax.data import sources
-from vitjax.evaluators import classification, cost, report as report_lib
-from vitjax.evaluators import sparsity, speed
+from vitjax.evaluators import classification, cost, decisions
+from vitjax.evaluators import report as report_lib, sparsity, speed
 from vitjax.evaluators.classification import Predictor
 
 
@@ -122,7 +123,7 @@ def evaluate_checkpoint(
   predictor, ev = restored.predictor, config.eval
   report = copy.deepcopy(restored.header)
   report['sparsity'] = sparsity.sparsity_report(
-      predictor, data.test.images, ev.batch_size
+      predictor, data.test, ev.batch_size, data.num_classes
   )
   report.update(_accuracy(predictor, data, ev.batch_size, mesh))
   report['cost'] = cost.cost_report(
@@ -155,7 +156,11 @@ def evaluate_checkpoint(
         seconds=ev.speed_seconds,
         baseline='teacher' if restored.teacher is not None else None,
     )
-  if timed and jax.process_index() == 0:
+  if not timed:
+    return report
+  # Every process runs the figure's forward pass; process 0 writes.
+  figure_data = decisions.on_test_images(predictor, data.test)
+  if jax.process_index() == 0:
     name = str(which) + ('_int8' if report['precision'] == 'int8' else '')
     path = report_lib.write_report(
         report,
@@ -165,6 +170,14 @@ def evaluate_checkpoint(
         workdir / 'metrics.jsonl',
     )
     logging.info('Wrote %s', path)
+    figure = decisions.write_figure(
+        figure_data,
+        data.class_names,
+        workdir / 'eval',
+        suffix='_int8' if report['precision'] == 'int8' else '',
+        mean_depth_per_class=report['sparsity'].get('mean_depth_per_class'),
+    )
+    logging.info('Wrote %s', figure)
     report_lib.print_report(report, data.class_names)
   return report
 

@@ -112,3 +112,177 @@ def halting_distribution(
   fig.tight_layout()
   fig.savefig(out, dpi=120)
   plt.close(fig)
+
+
+# Figures of the models' per-patch decisions (vitjax/evaluators/decisions.py).
+# Images come class by class; each row holds one class's images.
+
+
+def grey_out(images: np.ndarray, keep: np.ndarray) -> np.ndarray:
+  """Images [b, h, w, 3] uint8 with the patches where keep [b, g, g] is
+  False blended to light grey (what DynamicViT dropped)."""
+  b, h, w, _ = images.shape
+  g = keep.shape[-1]
+  pixels = np.repeat(np.repeat(keep, h // g, axis=1), w // g, axis=2)
+  grey = 0.25 * images.astype(np.float32) + 0.75 * 200.0
+  return np.where(pixels[..., None], images, grey.astype(np.uint8))
+
+
+def _decision_grid(
+    labels, panels_per_image: int, side_column: bool = False
+) -> tuple[plt.Figure, list[list[plt.Axes]], int, dict[str, plt.Axes]]:
+  """A figure with one row per class and panels_per_image panels for each
+  of its images: axes[i // per_row][(i % per_row) * panels_per_image + j]
+  is image i's j-th panel. side_column adds a tall axes on the right
+  ('side') and a colour bar's row under the images ('colorbar')."""
+  rows = len(np.unique(labels))
+  per_row = len(labels) // rows
+  cols = per_row * panels_per_image
+  widths = [1.0] * cols + ([2.5] if side_column else [])
+  heights = [1.0] * rows + ([0.15] if side_column else [])
+  fig = plt.figure(figsize=(1.15 * sum(widths) + 0.4, 1.2 * sum(heights) + 0.6))
+  spec = fig.add_gridspec(
+      len(heights), len(widths), width_ratios=widths, height_ratios=heights
+  )
+  axes = [
+      [fig.add_subplot(spec[r, c]) for c in range(cols)] for r in range(rows)
+  ]
+  for row in axes:
+    for ax in row:
+      ax.set_xticks([])
+      ax.set_yticks([])
+  extra = {}
+  if side_column:
+    extra['side'] = fig.add_subplot(spec[:rows, -1])
+    extra['colorbar'] = fig.add_subplot(spec[rows, :cols])
+  return fig, axes, per_row, extra
+
+
+def _panel_title(true: int, predicted: int, names) -> tuple[str, str]:
+  text = (
+      names[true] if true == predicted else f'{names[true]}→{names[predicted]}'
+  )
+  return text, ('black' if true == predicted else 'tab:red')
+
+
+def kept_tokens(
+    images, kept, stage_blocks, labels, predicted, class_names, out: Path
+) -> None:
+  """The image, then per pruning stage the patches it keeps."""
+  stages = len(kept)
+  fig, axes, per_row, _ = _decision_grid(labels, 1 + stages)
+  for i, image in enumerate(images):
+    row = axes[i // per_row]
+    first = (i % per_row) * (1 + stages)
+    row[first].imshow(image, interpolation='nearest')
+    text, color = _panel_title(labels[i], predicted[i], class_names)
+    row[first].set_title(text, fontsize=7, color=color)
+    for s in range(stages):
+      ax = row[first + 1 + s]
+      ax.imshow(
+          grey_out(image[None], kept[s, i : i + 1])[0],
+          interpolation='nearest',
+      )
+      ax.set_title(
+          f'from block {stage_blocks[s]}: {int(kept[s, i].sum())}',
+          fontsize=6,
+      )
+  fig.suptitle(
+      'DynamicViT: the patches each pruning stage keeps (dropped: grey)\n'
+      'red titles: true→predicted class, where the model is wrong',
+      fontsize=8,
+  )
+  fig.tight_layout()
+  fig.savefig(out, dpi=72)
+  plt.close(fig)
+
+
+def halting_depth(
+    images,
+    depth,
+    max_depth,
+    mean_depth_per_class,
+    labels,
+    predicted,
+    class_names,
+    out: Path,
+) -> None:
+  """Each image beside its patches coloured by blocks run, and the mean
+  depth per class over the test set."""
+  fig, axes, per_row, extra = _decision_grid(labels, 2, side_column=True)
+  h, w = images.shape[1:3]
+  shown = None
+  for i, image in enumerate(images):
+    row = axes[i // per_row]
+    first = (i % per_row) * 2
+    row[first].imshow(image, interpolation='nearest')
+    text, color = _panel_title(labels[i], predicted[i], class_names)
+    row[first].set_title(text, fontsize=7, color=color)
+    row[first + 1].imshow(image, interpolation='nearest')
+    shown = row[first + 1].imshow(
+        depth[i],
+        cmap='magma',
+        vmin=1,
+        vmax=max_depth,
+        alpha=0.7,
+        extent=(-0.5, w - 0.5, h - 0.5, -0.5),
+        interpolation='nearest',
+    )
+    row[first + 1].set_title(f'mean {depth[i].mean():.2f}', fontsize=6)
+  ax = extra['side']
+  if mean_depth_per_class is not None:
+    ax.barh(range(len(class_names)), mean_depth_per_class, color='tab:purple')
+    ax.set_yticks(range(len(class_names)), class_names, fontsize=7)
+    # Top to bottom, one bar beside each row of images.
+    ax.set_ylim(len(class_names) - 0.5, -0.5)
+    lo = min(mean_depth_per_class)
+    ax.set_xlim(max(0.0, lo - 0.5), max_depth)
+    ax.set_title('mean blocks per token,\nwhole test set', fontsize=7)
+    ax.tick_params(axis='x', labelsize=7)
+    ax.grid(axis='x', alpha=0.3)
+  else:
+    ax.set_axis_off()
+  fig.colorbar(
+      shown,
+      cax=extra['colorbar'],
+      orientation='horizontal',
+      label='blocks run before halting',
+  )
+  fig.suptitle(
+      'A-ViT: blocks each patch runs before it halts\n'
+      'red titles: true→predicted class, where the model is wrong',
+      fontsize=8,
+  )
+  fig.tight_layout()
+  fig.savefig(out, dpi=72)
+  plt.close(fig)
+
+
+def attention_rollout(
+    images, rollout, labels, predicted, class_names, out: Path
+) -> None:
+  """Each image beside the class token's attention rollout over it."""
+  fig, axes, per_row, _ = _decision_grid(labels, 2)
+  h, w = images.shape[1:3]
+  for i, image in enumerate(images):
+    row = axes[i // per_row]
+    first = (i % per_row) * 2
+    row[first].imshow(image, interpolation='nearest')
+    text, color = _panel_title(labels[i], predicted[i], class_names)
+    row[first].set_title(text, fontsize=7, color=color)
+    row[first + 1].imshow(image, interpolation='nearest')
+    row[first + 1].imshow(
+        rollout[i] / rollout[i].max(),
+        cmap='jet',
+        alpha=0.5,
+        extent=(-0.5, w - 0.5, h - 0.5, -0.5),
+        interpolation='bilinear',
+    )
+  fig.suptitle(
+      'ViT: attention rollout of the class token\n(Abnar & Zuidema 2020); '
+      'red titles: true→predicted,\nwhere the model is wrong',
+      fontsize=8,
+  )
+  fig.tight_layout()
+  fig.savefig(out, dpi=72)
+  plt.close(fig)

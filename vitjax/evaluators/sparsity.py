@@ -1,8 +1,8 @@
 """What a sparse model computes on a set of images (the test set).
 
 DynamicViT: its static stage layout. A-ViT: mean depth per token (and of
-the class token), tokens per block, where tokens halt, and whether its two
-inference paths agree (their speed: evaluators/speed.py).
+the class token, and per class), tokens per block, where tokens halt, and
+whether its two inference paths agree (their speed: evaluators/speed.py).
 """
 
 from __future__ import annotations
@@ -12,16 +12,19 @@ from typing import Any
 import jax
 import numpy as np
 
+from vitjax.data.sources import Split
 from vitjax.evaluators.classification import Predictor
 from vitjax.models import avit, dynamic_vit
 
 
 def sparsity_report(
     predictor: Predictor,
-    images: np.ndarray,
+    split: Split,
     batch_size: int,
+    num_classes: int,
 ) -> dict[str, Any]:
   """{} for a dense model."""
+  images = split.images
   model = predictor.model
   patches = (images.shape[1] // model.patch_size) ** 2
   if isinstance(model, dynamic_vit.DynamicViT):
@@ -46,6 +49,10 @@ def sparsity_report(
     active.append(np.asarray(aux['active']).sum(-1))  # [depth, b]
     removal_preds.append(np.argmax(removal(ready, x)[0], -1))
   depth = np.concatenate(depth)  # [n, tokens]
+  per_image = depth.mean(1)
+  depth_per_class = np.bincount(
+      split.labels, per_image, num_classes
+  ) / np.maximum(split.counts(num_classes), 1)
   tokens_per_block = np.concatenate(active, axis=1).mean(1)
   halts_at = (
       np.bincount(depth.astype(int).ravel() - 1, minlength=model.depth)
@@ -55,6 +62,8 @@ def sparsity_report(
       'gate_center': model.gate_center,
       'mean_depth_per_token': float(depth.mean()),
       'mean_depth_cls_token': float(depth[:, 0].mean()),
+      # Do harder classes get more compute? (the depth figure's bars)
+      'mean_depth_per_class': depth_per_class.tolist(),
       'tokens_per_block': tokens_per_block.tolist(),
       'halting_distribution': halts_at.tolist(),
       'token_removal_agreement': float(

@@ -166,7 +166,8 @@ class SelfAttention(nn.Module):
   (`policy_attention`); flax's `dot_product_attention` with kernels='xla',
   or with aqtp's int8 einsums when `einsum_cls` is injected (it accepts
   them); otherwise `dot_product_attention` above, with `mask` (A-ViT hides
-  halted tokens).
+  halted tokens). Applied with `mutable=['intermediates']`, a call sows its
+  attention weights [batch, heads, queries, keys] as 'attention_weights'.
   """
 
   num_heads: int
@@ -209,7 +210,14 @@ class SelfAttention(nn.Module):
       dropout['dropout_rng'] = self.make_rng('dropout')
     if policy is not None:
       y = policy_attention(q, k, v, policy=policy, **dropout)
-    elif self.einsum_cls is not None or self.kernels == 'xla':
+    elif (
+        self.einsum_cls is not None
+        or self.kernels == 'xla'
+        or self.is_mutable_collection('intermediates')
+    ):
+      # Flax's attention also sows its weights when asked (`module`), for the
+      # attention figure (evaluators/decisions.py); its values are this
+      # module's own kernel's to rounding (tests/test_vit.py).
       einsums = {}
       if self.einsum_cls is not None:
         einsums = {
@@ -223,6 +231,7 @@ class SelfAttention(nn.Module):
           mask=mask,
           dtype=self.dtype,
           force_fp32_for_softmax=True,
+          module=self,
           **einsums,
           **dropout,
       )
