@@ -25,6 +25,8 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+import signal
+from signal import SIGINT, SIGTERM
 import subprocess
 import sys
 import time
@@ -77,6 +79,9 @@ class Treatment:
         'loss.reweight_from_epoch': (
             DRW_START * epochs if self.deferred else 0.0
         ),
+        'loss.effective_beta': 0.9999,
+        'loss.focal_gamma': 2.0,
+        'loss.logit_adjust_tau': 1.0,
     }
 
 
@@ -108,36 +113,85 @@ TREATMENTS = (
 BASELINE = 'natural_ce'
 
 
-def run_command(
-    treatment: Treatment,
-    seed: int,
-    workdir: Path,
-    config: str,
-    epochs: float,
-    extra: list[str],
+def run_overrides(
+    treatment: Treatment, seed: int, epochs: float, extra: list[str]
 ) -> list[str]:
-  """The `vitjax.main` command line of one run."""
+  """`--config.x=v` overrides of one run: the study's fixed schedule, the
+  treatment, then --set's (which may not touch either)."""
   fixed = {
       'seed': seed,
       'train.time_budget_minutes': 0.0,
       'train.epochs': epochs,
       'train.eval_every_epochs': epochs / VALIDATIONS,
+      'train.final_evaluation': True,
       'optim.warmup_epochs': WARMUP_SHARE * epochs,
       **treatment.overrides(epochs),
   }
-  return [
-      sys.executable,
-      '-m',
-      'vitjax.main',
-      f'--config={config}',
-      f'--workdir={workdir}',
-      *(f'--config.{k}={v}' for k, v in fixed.items()),
-      *(f'--config.{s}' for s in extra),
+  for s in extra:
+    if s.split('=', 1)[0] in fixed:
+      raise app.UsageError(
+          f'--set={s}: the study sets {s.split("=", 1)[0]} itself (its '
+          'schedule and treatments); choose another field.'
+      )
+  return [f'--config.{k}={v}' for k, v in fixed.items()] + [
+      f'--config.{s}' for s in extra
   ]
 
 
-def finished_report(workdir: Path) -> Path:
-  return workdir / 'eval' / 'report_best.json'
+def intended_config(config: str, overrides: list[str]):
+  """The config a run's command line makes, parsed as vitjax.main parses
+  it (ml_collections), with the machine's choices made concrete as a run
+  records them."""
+  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags
+  from vitjax import models
+
+  argv = ['study', f'--config={config}', *overrides]
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file(
+      'config', None, flag_values=values, sys_argv=argv
+  )
+  values(argv)
+  return models.with_machine_choices(values.config)
+
+
+def is_finished(workdir: Path, config) -> bool:
+  """Whether workdir holds this run, trained to its end and evaluated.
+
+  A workdir with another config is refused: its report would be counted
+  under settings it was not trained with.
+  """
+  # pylint: disable=g-import-not-at-top
+  from vitjax import checkpoint, workdir as workdir_lib
+
+  if not (workdir / 'config.json').exists():
+    return False
+  diffs = workdir_lib.config_differences(workdir, config)
+  if diffs:
+    raise SystemExit(
+        f'study: {workdir} holds a run with other settings: '
+        f'{"; ".join(diffs[:3])}. Pass another --root for these settings.'
+    )
+  if not (workdir / 'eval' / 'report_best.json').exists():
+    return False
+  with checkpoint.Checkpoints(workdir) as ckpts:
+    meta = ckpts.read_meta('latest')
+  return meta is not None and meta['step'] == meta['total_steps']
+
+
+def run(cmd: list[str], log_path: Path) -> int:
+  """Runs cmd to its end; a SIGINT or SIGTERM to the study is passed on
+  once, so the run saves its step and stops cleanly (it runs in its own
+  session: Ctrl-C reaches it only through here)."""
+  with open(log_path, 'a') as log:
+    proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
+  forward = lambda signum, frame: proc.send_signal(signum)
+  previous = {s: signal.signal(s, forward) for s in (SIGINT, SIGTERM)}
+  try:
+    return proc.wait()
+  finally:
+    for s, handler in previous.items():
+      signal.signal(s, handler)
 
 
 def run_all(
@@ -148,21 +202,34 @@ def run_all(
   for t in treatments:
     for seed in seeds:
       workdir = root / t.name / f'seed_{seed}'
-      report = finished_report(workdir)
-      reports.setdefault(t.name, []).append(report)
-      if report.exists():
+      reports.setdefault(t.name, []).append(
+          workdir / 'eval' / 'report_best.json'
+      )
+      overrides = run_overrides(t, seed, epochs, extra)
+      if is_finished(workdir, intended_config(config, overrides)):
         logging.info('%s seed %d: finished earlier', t.name, seed)
         continue
       workdir.mkdir(parents=True, exist_ok=True)
-      cmd = run_command(t, seed, workdir, config, epochs, extra)
+      cmd = [
+          sys.executable,
+          '-m',
+          'vitjax.main',
+          f'--config={config}',
+          f'--workdir={workdir}',
+          *overrides,
+      ]
       logging.info('%s seed %d: %s', t.name, seed, ' '.join(cmd[1:]))
       start = time.perf_counter()
-      with open(workdir / 'run.log', 'a') as log:
-        code = subprocess.run(cmd, stdout=log, stderr=log, check=False)
-      if code.returncode != 0:
+      code = run(cmd, workdir / 'run.log')
+      if code in (128 + SIGINT, 128 + SIGTERM):
+        raise SystemExit(
+            f'study: stopped; {t.name} seed {seed} saved its step in '
+            f'{workdir}. Rerun the same command to resume.'
+        )
+      if code != 0:
         tail = (workdir / 'run.log').read_text().strip().splitlines()[-5:]
         raise SystemExit(
-            f'study: {t.name} seed {seed} failed (exit {code.returncode}); '
+            f'study: {t.name} seed {seed} failed (exit {code}); '
             f'its log is {workdir / "run.log"}:\n' + '\n'.join(tail)
         )
       logging.info(
@@ -187,9 +254,10 @@ def summarize(
     runs: dict[str, list[dict]], minority: list[int]
 ) -> dict[str, dict]:
   """Per treatment: mean and std over seeds of each figure, and the
-  difference of balanced test accuracy from BASELINE with its standard
-  error (a difference inside two standard errors is no measurable
-  effect)."""
+  seed-by-seed (paired: same split, first weights and data order)
+  difference of balanced test accuracy from BASELINE, with its standard
+  error. runs: per treatment, the reports in seed order, each with the
+  run's 'total_steps'."""
   rows = {}
   for name, reports in runs.items():
     recall = np.array([r['test']['per_class_recall'] for r in reports])
@@ -207,24 +275,32 @@ def summarize(
         'val_balanced_accuracy': _mean_std(
             [r['val']['balanced_accuracy'] for r in reports]
         ),
-        'best_steps': [r['step'] for r in reports],
+        # Where in the run validation found each seed's best checkpoint.
+        'best_step_share': [r['step'] / r['total_steps'] for r in reports],
     }
-  base = rows.get(BASELINE)
-  for row in rows.values():
-    if base is None:
-      break
-    a, b = row['balanced_accuracy'], base['balanced_accuracy']
-    diff = a['mean'] - b['mean']
-    se = float(np.sqrt(a['std'] ** 2 / a['n'] + b['std'] ** 2 / b['n']))
-    row['difference_from_baseline'] = {
-        'mean': diff,
+  if BASELINE not in runs:
+    return rows
+  base = [r['test']['balanced_accuracy'] for r in runs[BASELINE]]
+  for name, reports in runs.items():
+    diffs = np.array(
+        [r['test']['balanced_accuracy'] for r in reports]
+    ) - np.array(base)
+    se = (
+        float(diffs.std(ddof=1) / np.sqrt(diffs.size))
+        if diffs.size > 1
+        else float('nan')
+    )
+    rows[name]['difference_from_baseline'] = {
+        'mean': float(diffs.mean()),
         'standard_error': se,
-        'measurable': bool(abs(diff) > 2 * se),
+        'measurable': bool(abs(diffs.mean()) > 2 * se),  # False if nan
     }
   return rows
 
 
 def _pct(s: dict[str, float]) -> str:
+  if s['n'] < 2:
+    return f'{100 * s["mean"]:.2f}'
   return f'{100 * s["mean"]:.2f} ± {100 * s["std"]:.2f}'
 
 
@@ -237,7 +313,8 @@ def markdown(rows, treatments, class_names, minority, heading) -> str:
       'worst class (%)',
       f'{minority_names} recall (%)',
       'val balanced acc. (%)',
-      f'vs {BASELINE} (points ± SE)',
+      'best checkpoint at',
+      f'vs {BASELINE}, paired (points ± SE)',
   )
   lines = [
       heading,
@@ -250,6 +327,8 @@ def markdown(rows, treatments, class_names, minority, heading) -> str:
     d = r.get('difference_from_baseline')
     if t.name == BASELINE or d is None:
       verdict = '-'
+    elif r['seeds'] < 2:
+      verdict = f'{100 * d["mean"]:+.2f} (one seed: no spread)'
     else:
       verdict = f'{100 * d["mean"]:+.2f} ± {100 * d["standard_error"]:.2f}' + (
           ' (measurable)' if d['measurable'] else ' (within spread)'
@@ -264,6 +343,7 @@ def markdown(rows, treatments, class_names, minority, heading) -> str:
                 _pct(r['worst_class_recall']),
                 _pct(r['minority_recall']),
                 _pct(r['val_balanced_accuracy']),
+                ', '.join(f'{x:.0%}' for x in r['best_step_share']),
                 verdict,
             ]
         )
@@ -292,8 +372,13 @@ def plots(rows, treatments, class_names, out: Path) -> None:
         capsize=3,
         label=f'{label} (mean ± std over seeds)',
     )
-  means = [100 * rows[n]['balanced_accuracy']['mean'] for n in names]
-  ax.set_ylim(max(0, min(means) - 10), min(100, max(means) + 5))
+  ends = [
+      100 * (rows[n][k]['mean'] + sign * np.nan_to_num(rows[n][k]['std']))
+      for n in names
+      for k in ('balanced_accuracy', 'val_balanced_accuracy')
+      for sign in (-1, 1)
+  ]
+  ax.set_ylim(max(0, min(ends) - 5), min(100, max(ends) + 3))
   ax.set_xticks(range(len(names)), names, rotation=20, ha='right')
   ax.set(ylabel='balanced accuracy (%)', title='imbalance treatments')
   ax.grid(axis='y', alpha=0.3)
@@ -325,6 +410,16 @@ def plots(rows, treatments, class_names, out: Path) -> None:
   plt.close(fig)
 
 
+def _read_run(report_path: Path) -> dict:
+  """A run's report, with its total steps (from its latest checkpoint)."""
+  from vitjax import checkpoint  # pylint: disable=g-import-not-at-top
+
+  report = json.loads(report_path.read_text())
+  with checkpoint.Checkpoints(report_path.parent.parent) as ckpts:
+    report['total_steps'] = ckpts.read_meta('latest')['total_steps']
+  return report
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
@@ -348,7 +443,7 @@ def main(argv):
   files = run_all(
       treatments, seeds, root, _CONFIG.value, _EPOCHS.value, _SET.value
   )
-  runs = {n: [json.loads(p.read_text()) for p in ps] for n, ps in files.items()}
+  runs = {n: [_read_run(p) for p in ps] for n, ps in files.items()}
   first = runs[treatments[0].name][0]
   config = ConfigDict(
       json.loads((Path(first['workdir']) / 'config.json').read_text())
@@ -370,8 +465,11 @@ def main(argv):
       f'{", ".join(map(str, seeds))}; each run\'s best checkpoint chosen on '
       'validation balanced accuracy, then evaluated once on the balanced '
       f'test set ({first["test"]["num_images"]:,} images). Figures are mean '
-      '± std over the seeds; a difference from no treatment within two '
-      'standard errors is no measurable effect.'
+      '± std over the seeds. The last column is the seed-by-seed difference '
+      'from no treatment (same split, first weights and data order) with '
+      'its standard error; "measurable" marks one beyond two standard '
+      'errors: a screen (at 3 seeds about 80% confidence), not a '
+      'significance test. "within spread": no measurable effect.'
   )
   text = markdown(rows, treatments, class_names, minority, heading)
   (out / 'study.md').write_text(text)

@@ -88,20 +88,35 @@ def test_the_depth_picture_is_the_models_halting_depth(tmp_path):
   assert path == tmp_path / 'depth.png' and path.stat().st_size > 1000
 
 
-def test_attention_weights_are_sown_without_changing_the_prediction():
-  model = ViT(**SIZES)
+@pytest.mark.parametrize('kernels', ['cpu', 'xla'])
+def test_attention_weights_are_sown_without_changing_the_prediction(kernels):
+  model = ViT(**SIZES, kernels=kernels)
   predictor = _predictor(model)
   images = _split().images[:4]
   plain = model.apply(predictor.variables, images, train=False)[0]
   (sown, _), inter = model.apply(
       predictor.variables, images, train=False, mutable=['intermediates']
   )
-  np.testing.assert_allclose(sown, plain, rtol=1e-4, atol=1e-4)
+  np.testing.assert_array_equal(sown, plain)
   weights = decisions._attention_weights(inter)  # pylint: disable=protected-access
   tokens = GRID * GRID + 1
   assert len(weights) == SIZES['depth']
   assert weights[0].shape == (4, SIZES['num_heads'], tokens, tokens)
   np.testing.assert_allclose(weights[0].sum(-1), 1.0, rtol=1e-5)
+
+
+def test_patch_tokens_follow_the_row_major_grid_the_figures_assume():
+  model = ViT(**SIZES)
+  predictor = _predictor(model)
+  images = _split().images[:1]
+  r, c, size = 1, 3, SIZES['patch_size']
+  changed = images.copy()
+  changed[0, r * size : (r + 1) * size, c * size : (c + 1) * size] = 0
+  tokens = lambda x: model.apply(
+      predictor.variables, x, train=False, method=ViT.tokens
+  )
+  moved = np.abs(tokens(changed) - tokens(images)).sum(-1)[0]
+  assert np.flatnonzero(moved).tolist() == [1 + r * GRID + c]
 
 
 def test_attention_rollout_mixes_in_the_residual_and_multiplies_blocks():

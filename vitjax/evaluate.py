@@ -158,23 +158,24 @@ def evaluate_checkpoint(
     )
   if not timed:
     return report
-  # Every process runs the figure's forward pass; process 0 writes.
-  figure_data = decisions.on_test_images(predictor, data.test)
+  suffix = '_int8' if report['precision'] == 'int8' else ''
   if jax.process_index() == 0:
-    name = str(which) + ('_int8' if report['precision'] == 'int8' else '')
     path = report_lib.write_report(
         report,
         workdir / 'eval',
-        name,
+        f'{which}{suffix}',
         data.class_names,
         workdir / 'metrics.jsonl',
     )
     logging.info('Wrote %s', path)
+  # Every process runs the figure's forward pass; process 0 draws it.
+  figure_data = decisions.on_test_images(predictor, data.test)
+  if jax.process_index() == 0:
     figure = decisions.write_figure(
         figure_data,
         data.class_names,
         workdir / 'eval',
-        suffix='_int8' if report['precision'] == 'int8' else '',
+        suffix,
         mean_depth_per_class=report['sparsity'].get('mean_depth_per_class'),
     )
     logging.info('Wrote %s', figure)

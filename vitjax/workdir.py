@@ -97,15 +97,8 @@ def save_or_check_config(
   is replaced.
   """
   path = workdir / 'config.json'
-  current = json.loads(config.to_json_best_effort())
   if path.exists() and not fresh:
-    saved = json.loads(path.read_text())
-    for section, fields in _ADDED_SINCE.items():
-      for field, value in fields.items():
-        saved.setdefault(section, {}).setdefault(field, value)
-    diffs = _config_diff(saved, current)
-    # Evaluation settings may change between runs without harm.
-    diffs = [d for d in diffs if not d.startswith('eval.')]
+    diffs = config_differences(workdir, config)
     if diffs:
       raise errors.ConfigError(
           f'workdir {str(workdir)!r} holds a run with another config: '
@@ -114,7 +107,19 @@ def save_or_check_config(
           'overrides to resume it, or pass a new --workdir.'
       )
   elif jax.process_index() == 0:
-    _write_json(path, current)
+    _write_json(path, json.loads(config.to_json_best_effort()))
+
+
+def config_differences(workdir: Path, config: ConfigDict) -> list[str]:
+  """How `config` differs from the run saved in workdir's config.json, in
+  what training depends on ('eval.x was 1, now 2'; evaluation settings may
+  change between runs without harm)."""
+  saved = json.loads((workdir / 'config.json').read_text())
+  for section, fields in _ADDED_SINCE.items():
+    for field, value in fields.items():
+      saved.setdefault(section, {}).setdefault(field, value)
+  diffs = _config_diff(saved, json.loads(config.to_json_best_effort()))
+  return [d for d in diffs if not d.startswith('eval.')]
 
 
 def _write_json(path: Path, value: Any) -> None:

@@ -49,7 +49,7 @@ def sparsity_report(
     active.append(np.asarray(aux['active']).sum(-1))  # [depth, b]
     removal_preds.append(np.argmax(removal(ready, x)[0], -1))
   depth = np.concatenate(depth)  # [n, tokens]
-  per_image = depth.mean(1)
+  per_image = depth[:, 1:].mean(1)  # the patch tokens, as the figure
   depth_per_class = np.bincount(
       split.labels, per_image, num_classes
   ) / np.maximum(split.counts(num_classes), 1)
@@ -62,7 +62,8 @@ def sparsity_report(
       'gate_center': model.gate_center,
       'mean_depth_per_token': float(depth.mean()),
       'mean_depth_cls_token': float(depth[:, 0].mean()),
-      # Do harder classes get more compute? (the depth figure's bars)
+      # Do harder classes get more compute? Mean blocks per patch token
+      # (the depth figure's bars).
       'mean_depth_per_class': depth_per_class.tolist(),
       'tokens_per_block': tokens_per_block.tolist(),
       'halting_distribution': halts_at.tolist(),

@@ -108,11 +108,28 @@ def dot_product_attention(
         force_fp32_for_softmax=True,
     )
   dtype = dtype or query.dtype
+  q, k, v, mask = _heads_first(query, key, value, mask)
+  return _attention(q, k, v, mask).swapaxes(1, 2).astype(dtype)
+
+
+def _heads_first(query, key, value, mask):
+  """[b, n, h, d] inputs as the kernel takes them: [b, h, n, d], the query
+  scaled, and a mask even when there is none."""
   scale = np.sqrt(query.shape[-1]).astype(query.dtype)
   q, k, v = (t.swapaxes(1, 2) for t in (query / scale, key, value))
   if mask is None:
     mask = jnp.ones((1, 1, 1, 1), bool)
-  return _attention(q, k, v, mask).swapaxes(1, 2).astype(dtype)
+  return q, k, v, mask
+
+
+def attention_weights(
+    query: Array, key: Array, mask: Array | None = None
+) -> Array:
+  """The softmax weights [batch, heads, queries, keys] that
+  `dot_product_attention` applies (for figures; it never materialises
+  them itself outside its kernel)."""
+  q, k, _, mask = _heads_first(query, key, key, mask)
+  return _masked_softmax(_matmul('bhqd,bhkd->bhqk', q, k), mask)
 
 
 def policy_attention(
@@ -210,14 +227,7 @@ class SelfAttention(nn.Module):
       dropout['dropout_rng'] = self.make_rng('dropout')
     if policy is not None:
       y = policy_attention(q, k, v, policy=policy, **dropout)
-    elif (
-        self.einsum_cls is not None
-        or self.kernels == 'xla'
-        or self.is_mutable_collection('intermediates')
-    ):
-      # Flax's attention also sows its weights when asked (`module`), for the
-      # attention figure (evaluators/decisions.py); its values are this
-      # module's own kernel's to rounding (tests/test_vit.py).
+    elif self.einsum_cls is not None or self.kernels == 'xla':
       einsums = {}
       if self.einsum_cls is not None:
         einsums = {
@@ -231,12 +241,18 @@ class SelfAttention(nn.Module):
           mask=mask,
           dtype=self.dtype,
           force_fp32_for_softmax=True,
-          module=self,
+          module=self,  # sows the weights when 'intermediates' is mutable
           **einsums,
           **dropout,
       )
     else:
       y = dot_product_attention(q, k, v, mask, dtype=self.dtype, **dropout)
+      if self.is_mutable_collection('intermediates'):
+        # What flax sows, from this kernel's own softmax (the figure's
+        # prediction is then the inference pass's, bit for bit).
+        self.sow(
+            'intermediates', 'attention_weights', attention_weights(q, k, mask)
+        )
     return Dense(
         dim,
         axis=(-2, -1),
