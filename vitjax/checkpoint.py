@@ -159,6 +159,32 @@ class Checkpoints:
     )
     return restored.state, dict(restored.meta)
 
+  def step_of(self, which: str | int) -> int:
+    """The step `which` ('latest', 'best' or a step) names; an error that
+    says what to do when there is none."""
+    return self._locate(which, required=True)
+
+  def restore_weights(
+      self, abstract_params: Any, which: str | int = 'best', ema: bool = False
+  ) -> tuple[Any, int]:
+    """Only the model's weights of `which` (the EMA's with `ema`), for
+    inference: an orbax partial restore of the saved train state, which
+    needs neither the optimizer's structure nor the training data.
+    Returns (params, step)."""
+    step = self._locate(which, required=True)
+    key = 'ema_params' if ema else 'params'
+    self._check_fits(step, {key: abstract_params})
+    item = {key: abstract_params}
+    restored = ocp.PyTreeCheckpointer().restore(
+        self.directory / str(step) / 'state',
+        args=ocp.args.PyTreeRestore(
+            item=item,
+            restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+            partial_restore=True,
+        ),
+    )
+    return restored[key], step
+
   def _locate(self, which: str | int, *, required: bool) -> int | None:
     steps = self._manager.all_steps()
     if which == 'best':

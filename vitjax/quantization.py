@@ -265,21 +265,29 @@ class Int8Server:
       directory: Path,
       model: nn.Module,
       quant_cfg,
-      float_params: Any,
+      params: Any,
       image_shape: tuple[int, ...] = IMAGE_SHAPE,
   ) -> 'Int8Server':
-    """Restores a saved server; float_params only give the tree's shapes."""
-    template = cls.convert(model, quant_cfg, float_params, image_shape)
-    abstract = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype),
-        {'params': template.params, 'aqt': template.frozen},
+    """Restores a saved server. params: the float weights or only their
+    shapes and dtypes (jax.ShapeDtypeStruct): the saved tree's structure is
+    traced from them with jax.eval_shape, so the float checkpoint need not
+    be read."""
+    spec = lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype)
+    params = jax.tree.map(spec, params)
+    converter = quantized_model(model, quant_cfg, 'convert')
+    _, variables = jax.eval_shape(
+        lambda p, x: converter.apply(
+            {'params': p}, x, train=False, mutable=['aqt']
+        ),
+        params,
+        jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.uint8),
     )
+    float_free, removed = _split(params, quant_cfg)
+    abstract = {'params': float_free, 'aqt': variables['aqt']}
     restored = ocp.StandardCheckpointer().restore(
         Path(directory).absolute(), abstract
     )
-    return cls(
-        model, quant_cfg, restored['params'], restored['aqt'], template.removed
-    )
+    return cls(model, quant_cfg, restored['params'], restored['aqt'], removed)
 
 
 def weight_bytes(params: Any, server: 'Int8Server') -> dict[str, int]:

@@ -369,6 +369,8 @@ def _open_run(
   _check_before_start(config, mesh)
   data = sources.load(config.data, config.seed)
   workdir_lib.check_split(workdir, data.split_id, record=fresh)
+  if jax.process_index() == 0:
+    workdir_lib.record_class_names(workdir, data.class_names)
   return mesh, data
 
 

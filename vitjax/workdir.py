@@ -1,8 +1,9 @@
-"""A run's folder: its lock and its config.json.
+"""A run's folder: its lock and its records (config, split, class names).
 
 What a workdir holds:
   config.json               the training config; a rerun must match it
   split.json                the train / validation split it trained on
+  classes.json              its class names, in label order (for serving)
   steps/<step>/             orbax checkpoints (vitjax/checkpoint.py)
   metrics.jsonl             a record per log window and per validation
   events.out.tfevents.*     the same metrics for TensorBoard
@@ -171,3 +172,27 @@ def _config_diff(saved: dict, current: dict, prefix: str = '') -> list[str]:
     elif a != b:
       out.append(f'{prefix}{k} was {a!r}, now {b!r}')
   return out
+
+
+CLASSES_FILE = 'classes.json'
+
+
+def record_class_names(workdir: Path, names) -> None:
+  """Writes the run's class names (label order) for serving."""
+  _write_json(Path(workdir) / CLASSES_FILE, list(names))
+
+
+def class_names(workdir: Path) -> list[str]:
+  """The run's class names: classes.json, or (runs from before it was
+  written) an evaluation report's."""
+  path = workdir / CLASSES_FILE
+  if path.exists():
+    return json.loads(path.read_text())
+  for report in sorted((workdir / 'eval').glob('report_*.json')):
+    return json.loads(report.read_text())['class_names']
+  raise errors.UserError(
+      f'{str(workdir)!r} records no class names (no {CLASSES_FILE}, no '
+      'evaluation report): evaluate it once, with the config that trained '
+      f'it: python -m vitjax.main --config=... --workdir={workdir} '
+      '--mode=eval'
+  )

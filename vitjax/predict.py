@@ -1,0 +1,150 @@
+"""Classifies your own images with a trained run.
+
+  python -m vitjax.predict --workdir=checkpoints/vit_cpu cat.jpg photos/
+  python -m vitjax.predict --workdir=checkpoints/vit_cpu --int8 --json photos/
+  python -m vitjax.predict --workdir=checkpoints/vit_cpu --export=vit.jax
+
+Arguments are image files and folders (searched recursively). Each image is
+converted to RGB and the whole of it resized to 32x32 pixels (Pillow's
+antialiased bicubic filter), the size of the training images: crop a photo
+first if the object fills only part of it. The model, its config and class
+names come from the workdir (vitjax/serving.py); the checkpoint is the best
+one unless --checkpoint names another. Printed: the top classes of each
+image with their probabilities, or with --json one JSON document. A file
+that does not decode as an image is named on stderr and skipped; the
+others are still classified.
+
+--export writes the served function, weights included, as a jax.export
+artifact (and FILE.json: its class names and what it serves), which runs
+with jax alone: jax.export.deserialize(open(FILE, 'rb').read()).call(x),
+x uint8 [batch, 32, 32, 3] -> class probabilities [batch, classes].
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+import sys
+
+from absl import app, flags
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'The trained run.')
+_CHECKPOINT = flags.DEFINE_string(
+    'checkpoint', 'best', "'best', 'latest' or a step number."
+)
+_INT8 = flags.DEFINE_bool(
+    'int8', False, 'Serve the frozen int8 model (vitjax/quantization.py).'
+)
+_JSON = flags.DEFINE_bool('json', False, 'Print one JSON document.')
+_TOP = flags.DEFINE_integer('top', 3, 'Classes printed per image.')
+_EXPORT = flags.DEFINE_string(
+    'export', '', 'Also write the served function here (jax.export).'
+)
+_BATCH = 256  # images per forward pass
+flags.mark_flag_as_required('workdir')
+
+
+def image_files(paths: list[str]) -> list[Path]:
+  """The files named, and every file under the folders named, in order."""
+  files = []
+  for arg in paths:
+    path = Path(arg).expanduser()
+    if path.is_dir():
+      files += sorted(
+          p
+          for p in path.rglob('*')
+          if p.is_file() and not p.name.startswith('.')
+      )
+    elif path.exists():
+      files.append(path)
+    else:
+      raise app.UsageError(f'{arg!r}: no such file or folder.')
+  return files
+
+
+def read_image(path: Path):
+  """uint8 [32, 32, 3], or the reason it is not an image (a str)."""
+  # pylint: disable=g-import-not-at-top
+  import numpy as np
+  from PIL import Image, UnidentifiedImageError
+  from vitjax.data.sources import IMAGE_SHAPE
+
+  try:
+    with Image.open(path) as im:
+      im = im.convert('RGB').resize(
+          IMAGE_SHAPE[1::-1], Image.Resampling.BICUBIC
+      )
+      return np.asarray(im, np.uint8)
+  except (UnidentifiedImageError, OSError, ValueError) as e:
+    return f'not an image ({e.__class__.__name__}: {e})'
+
+
+def main(argv):
+  # pylint: disable=g-import-not-at-top
+  import numpy as np
+  from vitjax import errors, serving
+
+  try:
+    served = serving.load(_WORKDIR.value, _CHECKPOINT.value, _INT8.value)
+  except errors.UserError as e:
+    print(f'vitjax: {e}', file=sys.stderr, flush=True)
+    sys.exit(2)
+  if _EXPORT.value:
+    path = serving.export(served, _EXPORT.value)
+    print(f'Wrote {path} and {path}.json', file=sys.stderr)
+  files = image_files(argv[1:])
+  if not files:
+    if _EXPORT.value:
+      return
+    raise app.UsageError('name the images (files or folders) to classify.')
+  images, kept, skipped = [], [], []
+  for f in files:
+    image = read_image(f)
+    if isinstance(image, str):
+      skipped.append({'file': str(f), 'error': image})
+      print(f'vitjax: skipped {f}: {image}', file=sys.stderr, flush=True)
+    else:
+      images.append(image)
+      kept.append(f)
+  if not images:
+    print('vitjax: none of the files is an image.', file=sys.stderr)
+    sys.exit(2)
+  images = np.stack(images)
+  probs = np.concatenate(
+      [
+          served.probabilities(images[i : i + _BATCH])
+          for i in range(0, len(images), _BATCH)
+      ]
+  )
+  names, top = served.class_names, min(_TOP.value, len(served.class_names))
+  predictions = []
+  for f, p in zip(kept, probs):
+    best = np.argsort(-p, kind='stable')[:top]
+    predictions.append(
+        {
+            'file': str(f),
+            'top': [
+                {'class': names[c], 'probability': float(p[c])} for c in best
+            ],
+        }
+    )
+  if _JSON.value:
+    document = {
+        'served': served.description,
+        'predictions': predictions,
+        'skipped': skipped,
+    }
+    print(json.dumps(document, indent=1))
+    return
+  for pred in predictions:
+    top_text = ', '.join(
+        f'{t["class"]} {t["probability"]:.3f}' for t in pred['top']
+    )
+    print(f'{pred["file"]}: {top_text}')
+
+
+if __name__ == '__main__':
+  app.run(main)

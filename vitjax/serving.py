@@ -1,0 +1,165 @@
+"""A trained run, ready to classify images, without its training data.
+
+`load` rebuilds the model from the run's config.json (A-ViT's calibrated
+gate from calibration.json), restores only its inference weights (an orbax
+partial restore of the train state: the EMA's when the run kept one and
+eval.use_ema), and with `int8` the frozen int8 model that an int8
+evaluation saved under <workdir>/int8/<checkpoint>, whose tree is traced
+from the model with jax.eval_shape: no float kernel is read for it.
+
+`export` writes the serving function, with its weights, as a jax.export
+artifact (StableHLO with a symbolic batch size): `load_exported` runs it
+with jax alone, without this package. Input: uint8 images [batch, 32, 32, 3]
+in [0, 255]; output: float32 class probabilities [batch, classes].
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+from ml_collections import ConfigDict
+import numpy as np
+
+from vitjax import checkpoint, errors, models, quantization
+from vitjax import workdir as workdir_lib
+from vitjax.data.sources import IMAGE_SHAPE
+from vitjax.evaluators.classification import Predictor
+
+
+@dataclasses.dataclass(frozen=True)
+class Served:
+  predictor: Predictor
+  class_names: list[str]
+  # What is served: workdir, checkpoint and step, model, precision.
+  description: dict[str, Any]
+
+  def probabilities(self, images: np.ndarray) -> np.ndarray:
+    return np.asarray(_probabilities_fn(self.predictor)(images))
+
+
+def _probabilities_fn(predictor: Predictor) -> Callable[[Any], jax.Array]:
+  variables = predictor.variables
+  return jax.jit(
+      lambda images: jax.nn.softmax(predictor.logits(variables, images), -1)
+  )
+
+
+def load(
+    workdir: str | Path, which: str = 'best', int8: bool = False
+) -> Served:
+  """The run in `workdir` at checkpoint `which` ('best', 'latest', a step)."""
+  workdir = Path(workdir).expanduser()
+  cfg_path = workdir / 'config.json'
+  if not cfg_path.exists():
+    raise checkpoint.CheckpointError(
+        f'{str(workdir)!r} holds no run (no config.json): pass the --workdir '
+        'of a trained model (python -m vitjax.main ... --workdir=DIR).'
+    )
+  config = ConfigDict(json.loads(cfg_path.read_text()))
+  names = workdir_lib.class_names(workdir)
+  model = _model(config, len(names), workdir)
+  abstract = jax.eval_shape(
+      lambda: model.init(
+          jax.random.key(0),
+          jnp.zeros((1,) + IMAGE_SHAPE, jnp.uint8),
+          train=False,
+      )['params']
+  )
+  ema = config.optim.ema_decay > 0 and config.eval.use_ema
+  description = {
+      'workdir': str(workdir),
+      'model': config.model.name,
+      'precision': 'int8' if int8 else model.dtype,
+  }
+  if not checkpoint.has_steps(workdir):
+    raise checkpoint.CheckpointError(
+        f'{str(workdir)!r} has no checkpoint yet: train it first.'
+    )
+  with checkpoint.Checkpoints(workdir) as ckpts:
+    step = ckpts.step_of(which)
+    description['checkpoint'] = f'{which} (step {step})'
+    saved_int8 = workdir / 'int8' / str(which)
+    if int8 and saved_int8.is_dir():
+      server = quantization.Int8Server.load(
+          saved_int8, model, _int8_config(config), abstract
+      )
+      description['int8_from'] = str(saved_int8)
+      return Served(_server_predictor(server), names, description)
+    params, _ = ckpts.restore_weights(abstract, step, ema=ema)
+  if not int8:
+    return Served(Predictor(model, {'params': params}), names, description)
+  logging.info(
+      'No int8 model saved in %s (an int8 evaluation writes one): '
+      'converting the float weights.',
+      saved_int8,
+  )
+  server = quantization.Int8Server.convert(model, _int8_config(config), params)
+  description['int8_from'] = 'converted from the float checkpoint'
+  return Served(_server_predictor(server), names, description)
+
+
+def _model(config: ConfigDict, num_classes: int, workdir: Path):
+  overrides = {}
+  if config.model.name == 'avit':
+    overrides['faithful'] = config.sparse.faithful
+    if config.sparse.calibrate_gate_center:
+      calibration = workdir / 'calibration.json'
+      if not calibration.exists():
+        raise checkpoint.CheckpointError(
+            f'{str(calibration)!r} is missing: the A-ViT run has not started.'
+        )
+      overrides['gate_center'] = json.loads(calibration.read_text())[
+          'gate_center'
+      ]
+  return models.create(config.model, num_classes, **overrides)
+
+
+def _int8_config(config: ConfigDict) -> ConfigDict:
+  """eval's int8 settings, frozen serving (the path that stores int8)."""
+  ev = config.eval.copy_and_resolve_references()
+  with ev.unlocked():
+    ev.quant, ev.quant_path, ev.quant_backend = 'int8', 'serve', 'aqt'
+  return ev
+
+
+def _server_predictor(server: quantization.Int8Server) -> Predictor:
+  return Predictor(
+      server.model,
+      {'params': server.params, 'aqt': server.frozen},
+      prepare=server.prepare,
+  )
+
+
+def export(served: Served, path: str | Path) -> Path:
+  """Writes the serving function with its weights (jax.export, any batch
+  size) to `path`, and what it serves beside it (`path`.json)."""
+  path = Path(path)
+  (batch,) = jax.export.symbolic_shape('batch')
+  exported = jax.export.export(_probabilities_fn(served.predictor))(
+      jax.ShapeDtypeStruct((batch,) + IMAGE_SHAPE, jnp.uint8)
+  )
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_bytes(exported.serialize())
+  meta = dict(served.description, class_names=served.class_names)
+  meta['input'] = f'uint8 [batch, {", ".join(map(str, IMAGE_SHAPE))}], 0..255'
+  meta['output'] = 'float32 class probabilities [batch, classes]'
+  Path(f'{path}.json').write_text(json.dumps(meta, indent=1))
+  return path
+
+
+def load_exported(path: str | Path) -> Callable[[np.ndarray], jax.Array]:
+  """The exported function at `path` (jax alone runs it)."""
+  try:
+    exported = jax.export.deserialize(bytearray(Path(path).read_bytes()))
+  except (OSError, ValueError) as e:
+    raise errors.UserError(
+        f'{str(path)!r} is not a vitjax export ({e}); write one with '
+        'python -m vitjax.predict --workdir=DIR --export=FILE'
+    ) from None
+  return exported.call
