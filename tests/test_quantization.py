@@ -1,5 +1,7 @@
 """int8 evaluation with aqtp: fake-quant, frozen serving, the fallback."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,6 +11,7 @@ pytest.importorskip('aqt')
 
 from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
 from vitjax import evaluate, models, quantization  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vitjax.models import avit  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _quant_cfg(**kw):
@@ -53,6 +56,48 @@ def test_fake_quant_and_serving_give_the_same_predictions():
   np.testing.assert_allclose(fake_logits, serve_logits, atol=0.02)
   float_logits = model.apply({'params': params}, x, train=False)[0]
   assert not np.allclose(float_logits, fake_logits)  # int8 really ran
+
+
+def s8_dots(hlo: str) -> int:
+  """Dots of the compiled HLO whose operands are both int8."""
+  count = 0
+  for computation in hlo.split('\n\n'):
+    int8 = set(re.findall(r'%(\S+) = s8\[', computation))
+    for a, b in re.findall(
+        r'= s32\[[^\]]*\]\S* dot\(%([^,\s]+), %([^,\s)]+)\)', computation
+    ):
+      count += a in int8 and b in int8
+  return count
+
+
+@pytest.mark.parametrize('name', ['vit', 'dynamic_vit', 'avit'])
+def test_bfloat16_models_serve_int8_dots_and_agree_with_fake_quant(name):
+  model, params = _random_model(name=name, dtype='bfloat16')
+  x = _images()
+  fake = quantization.quantized_model(model, _quant_cfg(), 'fake')
+  fake_logits = fake.apply({'params': params}, x, train=False)[0]
+  server = quantization.Int8Server.convert(
+      model, _quant_cfg(quant_path='serve'), params, (32, 32, 3)
+  )
+  variables = {'params': server.params, 'aqt': server.frozen}
+  apply = lambda v, x: server.model.apply(server.prepare(v), x, train=False)
+  compiled = jax.jit(apply).lower(variables, x).compile()
+  # Every quantized layer runs an int8 x int8 dot: 2 blocks x (q, k, v,
+  # out, fc1, fc2). A change that fell back to float would fail here.
+  assert s8_dots(compiled.as_text()) == 12
+  serve_logits, aux = compiled(variables, x)
+  agree = np.mean(np.argmax(fake_logits, -1) == np.argmax(serve_logits, -1))
+  assert agree >= 0.9  # bfloat16 rounding may flip a close call
+  # The same int8 numerics, up to a few bfloat16 roundings of the logits.
+  scale = np.abs(fake_logits).max()
+  assert np.abs(fake_logits - serve_logits).max() <= 0.03 * scale
+  if name == 'avit':  # its batch path: token removal, also in int8
+    removal_logits, _ = avit.token_removal_apply(
+        server.model, server.prepare(variables), x
+    )
+    assert np.abs(removal_logits - serve_logits).max() <= 0.03 * scale
+  if name == 'dynamic_vit':
+    assert [k.shape[1] for k in aux['kept_patches']] == [44]
 
 
 def test_the_fallback_reproduces_aqt_fake_quant():
@@ -110,13 +155,19 @@ def test_a_trained_model_keeps_its_predictions_in_int8(
     smoke_config, trained_vit_workdir
 ):
   smoke_config.eval.quant = 'int8'
-  for path in ('fake', 'serve'):
+  # The float32 model, and the same weights computing in bfloat16.
+  for dtype, path in (
+      ('float32', 'fake'),
+      ('float32', 'serve'),
+      ('bfloat16', 'serve'),
+  ):
+    smoke_config.model.dtype = dtype
     smoke_config.eval.quant_path = path
     report = evaluate.evaluate_checkpoint(
         smoke_config, trained_vit_workdir, 'best'
     )
     q = report['quantization']
-    assert q['test_agreement_with_float'] >= 0.98, path
+    assert q['test_agreement_with_float'] >= 0.98, (dtype, path)
     assert report['precision'] == 'int8'
     # The same model: the serving tree's missing float kernels still count.
     assert report['cost']['parameters'] == 21_162, path
