@@ -4,11 +4,14 @@
       checkpoints/vit_cpu checkpoints/dynamic_vit_cpu checkpoints/avit_cpu
 
 Each workdir's best checkpoint is evaluated with the config it was trained
-with (its config.json), once in float and once in int8 (frozen int8 serving
-with aqtp), on the test set; then all of them are timed together,
-interleaved, with speed-ups over the first workdir's float model. Written to --out: report.md (the table, like
-the lab report's §6.2), report.json, accuracy_vs_macs.png,
-per_class_recall.png and curves.png (training curves side by side).
+with (its config.json) in three precisions, on the test set: float32,
+bfloat16 compute (float32 parameters), and int8 (frozen int8 serving with
+aqtp; the layers it leaves in float compute in the run's own dtype). Then
+all of them are timed together, interleaved, with speed-ups over the first
+workdir's float32 model. Written to --out: report.md (the table, like the
+lab report's §6.2, and what each precision computes), report.json,
+accuracy_vs_macs.png, per_class_recall.png and curves.png (training curves
+side by side).
 """
 
 import json
@@ -32,6 +35,7 @@ _SECONDS = flags.DEFINE_float(
     'seconds', 0.2, 'Seconds per model per timing round.'
 )
 
+PRECISIONS = ('float32', 'bfloat16', 'int8')
 COLUMNS = (
     'model',
     'precision',
@@ -54,6 +58,8 @@ def _row(report: dict, speed: dict, batch: int) -> dict:
 
   c, t = report['cost'], report['test']
   q = report.get('quantization', {})
+  # Bytes stored: parameters stay float32 in a bfloat16 model; int8 stores
+  # its kernels in int8 with float32 scales, the rest in float32.
   weight_bytes = q.get('int8_model_bytes', 4 * c['parameters'])
   minutes = report.get('train_seconds', float('nan')) / 60
   ratio = lambda at: (
@@ -103,12 +109,14 @@ def main(argv):
     if not cfg_path.exists():
       raise app.UsageError(f'{workdir} holds no run (no config.json).')
     data = None
-    for precision in ('float', 'int8'):
+    for precision in PRECISIONS:
       config = ConfigDict(json.loads(cfg_path.read_text()))
       if _DATA_ROOT.value:
         config.data.root = _DATA_ROOT.value
       if precision == 'int8':
         config.eval.quant, config.eval.quant_path = 'int8', _INT8_PATH.value
+      else:
+        config.model.dtype = precision
       data = data or sources.load(config.data, config.seed)
       logging.info('Evaluating %s in %s', workdir, precision)
       restored = evaluate.restore_predictors(
@@ -153,9 +161,8 @@ def main(argv):
           f'# Accuracy against cost ({machine.summary(first["machine"])})',
           '',
           'Best checkpoint of each run, test set '
-          f'({first["test"]["num_images"]:,} images). '
-          f"int8 = {_INT8_PATH.value} path with aqtp (W8A8 on the blocks' "
-          'Dense layers). Every model was timed in one sitting, interleaved '
+          f'({first["test"]["num_images"]:,} images). Every model was timed '
+          'in one sitting, interleaved '
           f'({_ROUNDS.value} rounds, vitjax/timing.py): latency at batch 1 '
           f'and images/s at batch {batch} are medians over the rounds, and '
           f'each speed-up over {baseline} is the median of per-round ratios '
@@ -163,6 +170,30 @@ def main(argv):
           'token-removal path.',
           '',
           *table,
+          '',
+          'What each precision computes:',
+          '- float32: every operation in float32.',
+          '- bfloat16: matmuls and convolutions on bfloat16 inputs (with '
+          'float32 accumulation on the CPU kernels), softmax, GELU and the '
+          'logits in float32; parameters stored in float32.',
+          f"- int8 ({_INT8_PATH.value} path, aqtp): the blocks' q, k, v, "
+          'attention-output and MLP Dense layers as int8 x int8 -> int32 '
+          'dots (weights: int8 with a float32 scale per output channel, '
+          'frozen; activations: int8 with a float32 scale per token, '
+          'computed per call); the patch embedding, LayerNorms, attention '
+          "einsums, softmax, GELU, DynamicViT's predictors and the head "
+          "compute in the run's own dtype ("
+          + ', '.join(
+              sorted(
+                  {
+                      f'{r["label"]}: {r["compute_dtype"]}'
+                      for r in reports.values()
+                      if r['precision'] == 'int8'
+                  }
+              )
+          )
+          + '). weight MB: the bytes of the arrays stored (int8 kernels '
+          'with their scales, everything else float32).',
           '',
       ]
   )
@@ -175,7 +206,7 @@ def main(argv):
 
   fig, ax = plt.subplots(figsize=(7, 5))
   for r in reports:
-    marker = 'o' if r['precision'] == 'float' else 's'
+    marker = {'float32': 'o', 'bfloat16': '^', 'int8': 's'}[r['precision']]
     ax.scatter(
         r['cost']['macs_per_image'] / 1e6,
         100 * r['test']['balanced_accuracy'],
@@ -194,7 +225,7 @@ def main(argv):
   fig.savefig(out / 'accuracy_vs_macs.png', dpi=120)
   plt.close(fig)
 
-  floats = [r for r in reports if r['precision'] == 'float']
+  floats = [r for r in reports if r['precision'] == 'float32']
   names = floats[0]['class_names']
   fig, ax = plt.subplots(figsize=(10, 4))
   width = 0.8 / len(floats)

@@ -82,7 +82,10 @@ def restore_predictors(
     raise errors.ConfigError(
         f"eval.quant={quant!r}: expected 'none' or 'int8'."
     )
-  header['precision'] = 'int8' if quant == 'int8' else 'float'
+  # What the predictor computes in: 'int8' (the quantized layers; the
+  # rest in the model's dtype, header['quantization']) or that dtype.
+  header['precision'] = 'int8' if quant == 'int8' else family.model.dtype
+  header['compute_dtype'] = family.model.dtype
   teacher = None
   if family.teacher is not None:
     teacher = Predictor(family.teacher.model, {'params': family.teacher.params})

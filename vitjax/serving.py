@@ -8,8 +8,9 @@ evaluation saved under <workdir>/int8/<checkpoint>, whose tree is traced
 from the model with jax.eval_shape: no float kernel is read for it.
 
 `export` writes the serving function, with its weights, as a jax.export
-artifact (StableHLO with a symbolic batch size): `load_exported` runs it
-with jax alone, without this package. Input: uint8 images [batch, 32, 32, 3]
+artifact (StableHLO with a symbolic batch size, for the platform it was
+exported on), which jax alone runs, without this package:
+jax.export.deserialize(bytes).call(images). Input: uint8 images [batch, 32, 32, 3]
 in [0, 255]; output: float32 class probabilities [batch, classes].
 """
 
@@ -26,7 +27,7 @@ import jax.numpy as jnp
 from ml_collections import ConfigDict
 import numpy as np
 
-from vitjax import checkpoint, errors, models, quantization
+from vitjax import checkpoint, models, quantization
 from vitjax import workdir as workdir_lib
 from vitjax.data.sources import IMAGE_SHAPE
 from vitjax.evaluators.classification import Predictor
@@ -151,15 +152,3 @@ def export(served: Served, path: str | Path) -> Path:
   meta['output'] = 'float32 class probabilities [batch, classes]'
   Path(f'{path}.json').write_text(json.dumps(meta, indent=1))
   return path
-
-
-def load_exported(path: str | Path) -> Callable[[np.ndarray], jax.Array]:
-  """The exported function at `path` (jax alone runs it)."""
-  try:
-    exported = jax.export.deserialize(bytearray(Path(path).read_bytes()))
-  except (OSError, ValueError) as e:
-    raise errors.UserError(
-        f'{str(path)!r} is not a vitjax export ({e}); write one with '
-        'python -m vitjax.predict --workdir=DIR --export=FILE'
-    ) from None
-  return exported.call
