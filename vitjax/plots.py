@@ -158,27 +158,52 @@ def _decision_grid(
   return fig, axes, per_row, extra
 
 
-def _panel_title(true: int, predicted: int, names) -> tuple[str, str]:
-  text = (
-      names[true] if true == predicted else f'{names[true]}→{names[predicted]}'
+def _images_with_panels(axes, per_row, images, labels, predicted, names):
+  """Draws each image in its first panel, titled with its class (true→
+  predicted in red where the model is wrong); yields (i, image, the
+  image's other panels)."""
+  panels = len(axes[0]) // per_row
+  for i, image in enumerate(images):
+    row = axes[i // per_row]
+    first = (i % per_row) * panels
+    row[first].imshow(image, interpolation='nearest')
+    right = labels[i] == predicted[i]
+    row[first].set_title(
+        names[labels[i]]
+        if right
+        else f'{names[labels[i]]}→{names[predicted[i]]}',
+        fontsize=7,
+        color='black' if right else 'tab:red',
+    )
+    yield i, image, row[first + 1 : first + panels]
+
+
+def _overlay(ax, image, values, **imshow_args):
+  """values [g, g] drawn over the image, stretched to its pixels."""
+  h, w = image.shape[:2]
+  ax.imshow(image, interpolation='nearest')
+  return ax.imshow(values, extent=(-0.5, w - 0.5, h - 0.5, -0.5), **imshow_args)
+
+
+def _save(fig, title: str, out: Path) -> None:
+  fig.suptitle(
+      f'{title}\nred titles: true→predicted class, where the model is wrong',
+      fontsize=8,
   )
-  return text, ('black' if true == predicted else 'tab:red')
+  fig.tight_layout()
+  fig.savefig(out, dpi=72)
+  plt.close(fig)
 
 
 def kept_tokens(
     images, kept, stage_blocks, labels, predicted, class_names, out: Path
 ) -> None:
   """The image, then per pruning stage the patches it keeps."""
-  stages = len(kept)
-  fig, axes, per_row, _ = _decision_grid(labels, 1 + stages)
-  for i, image in enumerate(images):
-    row = axes[i // per_row]
-    first = (i % per_row) * (1 + stages)
-    row[first].imshow(image, interpolation='nearest')
-    text, color = _panel_title(labels[i], predicted[i], class_names)
-    row[first].set_title(text, fontsize=7, color=color)
-    for s in range(stages):
-      ax = row[first + 1 + s]
+  fig, axes, per_row, _ = _decision_grid(labels, 1 + len(kept))
+  for i, image, panels in _images_with_panels(
+      axes, per_row, images, labels, predicted, class_names
+  ):
+    for s, ax in enumerate(panels):
       ax.imshow(
           grey_out(image[None], kept[s, i : i + 1])[0],
           interpolation='nearest',
@@ -187,14 +212,11 @@ def kept_tokens(
           f'from block {stage_blocks[s]}: {int(kept[s, i].sum())}',
           fontsize=6,
       )
-  fig.suptitle(
-      'DynamicViT: the patches each pruning stage keeps (dropped: grey)\n'
-      'red titles: true→predicted class, where the model is wrong',
-      fontsize=8,
+  _save(
+      fig,
+      'DynamicViT: the patches each pruning stage keeps (grey: dropped)',
+      out,
   )
-  fig.tight_layout()
-  fig.savefig(out, dpi=72)
-  plt.close(fig)
 
 
 def halting_depth(
@@ -210,25 +232,20 @@ def halting_depth(
   """Each image beside its patches coloured by blocks run, and the mean
   depth per class over the test set."""
   fig, axes, per_row, extra = _decision_grid(labels, 2, side_column=True)
-  h, w = images.shape[1:3]
-  shown = None
-  for i, image in enumerate(images):
-    row = axes[i // per_row]
-    first = (i % per_row) * 2
-    row[first].imshow(image, interpolation='nearest')
-    text, color = _panel_title(labels[i], predicted[i], class_names)
-    row[first].set_title(text, fontsize=7, color=color)
-    row[first + 1].imshow(image, interpolation='nearest')
-    shown = row[first + 1].imshow(
+  for i, image, (ax,) in _images_with_panels(
+      axes, per_row, images, labels, predicted, class_names
+  ):
+    shown = _overlay(
+        ax,
+        image,
         depth[i],
         cmap='magma',
         vmin=1,
         vmax=max_depth,
         alpha=0.7,
-        extent=(-0.5, w - 0.5, h - 0.5, -0.5),
         interpolation='nearest',
     )
-    row[first + 1].set_title(f'mean {depth[i].mean():.2f}', fontsize=6)
+    ax.set_title(f'mean {depth[i].mean():.2f}', fontsize=6)
   ax = extra['side']
   if mean_depth_per_class is not None:
     ax.barh(range(len(class_names)), mean_depth_per_class, color='tab:purple')
@@ -237,7 +254,7 @@ def halting_depth(
     ax.set_ylim(len(class_names) - 0.5, -0.5)
     lo = min(mean_depth_per_class)
     ax.set_xlim(max(0.0, lo - 0.5), max_depth)
-    ax.set_title('mean blocks per token,\nwhole test set', fontsize=7)
+    ax.set_title('mean blocks per patch,\nwhole test set', fontsize=7)
     ax.tick_params(axis='x', labelsize=7)
     ax.grid(axis='x', alpha=0.3)
   else:
@@ -248,14 +265,7 @@ def halting_depth(
       orientation='horizontal',
       label='blocks run before halting',
   )
-  fig.suptitle(
-      'A-ViT: blocks each patch runs before it halts\n'
-      'red titles: true→predicted class, where the model is wrong',
-      fontsize=8,
-  )
-  fig.tight_layout()
-  fig.savefig(out, dpi=72)
-  plt.close(fig)
+  _save(fig, 'A-ViT: the blocks each patch runs before it halts', out)
 
 
 def attention_rollout(
@@ -263,26 +273,19 @@ def attention_rollout(
 ) -> None:
   """Each image beside the class token's attention rollout over it."""
   fig, axes, per_row, _ = _decision_grid(labels, 2)
-  h, w = images.shape[1:3]
-  for i, image in enumerate(images):
-    row = axes[i // per_row]
-    first = (i % per_row) * 2
-    row[first].imshow(image, interpolation='nearest')
-    text, color = _panel_title(labels[i], predicted[i], class_names)
-    row[first].set_title(text, fontsize=7, color=color)
-    row[first + 1].imshow(image, interpolation='nearest')
-    row[first + 1].imshow(
+  for i, image, (ax,) in _images_with_panels(
+      axes, per_row, images, labels, predicted, class_names
+  ):
+    _overlay(
+        ax,
+        image,
         rollout[i] / rollout[i].max(),
         cmap='jet',
         alpha=0.5,
-        extent=(-0.5, w - 0.5, h - 0.5, -0.5),
         interpolation='bilinear',
     )
-  fig.suptitle(
-      'ViT: attention rollout of the class token\n(Abnar & Zuidema 2020); '
-      'red titles: true→predicted,\nwhere the model is wrong',
-      fontsize=8,
+  _save(
+      fig,
+      'ViT: attention rollout of the class token\n(Abnar & Zuidema 2020)',
+      out,
   )
-  fig.tight_layout()
-  fig.savefig(out, dpi=72)
-  plt.close(fig)
