@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import avit as avit_config, dynamic_vit as dvit_config
-from vitjax import checkpoint, evaluate, optimizers, train
+from vitjax import checkpoint, evaluate, optimizers, serving, sharding, train
 from vitjax.data import sources
 
 
@@ -137,6 +137,24 @@ def test_avit_calibrates_its_gate_and_reports_depths(
   # Evaluation alone reuses the stored calibration.
   again = evaluate.evaluate_checkpoint(c, tmp_path / 'avit', 'best')
   assert again['test'] == report['test']
+  # Served from the workdir alone: the model evaluation restored, gate
+  # included.
+  restored = evaluate.restore_predictors(
+      c,
+      tmp_path / 'avit',
+      'best',
+      data=sources.load(c.data, c.seed),
+      mesh=sharding.make_mesh(),
+  )
+  images = sources.load(c.data, c.seed).test.images[:16]
+  np.testing.assert_allclose(
+      serving.load(tmp_path / 'avit').probabilities(images),
+      jax.nn.softmax(
+          restored.predictor.logits(restored.predictor.variables, images)
+      ),
+      rtol=1e-5,
+      atol=1e-6,
+  )
 
 
 def test_a_missing_vit_workdir_says_how_to_make_it(smoke_config, tmp_path):

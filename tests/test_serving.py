@@ -12,7 +12,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from vitjax import checkpoint, evaluate, quantization, serving, sharding
+from vitjax import checkpoint, errors, evaluate, predict, quantization
+from vitjax import serving, sharding
 from vitjax.data import sources
 
 
@@ -38,6 +39,9 @@ def test_a_run_serves_the_weights_evaluation_restores(
   restored = evaluate.restore_predictors(
       config, trained_vit_workdir, 'best', data=data, mesh=sharding.make_mesh()
   )
+  assert jax.tree.structure(served.predictor.params) == jax.tree.structure(
+      restored.float_predictor.params
+  )
   for a, b in zip(
       jax.tree.leaves(served.predictor.params),
       jax.tree.leaves(restored.float_predictor.params),
@@ -56,7 +60,14 @@ def test_int8_serves_the_saved_int8_model_without_the_float_weights(
   server = quantization.Int8Server.convert(
       float_served.predictor.model, quant, float_served.predictor.params
   )
-  server.save(trained_vit_workdir / 'int8' / 'best')
+  with checkpoint.Checkpoints(trained_vit_workdir) as ckpts:
+    step = ckpts.step_of('best')
+  saved = trained_vit_workdir / 'int8' / 'best'
+  server.save(saved, quantization.conversion_source(step + 1, quant, False))
+  # Converted from another step: not served; the float weights are.
+  other = serving.load(trained_vit_workdir, int8=True)
+  assert other.description['int8_from'] == 'converted from the float weights'
+  server.save(saved, quantization.conversion_source(step, quant, False))
 
   def no_float(*args, **kwargs):
     raise AssertionError('read the float weights')
@@ -65,6 +76,7 @@ def test_int8_serves_the_saved_int8_model_without_the_float_weights(
   monkeypatch.setattr(checkpoint.Checkpoints, 'restore', no_float)
   served = serving.load(trained_vit_workdir, int8=True)
   assert served.description['precision'] == 'int8'
+  assert served.description['int8_from'] == str(saved)
   np.testing.assert_allclose(
       served.probabilities(test_images),
       jax.nn.softmax(server.predict(test_images), -1),
@@ -90,6 +102,7 @@ def test_predict_classifies_files_skips_non_images_and_exports(
           '-m',
           'vitjax.predict',
           f'--workdir={trained_vit_workdir}',
+          '--int8',
           '--json',
           f'--export={artifact}',
           str(folder),
@@ -105,7 +118,8 @@ def test_predict_classifies_files_skips_non_images_and_exports(
   assert [Path(s['file']).name for s in out['skipped']] == ['notes.txt']
   files = [Path(p['file']).name for p in out['predictions']]
   assert files == ['0.png', '1.png', '2.png', 'big.jpg']
-  served = serving.load(trained_vit_workdir)
+  served = serving.load(trained_vit_workdir, int8=True)
+  assert out['served']['precision'] == 'int8'
   expected = served.probabilities(test_images[:3])
   for pred, probs in zip(out['predictions'], expected):
     top = pred['top']
@@ -147,3 +161,32 @@ def test_predict_classifies_files_skips_non_images_and_exports(
 def test_a_folder_without_a_run_is_named(tmp_path):
   with pytest.raises(checkpoint.CheckpointError, match='holds no run'):
     serving.load(tmp_path)
+
+
+def test_images_are_read_upright_in_8_bits_and_folders_searched(tmp_path):
+  (tmp_path / 'a' / '.hidden').mkdir(parents=True)
+  (tmp_path / 'a' / '.hidden' / 'x.png').write_bytes(b'')
+  (tmp_path / 'a' / '.y.png').write_bytes(b'')
+  # 16-bit greyscale at half range reads as mid grey, not white.
+  grey16 = Image.fromarray(np.full((64, 48), 32768, np.uint16))
+  grey16.save(tmp_path / 'a' / 'grey16.png')
+  # Stored 1 wide and 2 tall, black over white, with EXIF orientation 6
+  # (shown turned 90 degrees clockwise): upright, black is on the right.
+  stored = Image.fromarray(
+      np.array([[0], [255]], np.uint8).repeat(3, -1).reshape(2, 1, 3)
+  )
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  stored.save(tmp_path / 'a' / 'turned.jpg', exif=exif, quality=100)
+  (tmp_path / 'notes.txt').write_text('text')
+  files = predict.image_files(
+      [str(tmp_path / 'a'), str(tmp_path / 'notes.txt')]
+  )
+  assert [f.name for f in files] == ['grey16.png', 'turned.jpg', 'notes.txt']
+  grey = predict.read_image(files[0])
+  assert grey.shape == (32, 32, 3) and abs(int(grey.mean()) - 127) <= 1
+  upright = predict.read_image(files[1]).astype(int)
+  assert upright[:, -8:].mean() < 60 and upright[:, :8].mean() > 195
+  assert predict.read_image(files[2]).startswith('not an image')
+  with pytest.raises(errors.UserError, match='no such file'):
+    predict.image_files([str(tmp_path / 'missing.jpg')])

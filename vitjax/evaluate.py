@@ -73,8 +73,18 @@ def restore_predictors(
   }
   quant = config.eval.quant
   if quant == 'int8':
+    source = quantization.conversion_source(
+        meta['step'],
+        config.eval,
+        config.optim.ema_decay > 0 and config.eval.use_ema,
+    )
     predictor, header['quantization'] = _int8_predictor(
-        config, float_predictor, data, mesh, workdir / 'int8' / str(which)
+        config,
+        float_predictor,
+        data,
+        mesh,
+        workdir / 'int8' / str(which),
+        source,
     )
   elif quant == 'none':
     predictor = float_predictor
@@ -210,6 +220,7 @@ def _int8_predictor(
     data: sources.Dataset,
     mesh,
     save_dir: Path,
+    source: dict[str, Any],
 ) -> tuple[Predictor, dict[str, Any]]:
   """The int8 predictor of eval.quant_path, and what to report about it."""
   ev = config.eval
@@ -229,7 +240,7 @@ def _int8_predictor(
     info.update(quantization.weight_bytes(params, server))
     # Every process takes part in orbax's save, and reads it back only once
     # it is complete.
-    info['checkpoint_bytes_on_disk'] = server.save(save_dir)
+    info['checkpoint_bytes_on_disk'] = server.save(save_dir, source)
     info['checkpoint'] = str(save_dir)
     distributed.barrier('int8 server saved')
     # Serve what was saved: the round trip is part of the check.

@@ -5,14 +5,15 @@
   python -m vitjax.predict --workdir=checkpoints/vit_cpu --export=vit.jax
 
 Arguments are image files and folders (searched recursively). Each image is
-converted to RGB and the whole of it resized to 32x32 pixels (Pillow's
+turned upright by its EXIF orientation, converted to RGB (transparency
+over white) and the whole of it resized to 32x32 pixels (Pillow's
 antialiased bicubic filter), the size of the training images: crop a photo
 first if the object fills only part of it. The model, its config and class
 names come from the workdir (vitjax/serving.py); the checkpoint is the best
 one unless --checkpoint names another. Printed: the top classes of each
 image with their probabilities, or with --json one JSON document. A file
 that does not decode as an image is named on stderr and skipped; the
-others are still classified.
+others are still classified (exit status 2 if none is an image).
 
 --export writes the served function, weights included, as a jax.export
 artifact (and FILE.json: its class names and what it serves), which runs
@@ -48,7 +49,10 @@ flags.mark_flag_as_required('workdir')
 
 
 def image_files(paths: list[str]) -> list[Path]:
-  """The files named, and every file under the folders named, in order."""
+  """The files named, and every file under the folders named (hidden
+  files and folders left out), in order. A missing path is a UserError."""
+  from vitjax import errors  # pylint: disable=g-import-not-at-top
+
   files = []
   for arg in paths:
     path = Path(arg).expanduser()
@@ -56,30 +60,56 @@ def image_files(paths: list[str]) -> list[Path]:
       files += sorted(
           p
           for p in path.rglob('*')
-          if p.is_file() and not p.name.startswith('.')
+          if p.is_file()
+          and not any(
+              part.startswith('.') for part in p.relative_to(path).parts
+          )
       )
     elif path.exists():
       files.append(path)
     else:
-      raise app.UsageError(f'{arg!r}: no such file or folder.')
+      raise errors.UserError(f'{arg!r}: no such file or folder.')
   return files
 
 
 def read_image(path: Path):
-  """uint8 [32, 32, 3], or the reason it is not an image (a str)."""
+  """uint8 [32, 32, 3], or why the file is not an image (a str).
+
+  Turned upright by its EXIF orientation; 16-bit greyscale scaled to 8
+  bits; transparent pixels over white.
+  """
   # pylint: disable=g-import-not-at-top
   import numpy as np
-  from PIL import Image, UnidentifiedImageError
+  from PIL import Image, ImageOps, UnidentifiedImageError
   from vitjax.data.sources import IMAGE_SHAPE
 
   try:
     with Image.open(path) as im:
+      im = ImageOps.exif_transpose(im)
+      if im.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
+        im = Image.fromarray(
+            (np.asarray(im, np.float64) / 257.0).clip(0, 255).astype(np.uint8)
+        )
+      if im.mode in ('RGBA', 'LA', 'PA') or 'transparency' in im.info:
+        rgba = im.convert('RGBA')
+        im = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
+        im.alpha_composite(rgba)
       im = im.convert('RGB').resize(
           IMAGE_SHAPE[1::-1], Image.Resampling.BICUBIC
       )
       return np.asarray(im, np.uint8)
-  except (UnidentifiedImageError, OSError, ValueError) as e:
+  except (
+      UnidentifiedImageError,
+      Image.DecompressionBombError,
+      OSError,
+      ValueError,
+  ) as e:
     return f'not an image ({e.__class__.__name__}: {e})'
+
+
+def _fail(message: str) -> None:
+  print(f'vitjax: {message}', file=sys.stderr, flush=True)
+  sys.exit(2)
 
 
 def main(argv):
@@ -87,19 +117,24 @@ def main(argv):
   import numpy as np
   from vitjax import errors, serving
 
+  if _TOP.value < 1:
+    _fail(f'--top={_TOP.value}: expected at least 1.')
   try:
+    files = image_files(argv[1:])
+    if not files and not _EXPORT.value:
+      _fail(
+          'no files to classify'
+          + (f' in {" ".join(argv[1:])}' if argv[1:] else '')
+          + ': name image files or folders.'
+      )
     served = serving.load(_WORKDIR.value, _CHECKPOINT.value, _INT8.value)
   except errors.UserError as e:
-    print(f'vitjax: {e}', file=sys.stderr, flush=True)
-    sys.exit(2)
+    _fail(str(e))
   if _EXPORT.value:
     path = serving.export(served, _EXPORT.value)
     print(f'Wrote {path} and {path}.json', file=sys.stderr)
-  files = image_files(argv[1:])
-  if not files:
-    if _EXPORT.value:
+    if not files:
       return
-    raise app.UsageError('name the images (files or folders) to classify.')
   images, kept, skipped = [], [], []
   for f in files:
     image = read_image(f)
@@ -109,15 +144,12 @@ def main(argv):
     else:
       images.append(image)
       kept.append(f)
-  if not images:
-    print('vitjax: none of the files is an image.', file=sys.stderr)
-    sys.exit(2)
-  images = np.stack(images)
   probs = np.concatenate(
       [
-          served.probabilities(images[i : i + _BATCH])
+          served.probabilities(np.stack(images[i : i + _BATCH]))
           for i in range(0, len(images), _BATCH)
       ]
+      or [np.zeros((0, len(served.class_names)))]
   )
   names, top = served.class_names, min(_TOP.value, len(served.class_names))
   predictions = []
@@ -138,12 +170,14 @@ def main(argv):
         'skipped': skipped,
     }
     print(json.dumps(document, indent=1))
-    return
-  for pred in predictions:
-    top_text = ', '.join(
-        f'{t["class"]} {t["probability"]:.3f}' for t in pred['top']
-    )
-    print(f'{pred["file"]}: {top_text}')
+  else:
+    for pred in predictions:
+      top_text = ', '.join(
+          f'{t["class"]} {t["probability"]:.3f}' for t in pred['top']
+      )
+      print(f'{pred["file"]}: {top_text}')
+  if not predictions:
+    _fail('none of the files is an image.')
 
 
 if __name__ == '__main__':

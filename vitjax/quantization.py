@@ -23,6 +23,7 @@ fake-quant with the same numerics, for a jax that breaks aqtp ('fake' only).
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 from typing import Any, Callable
 
@@ -247,8 +248,10 @@ class Int8Server:
     apply = lambda v, x: self.model.apply(self.prepare(v), x, train=False)[0]
     return jax.jit(apply)({'params': self.params, 'aqt': self.frozen}, images)
 
-  def save(self, directory: Path) -> int:
-    """Writes an orbax checkpoint; returns its bytes on disk."""
+  def save(self, directory: Path, source: dict[str, Any]) -> int:
+    """Writes an orbax checkpoint, and beside it (`source_file`) `source`:
+    what it was converted from (step, int8 settings), which a reader checks
+    before serving it. Returns the checkpoint's bytes on disk."""
     directory = Path(directory)
     checkpointer = ocp.StandardCheckpointer()
     checkpointer.save(
@@ -257,6 +260,7 @@ class Int8Server:
         force=True,
     )
     checkpointer.wait_until_finished()
+    source_file(directory).write_text(json.dumps(source, sort_keys=True))
     return sum(f.stat().st_size for f in directory.rglob('*') if f.is_file())
 
   @classmethod
@@ -288,6 +292,23 @@ class Int8Server:
         Path(directory).absolute(), abstract
     )
     return cls(model, quant_cfg, restored['params'], restored['aqt'], removed)
+
+
+def source_file(directory: Path) -> Path:
+  """Where a saved server records what it was converted from."""
+  directory = Path(directory)
+  return directory.with_name(directory.name + '.json')
+
+
+def conversion_source(step: int, quant_cfg, ema: bool) -> dict[str, Any]:
+  """What a frozen int8 model depends on: the step and weights it was
+  converted from, and the int8 settings."""
+  return {
+      'step': int(step),
+      'ema': bool(ema),
+      'head': bool(quant_cfg.quant_head),
+      'attention_einsums': bool(quant_cfg.quant_attention),
+  }
 
 
 def weight_bytes(params: Any, server: 'Int8Server') -> dict[str, int]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from absl import logging
 import jax
@@ -33,22 +33,22 @@ from vitjax.data.sources import IMAGE_SHAPE
 from vitjax.evaluators.classification import Predictor
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class Served:
   predictor: Predictor
   class_names: list[str]
   # What is served: workdir, checkpoint and step, model, precision.
   description: dict[str, Any]
 
+  def __post_init__(self):
+    # Compiled once per batch shape; the weights are arguments, not
+    # constants folded into every compile.
+    self._probabilities = jax.jit(
+        lambda v, x: jax.nn.softmax(self.predictor.logits(v, x), -1)
+    )
+
   def probabilities(self, images: np.ndarray) -> np.ndarray:
-    return np.asarray(_probabilities_fn(self.predictor)(images))
-
-
-def _probabilities_fn(predictor: Predictor) -> Callable[[Any], jax.Array]:
-  variables = predictor.variables
-  return jax.jit(
-      lambda images: jax.nn.softmax(predictor.logits(variables, images), -1)
-  )
+    return np.asarray(self._probabilities(self.predictor.variables, images))
 
 
 def load(
@@ -56,13 +56,16 @@ def load(
 ) -> Served:
   """The run in `workdir` at checkpoint `which` ('best', 'latest', a step)."""
   workdir = Path(workdir).expanduser()
-  cfg_path = workdir / 'config.json'
-  if not cfg_path.exists():
+  if not (workdir / 'config.json').exists():
     raise checkpoint.CheckpointError(
         f'{str(workdir)!r} holds no run (no config.json): pass the --workdir '
         'of a trained model (python -m vitjax.main ... --workdir=DIR).'
     )
-  config = ConfigDict(json.loads(cfg_path.read_text()))
+  if not checkpoint.has_steps(workdir):
+    raise checkpoint.CheckpointError(
+        f'{str(workdir)!r} has no checkpoint yet: train it first.'
+    )
+  config = workdir_lib.saved_config(workdir)
   names = workdir_lib.class_names(workdir)
   model = _model(config, len(names), workdir)
   abstract = jax.eval_shape(
@@ -78,31 +81,49 @@ def load(
       'model': config.model.name,
       'precision': 'int8' if int8 else model.dtype,
   }
-  if not checkpoint.has_steps(workdir):
-    raise checkpoint.CheckpointError(
-        f'{str(workdir)!r} has no checkpoint yet: train it first.'
-    )
+  quant = _int8_config(config)
   with checkpoint.Checkpoints(workdir) as ckpts:
     step = ckpts.step_of(which)
     description['checkpoint'] = f'{which} (step {step})'
-    saved_int8 = workdir / 'int8' / str(which)
-    if int8 and saved_int8.is_dir():
-      server = quantization.Int8Server.load(
-          saved_int8, model, _int8_config(config), abstract
-      )
-      description['int8_from'] = str(saved_int8)
+    saved = workdir / 'int8' / str(which)
+    if int8 and _saved_int8_fits(saved, step, quant, ema):
+      try:
+        server = quantization.Int8Server.load(saved, model, quant, abstract)
+      except ValueError as e:  # orbax: the saved tree is not the model's
+        raise checkpoint.CheckpointError(
+            f'the int8 model in {str(saved)!r} does not fit the model of '
+            f'{str(workdir)!r} ({e}); delete it to convert the float weights '
+            'again.'
+        ) from None
+      description['int8_from'] = str(saved)
       return Served(_server_predictor(server), names, description)
     params, _ = ckpts.restore_weights(abstract, step, ema=ema)
   if not int8:
     return Served(Predictor(model, {'params': params}), names, description)
-  logging.info(
-      'No int8 model saved in %s (an int8 evaluation writes one): '
-      'converting the float weights.',
-      saved_int8,
-  )
-  server = quantization.Int8Server.convert(model, _int8_config(config), params)
-  description['int8_from'] = 'converted from the float checkpoint'
+  server = quantization.Int8Server.convert(model, quant, params)
+  description['int8_from'] = 'converted from the float weights'
   return Served(_server_predictor(server), names, description)
+
+
+def _saved_int8_fits(saved: Path, step: int, quant, ema: bool) -> bool:
+  """Whether the int8 model saved at `saved` was converted from this step
+  with these settings (an evaluation of another step, or with other
+  eval.quant_* settings, may have written it); if not, the float weights
+  are converted instead."""
+  source = quantization.source_file(saved)
+  if not saved.is_dir() or not source.exists():
+    return False
+  wanted = quantization.conversion_source(step, quant, ema)
+  if json.loads(source.read_text()) == wanted:
+    return True
+  logging.info(
+      'The int8 model in %s was converted from %s, not %s: converting the '
+      'float weights.',
+      saved,
+      source.read_text(),
+      wanted,
+  )
+  return False
 
 
 def _model(config: ConfigDict, num_classes: int, workdir: Path):
@@ -141,14 +162,19 @@ def export(served: Served, path: str | Path) -> Path:
   """Writes the serving function with its weights (jax.export, any batch
   size) to `path`, and what it serves beside it (`path`.json)."""
   path = Path(path)
+  predictor = served.predictor
   (batch,) = jax.export.symbolic_shape('batch')
-  exported = jax.export.export(_probabilities_fn(served.predictor))(
-      jax.ShapeDtypeStruct((batch,) + IMAGE_SHAPE, jnp.uint8)
-  )
+  # The weights are closed over: they travel in the artifact as constants.
+  exported = jax.export.export(
+      jax.jit(
+          lambda x: jax.nn.softmax(predictor.logits(predictor.variables, x), -1)
+      )
+  )(jax.ShapeDtypeStruct((batch,) + IMAGE_SHAPE, jnp.uint8))
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_bytes(exported.serialize())
   meta = dict(served.description, class_names=served.class_names)
   meta['input'] = f'uint8 [batch, {", ".join(map(str, IMAGE_SHAPE))}], 0..255'
   meta['output'] = 'float32 class probabilities [batch, classes]'
+  meta['platforms'] = list(exported.platforms)
   Path(f'{path}.json').write_text(json.dumps(meta, indent=1))
   return path

@@ -115,12 +115,19 @@ def config_differences(workdir: Path, config: ConfigDict) -> list[str]:
   """How `config` differs from the run saved in workdir's config.json, in
   what training depends on ('eval.x was 1, now 2'; evaluation settings may
   change between runs without harm)."""
-  saved = json.loads((workdir / 'config.json').read_text())
+  saved = saved_config(workdir).to_dict()
+  diffs = _config_diff(saved, json.loads(config.to_json_best_effort()))
+  return [d for d in diffs if not d.startswith('eval.')]
+
+
+def saved_config(workdir: Path) -> ConfigDict:
+  """The run's config.json, with the fields added since it was written
+  set to what such a run did (a run before model.kernels ran 'cpu')."""
+  saved = json.loads((Path(workdir) / 'config.json').read_text())
   for section, fields in _ADDED_SINCE.items():
     for field, value in fields.items():
       saved.setdefault(section, {}).setdefault(field, value)
-  diffs = _config_diff(saved, json.loads(config.to_json_best_effort()))
-  return [d for d in diffs if not d.startswith('eval.')]
+  return ConfigDict(saved)
 
 
 def _write_json(path: Path, value: Any) -> None:
