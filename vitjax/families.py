@@ -68,11 +68,11 @@ def build(
     finetune.check_backbone_matches(
         config.model, teacher, config.sparse.init_from
     )
-  overrides = {}
-  if name == 'avit':
-    overrides['gate_center'] = _gate_center(config, teacher, data, workdir)
-    overrides['faithful'] = config.sparse.faithful
-  model = models.create(config.model, num_classes, **overrides)
+  model = models.create(
+      config.model,
+      num_classes,
+      **model_overrides(config, workdir, teacher, data),
+  )
   loss_fn = losses.make_classification_loss(
       config.loss,
       data.train.counts(num_classes),
@@ -141,6 +141,23 @@ def build(
   return ModelFamily(model, objective, adamw_everywhere, from_teacher, teacher)
 
 
+def model_overrides(
+    config: ConfigDict,
+    workdir: Path,
+    teacher: finetune.Teacher | None = None,
+    data: Dataset | None = None,
+) -> dict[str, Any]:
+  """What the family sets on its model beyond config.model: A-ViT's gate
+  (calibrated at the first start, from the teacher and the data; read
+  back from the workdir after) and its forward's mode."""
+  if config.model.name != 'avit':
+    return {}
+  return {
+      'gate_center': _gate_center(config, teacher, data, workdir),
+      'faithful': config.sparse.faithful,
+  }
+
+
 def _log_corrections(config: ConfigDict) -> None:
   """Says what the loss corrects for when the sampler already rebalances."""
   corrects = config.loss.name == 'logit_adjusted' or (
@@ -164,7 +181,7 @@ def _log_corrections(config: ConfigDict) -> None:
 def _gate_center(
     config: ConfigDict,
     teacher: finetune.Teacher | None,
-    data: Dataset,
+    data: Dataset | None,
     workdir: Path,
 ) -> float:
   """A-ViT's beta: the config's, or calibrated once on the dense ViT.

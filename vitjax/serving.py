@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from ml_collections import ConfigDict
 import numpy as np
 
-from vitjax import checkpoint, models, quantization
+from vitjax import checkpoint, families, models, quantization
 from vitjax import workdir as workdir_lib
 from vitjax.data.sources import IMAGE_SHAPE
 from vitjax.evaluators.classification import Predictor
@@ -67,7 +67,9 @@ def load(
     )
   config = workdir_lib.saved_config(workdir)
   names = workdir_lib.class_names(workdir)
-  model = _model(config, len(names), workdir)
+  model = models.create(
+      config.model, len(names), **families.model_overrides(config, workdir)
+  )
   abstract = jax.eval_shape(
       lambda: model.init(
           jax.random.key(0),
@@ -124,22 +126,6 @@ def _saved_int8_fits(saved: Path, step: int, quant, ema: bool) -> bool:
       wanted,
   )
   return False
-
-
-def _model(config: ConfigDict, num_classes: int, workdir: Path):
-  overrides = {}
-  if config.model.name == 'avit':
-    overrides['faithful'] = config.sparse.faithful
-    if config.sparse.calibrate_gate_center:
-      calibration = workdir / 'calibration.json'
-      if not calibration.exists():
-        raise checkpoint.CheckpointError(
-            f'{str(calibration)!r} is missing: the A-ViT run has not started.'
-        )
-      overrides['gate_center'] = json.loads(calibration.read_text())[
-          'gate_center'
-      ]
-  return models.create(config.model, num_classes, **overrides)
 
 
 def _int8_config(config: ConfigDict) -> ConfigDict:
