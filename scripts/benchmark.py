@@ -9,13 +9,21 @@ AdamW update, EMA) at config.train.batch_size, 5 steps per timed call as the
 training loop dispatches them; `--input` chooses what feeds
 it: fixed synthetic batches ('none': the model step alone), the tf.data
 pipeline or the device pipeline on the configured data. Inference images/s is
-the jitted forward at config.eval.speed_batch. Each figure is the median of
+the jitted forward at config.eval.speed_batch and at batch 1. Each figure is the median of
 --repeats rounds of about --seconds each, with its interquartile range.
 With --baseline=<another config> both are timed in one sitting, interleaved
 (vitjax/timing.py), and the ratios are printed:
 
   python scripts/benchmark.py --config=configs/vit.py:cpu \
       --baseline=configs/vit.py:cpu --baseline.model.dtype=float32
+
+--int8 also times the int8 serving model of the same (random) weights at
+both batches, and --profile then traces every candidate with jax.profiler
+and prints the share of its time in each kind of work: int8 dots, the
+quantization of their inputs, float matmuls, attention, LayerNorm...
+
+  python scripts/benchmark.py --config=configs/vit.py:seed \
+      --config.model.dtype=float32 --int8 --profile
 """
 
 import os
@@ -34,23 +42,35 @@ _BASELINE = config_flags.DEFINE_config_file(
 _INPUT = flags.DEFINE_enum(
     'input', 'none', ['none', 'tf', 'device'], 'What feeds the train step.'
 )
+_INT8 = flags.DEFINE_bool(
+    'int8',
+    False,
+    'Also time the int8 serving model (aqtp) of the same weights.',
+)
+_PROFILE = flags.DEFINE_bool(
+    'profile',
+    False,
+    'Then profile each candidate (jax.profiler) and print where its time '
+    'goes, by kind of work (vitjax/profiling.py).',
+)
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Interleaved timing rounds.')
 _SECONDS = flags.DEFINE_float(
     'seconds', 10.0, 'Length of one timing of one candidate.'
 )
 flags.mark_flags_as_required(['config'])
 _STEPS_PER_CALL = 5
+_PROFILE_CALLS = 10
 
 
-def _candidates(config, label: str) -> tuple[dict, str]:
-  """Timing candidates for a config's train step and inference, and a line
-  describing the model."""
+def _candidates(config, label: str) -> tuple[dict, dict, str]:
+  """Timing candidates for a config's train step and inference, the
+  programs they run (for --profile), and a line describing the model."""
   # pylint: disable=g-import-not-at-top
   import jax
   import numpy as np
   import optax
   from vitjax import losses, models, objectives, optimizers, sharding, train
-  from vitjax import timing, train_state
+  from vitjax import quantization, timing, train_state
   from vitjax.data import pipelines, sources
   from vitjax.evaluators import classification, cost
 
@@ -110,37 +130,87 @@ def _candidates(config, label: str) -> tuple[dict, str]:
       classification.model_logits(model), mesh
   )
   eval_batch = config.eval.speed_batch
-  images = jax.device_put(
-      np.zeros((eval_batch,) + sources.IMAGE_SHAPE, np.uint8),
+  rng = np.random.default_rng(1)
+  batched = jax.device_put(
+      rng.integers(0, 256, (eval_batch,) + sources.IMAGE_SHAPE, np.uint8),
       sharding.batch_sharding(mesh),
   )
+  single = jax.device_put(np.asarray(batched)[:1])
+  # Variables are looked up per call: the train step donates `state`.
+  inference = {'infer': (predict, lambda: {'params': state.params})}
+  if _INT8.value:
+    # The frozen int8 server of these weights, as `--mode=eval
+    # --config.eval.quant=int8` serves a checkpoint.
+    with config.unlocked():
+      config.eval.quant, config.eval.quant_path = 'int8', 'serve'
+    # From a copy of the weights: the train step donates (deletes) them.
+    weights = jax.tree.map(lambda x: x.copy(), state.params)
+    server = quantization.Int8Server.convert(model, config.eval, weights)
+    int8_logits = classification.Predictor(
+        server.model, None, server.prepare
+    ).logits
+    inference['int8'] = (
+        classification.make_predict_fn(int8_logits, mesh),
+        lambda: {'params': server.params, 'aqt': server.frozen},
+    )
+  candidates = {
+      f'{label} train': timing.Candidate(train_steps, _STEPS_PER_CALL * batch)
+  }
+  # The optimised HLO of what each candidate runs, for --profile.
+  programs = {
+      f'{label} train': lambda: step.lower(state, next(stream), metrics)
+  }
+  for what, (fn, variables) in inference.items():
+    one = jax.jit(fn)  # batch 1: unsharded, as a server of one image runs
+    for name, f, x in (
+        (f'{label} {what}', fn, batched),
+        (f'{label} {what}@1', one, single),
+    ):
+      candidates[name] = timing.Candidate(
+          lambda f=f, x=x, v=variables: f(v(), x), x.shape[0]
+      )
+      programs[name] = lambda f=f, x=x, v=variables: f.lower(v(), x)
   about = (
       f'{label}: model {config.model.name} dim {model.hidden_dim} depth '
       f'{model.depth} patch {model.patch_size} dtype {model.dtype} kernels '
       f'{model.kernels}; {cost.param_count(state.params):,} parameters, '
-      f'{cost.vit_macs(model) / 1e6:.1f} M MACs/image'
+      f'{cost.vit_macs(model) / 1e6:.1f} M MACs/image; inference at batch '
+      f'{eval_batch} and 1'
+      + (' (int8: aqtp serving, float parts in float32)' if _INT8.value else '')
   )
-  return {
-      f'{label} train': timing.Candidate(train_steps, _STEPS_PER_CALL * batch),
-      f'{label} infer': timing.Candidate(
-          lambda: predict({'params': state.params}, images), eval_batch
-      ),
-  }, about
+  return candidates, programs, about
+
+
+def _profile(name: str, candidate, program) -> str:
+  """The time shares of one candidate's compiled program, by kind of work."""
+  from vitjax import profiling  # pylint: disable=g-import-not-at-top
+
+  hlo = program().compile().as_text()
+  seconds = profiling.op_seconds(candidate.call, calls=_PROFILE_CALLS)
+  rows = profiling.shares(profiling.classify(hlo), seconds)
+  total = sum(r.seconds for r in rows)
+  return (
+      f'{name}: {1e3 * total:.2f} ms of thunks per call (summed over '
+      f'threads), {profiling.s8_dots(hlo)} int8 dots in its HLO\n'
+      + profiling.format_shares(rows)
+  )
 
 
 def main(argv):
   del argv
   from vitjax import machine, timing  # pylint: disable=g-import-not-at-top
 
-  candidates, about = _candidates(_CONFIG.value, 'config')
+  candidates, programs, about = _candidates(_CONFIG.value, 'config')
   lines = [about]
   if _BASELINE.value is not None:
-    more, about = _candidates(_BASELINE.value, 'baseline')
+    more, more_programs, about = _candidates(_BASELINE.value, 'baseline')
     lines.append(about)
-    # What is compared runs side by side: train, train, infer, infer.
+    programs |= more_programs
+    # What is compared runs side by side: config train, baseline train, ...
+    kinds = [n.removeprefix('config ') for n in candidates]
     candidates = {
         f'{label} {what}': (candidates | more)[f'{label} {what}']
-        for what in ('train', 'infer')
+        for what in kinds
         for label in ('config', 'baseline')
     }
   t = timing.interleaved(
@@ -154,13 +224,28 @@ def main(argv):
   )
   print('\n'.join(lines))
   for name in candidates:
-    print(f'{name:16}: {t.rate(name).format(" images/s", 0)}')
+    print(f'{name:20}: {t.rate(name).format(" images/s", 0)}')
+  for label in ('config', 'baseline'):
+    for batch in ('', '@1'):
+      if f'{label} int8{batch}' in candidates:
+        ratio = t.ratio(f'{label} int8{batch}', f'{label} infer{batch}')
+        print(
+            f'{label} int8 over float, batch '
+            f'{"1" if batch else "as configured"}: {ratio.format("x")}'
+        )
   if _BASELINE.value is not None:
-    for what in ('train', 'infer'):
+    for what in kinds:
       print(
           f'config over baseline, {what}: '
           f'{t.ratio(f"config {what}", f"baseline {what}").format("x")}'
       )
+  if _PROFILE.value:
+    print(
+        f'\nWhere the time goes ({_PROFILE_CALLS} calls profiled; a train '
+        f'call is {_STEPS_PER_CALL} steps):'
+    )
+    for name, candidate in candidates.items():
+      print(_profile(name, candidate, programs[name]))
 
 
 if __name__ == '__main__':

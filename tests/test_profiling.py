@@ -1,0 +1,82 @@
+"""Where compiled time goes: the HLO's thunks sorted into kinds of work."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+pytest.importorskip('aqt')
+
+from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vitjax import models, profiling, quantization  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+
+def _int8_server():
+  c = common.base()
+  common.apply_variant(c, 'nano/4')
+  c.model.stem = 'patch'
+  model = models.create(c.model, 10)
+  x = jnp.zeros((8, 32, 32, 3), jnp.uint8)
+  params = model.init(jax.random.key(0), x, train=False)['params']
+  c.eval.quant, c.eval.quant_path = 'int8', 'serve'
+  server = quantization.Int8Server.convert(model, c.eval, params)
+  variables = {'params': server.params, 'aqt': server.frozen}
+  serve = jax.jit(
+      lambda v, x: server.model.apply(server.prepare(v), x, train=False)[0]
+  )
+  return serve, variables, x
+
+
+@pytest.mark.skipif(
+    jax.default_backend() != 'cpu', reason='thunk names are XLA:CPU ones'
+)
+def test_the_int8_serving_step_is_sorted_into_its_kinds_of_work():
+  serve, variables, x = _int8_server()
+  hlo = serve.lower(variables, x).compile().as_text()
+  ops = profiling.classify(hlo)
+  kinds = [op.kind for op in ops.values()]
+  assert set(kinds) <= set(profiling.KINDS)
+  # 2 blocks x (q, k, v, out, fc1, fc2): each int8 dot is its own thunk.
+  assert profiling.s8_dots(hlo) == 12
+  assert kinds.count('int8 matmul') == 12
+  for kind in (
+      'quantize activations',
+      'dequantize (fused into the next op)',
+      'attention (scores, softmax, weighted sum)',
+      'layer norm',
+  ):
+    assert kind in kinds, kind
+  # The quantized layers' thunks carry their module's name.
+  assert all(
+      'AqtDotGeneral' in op.op_name
+      for op in ops.values()
+      if op.kind == 'int8 matmul'
+  )
+
+  seconds = profiling.op_seconds(lambda: serve(variables, x), calls=3)
+  rows = profiling.shares(ops, seconds)
+  assert {r.kind for r in rows} <= set(kinds)
+  assert sum(r.fraction for r in rows) == pytest.approx(1.0)
+  assert all(r.seconds > 0 and r.thunks > 0 for r in rows)
+  assert [r.seconds for r in rows] == sorted(
+      (r.seconds for r in rows), reverse=True
+  )
+  assert 'int8 matmul' in profiling.format_shares(rows)
+
+
+def test_a_float_model_has_no_int8_work():
+  c = common.base()
+  common.apply_variant(c, 'nano/4')
+  c.model.stem = 'patch'
+  model = models.create(c.model, 10)
+  x = jnp.zeros((2, 32, 32, 3), jnp.uint8)
+  params = model.init(jax.random.key(0), x, train=False)['params']
+  forward = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False)[0])
+  hlo = forward.lower(params, x).compile().as_text()
+  kinds = {op.kind for op in profiling.classify(hlo).values()}
+  assert profiling.s8_dots(hlo) == 0
+  assert 'float matmul' in kinds
+  assert not kinds & {
+      'int8 matmul',
+      'quantize activations',
+      'dequantize (fused into the next op)',
+  }
