@@ -84,6 +84,16 @@ def _row(report: dict, speed: dict, batch: int) -> dict:
   }
 
 
+def _over_own(speed: dict, batch: int) -> str:
+  from vitjax.evaluators import report as report_lib  # pylint: disable=g-import-not-at-top
+
+  own = speed['speedup_over_own']
+  return (
+      f'{report_lib.format_spread(own[f"batch {batch}"], "x")} at batch '
+      f'{batch}, {report_lib.format_spread(own["batch 1"], "x")} at batch 1'
+  )
+
+
 def main(argv):
   # pylint: disable=g-import-not-at-top
   from ml_collections import ConfigDict
@@ -145,8 +155,19 @@ def main(argv):
       rounds=_ROUNDS.value,
       seconds=_SECONDS.value,
       baseline=baseline,
+      # Each model's bfloat16 and int8 against its own float32.
+      own_baselines={
+          f'{w.name} {p}': f'{w.name} float32'
+          for w in workdirs
+          for p in PRECISIONS[1:]
+      },
   )
   batch = speeds[baseline]['batch']
+  against_float32 = [
+      f'- {name}: {_over_own(speeds[name], batch)}'
+      for name in speeds
+      if 'speedup_over_own' in speeds[name]
+  ]
   for name, report in reports.items():
     report['speed'] = {'model': speeds[name]}
   rows = [_row(reports[n], speeds[n], batch) for n in reports]
@@ -171,6 +192,10 @@ def main(argv):
           '',
           *table,
           '',
+          'Against the same model in float32 (per-round ratios, same '
+          'sitting):',
+          *against_float32,
+          '',
           'What each precision computes:',
           '- float32: every operation in float32.',
           '- bfloat16: matmuls and convolutions on bfloat16 inputs (with '
@@ -182,16 +207,8 @@ def main(argv):
           'frozen; activations: int8 with a float32 scale per token, '
           'computed per call); the patch embedding, LayerNorms, attention '
           "einsums, softmax, GELU, DynamicViT's predictors and the head "
-          "compute in the run's own dtype ("
-          + ', '.join(
-              sorted(
-                  {
-                      f'{r["label"]}: {r["compute_dtype"]}'
-                      for r in reports.values()
-                      if r['precision'] == 'int8'
-                  }
-              )
-          )
+          'in float32, whatever the run trained in (from bfloat16 they '
+          'measured slower: vitjax/quantization.py'
           + '). weight MB: the bytes of the arrays stored (int8 kernels '
           'with their scales, everything else float32).',
           '',

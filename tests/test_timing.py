@@ -64,3 +64,52 @@ def test_spread_format_and_errors():
   np.testing.assert_array_equal(
       timing.Timings({'a': np.array([0.5])}, {'a': 2}).rates('a'), [4.0]
   )
+
+
+def test_speed_report_gives_each_model_its_own_baseline_too(monkeypatch):
+  # pylint: disable=g-import-not-at-top
+  import jax
+  import jax.numpy as jnp
+
+  from configs import common
+  from vitjax import models, sharding
+  from vitjax.evaluators import speed
+  from vitjax.evaluators.classification import Predictor
+
+  machine = _FakeMachine(busy_from=-1.0, busy_until=-1.0)
+  monkeypatch.setattr(timing, '_clock', machine.clock)
+  c = common.base()
+  common.apply_variant(c, 'nano/4')
+  c.model.stem = 'patch'
+  model = models.create(c.model, 10)
+  params = model.init(
+      jax.random.key(0), jnp.zeros((1, 32, 32, 3), jnp.uint8), train=False
+  )['params']
+  costs = {'a': 3.0, 'b': 2.0, 'c': 1.0}  # seconds per call on the fake clock
+  predictors = {name: Predictor(model, {'params': params}) for name in costs}
+
+  def serving_fn(predictor, mesh, batch):
+    del mesh, batch
+    (name,) = [n for n, p in predictors.items() if p is predictor]
+    return lambda variables, images: (machine.work(costs[name])(), images)[1]
+
+  # Each call is charged its model's cost on the fake clock.
+  monkeypatch.setattr(speed, '_serving_fn', serving_fn)
+  report = speed.speed_report(
+      predictors,
+      sharding.make_mesh(),
+      np.zeros((8, 32, 32, 3), np.uint8),
+      4,
+      rounds=3,
+      seconds=0.0,
+      baseline='a',
+      own_baselines={'c': 'b'},
+  )
+  assert report['b']['speedup']['batch 4']['median'] == pytest.approx(1.5)
+  assert report['c']['speedup']['batch 1']['median'] == pytest.approx(3.0)
+  own = report['c']['speedup_over_own']
+  assert own['over'] == 'b'
+  assert own['batch 4']['median'] == pytest.approx(2.0)
+  assert own['batch 1']['median'] == pytest.approx(2.0)
+  assert 'speedup_over_own' not in report['a']
+  assert 'speedup_over_own' not in report['b']

@@ -92,10 +92,10 @@ def restore_predictors(
     raise errors.ConfigError(
         f"eval.quant={quant!r}: expected 'none' or 'int8'."
     )
-  # What the predictor computes in: 'int8' (the quantized layers; the
-  # rest in the model's dtype, header['quantization']) or that dtype.
+  # What the predictor computes in: 'int8' (the quantized layers, the rest
+  # in float32, header['quantization']) or the model's dtype.
   header['precision'] = 'int8' if quant == 'int8' else family.model.dtype
-  header['compute_dtype'] = family.model.dtype
+  header['compute_dtype'] = predictor.model.dtype
   teacher = None
   if family.teacher is not None:
     teacher = Predictor(family.teacher.model, {'params': family.teacher.params})

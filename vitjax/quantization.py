@@ -315,6 +315,9 @@ def conversion_source(step: int, quant_cfg, ema: bool) -> dict[str, Any]:
       'ema': bool(ema),
       'head': bool(quant_cfg.quant_head),
       'attention_einsums': bool(quant_cfg.quant_attention),
+      # The kernels are quantized from float32 (older conversions quantized
+      # a bfloat16 model's kernels from their bfloat16 roundings).
+      'float_dtype': 'float32',
   }
 
 

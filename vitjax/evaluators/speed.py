@@ -71,6 +71,7 @@ def speed_report(
     rounds: int,
     seconds: float,
     baseline: str | None = None,
+    own_baselines: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
   """Images/s at `batch` and batch-1 latency of every predictor.
 
@@ -78,7 +79,9 @@ def speed_report(
   there are fewer) is timed, since the test set is sorted by class and
   A-ViT's cost depends on the images. With `baseline`, every other
   predictor's speed-up over it at both batches, as the median and
-  interquartile range of per-round ratios.
+  interquartile range of per-round ratios; with `own_baselines` ({name:
+  its baseline}, e.g. a model's int8 predictor: the same model in float32),
+  those speed-ups too ('speedup_over_own').
   Returns {name: {...}} as plain JSON-able numbers.
   """
   batch = max(batch // mesh.size, 1) * mesh.size
@@ -109,13 +112,18 @@ def speed_report(
     }
     if f'{name} masked@{batch}' in candidates:
       r['masked_images_per_second'] = t.rate(f'{name} masked@{batch}').as_dict()
+    speedup = lambda base: {
+        f'batch {batch}': (
+            t.ratio(f'{name}@{batch}', f'{base}@{batch}').as_dict()
+        ),
+        'batch 1': t.ratio(f'{name}@1', f'{base}@1').as_dict(),
+    }
     if baseline is not None and name != baseline:
       r['speedup_over'] = baseline
-      r['speedup'] = {
-          f'batch {batch}': (
-              t.ratio(f'{name}@{batch}', f'{baseline}@{batch}').as_dict()
-          ),
-          'batch 1': t.ratio(f'{name}@1', f'{baseline}@1').as_dict(),
-      }
+      r['speedup'] = speedup(baseline)
+    if own_baselines and name in own_baselines:
+      r['speedup_over_own'] = {'over': own_baselines[name]} | speedup(
+          own_baselines[name]
+      )
     report[name] = r
   return report
