@@ -126,9 +126,6 @@ def _candidates(config, label: str) -> tuple[dict, dict, str]:
       state, metrics = step(state, next(stream), metrics)
     return state.params
 
-  predict = classification.make_predict_fn(
-      classification.model_logits(model), mesh
-  )
   eval_batch = config.eval.speed_batch
   rng = np.random.default_rng(1)
   batched = jax.device_put(
@@ -137,7 +134,12 @@ def _candidates(config, label: str) -> tuple[dict, dict, str]:
   )
   single = jax.device_put(np.asarray(batched)[:1])
   # Variables are looked up per call: the train step donates `state`.
-  inference = {'infer': (predict, lambda: {'params': state.params})}
+  inference = {
+      'infer': (
+          classification.model_logits(model),
+          lambda: {'params': state.params},
+      )
+  }
   if _INT8.value:
     # The frozen int8 server of these weights, as `--mode=eval
     # --config.eval.quant=int8` serves a checkpoint.
@@ -146,11 +148,8 @@ def _candidates(config, label: str) -> tuple[dict, dict, str]:
     # From a copy of the weights: the train step donates (deletes) them.
     weights = jax.tree.map(lambda x: x.copy(), state.params)
     server = quantization.Int8Server.convert(model, config.eval, weights)
-    int8_logits = classification.Predictor(
-        server.model, None, server.prepare
-    ).logits
     inference['int8'] = (
-        classification.make_predict_fn(int8_logits, mesh),
+        classification.Predictor(server.model, None, server.prepare).logits,
         lambda: {'params': server.params, 'aqt': server.frozen},
     )
   candidates = {
@@ -160,11 +159,16 @@ def _candidates(config, label: str) -> tuple[dict, dict, str]:
   programs = {
       f'{label} train': lambda: step.lower(state, next(stream), metrics)
   }
-  for what, (fn, variables) in inference.items():
-    one = jax.jit(fn)  # batch 1: unsharded, as a server of one image runs
+  for what, (logits, variables) in inference.items():
     for name, f, x in (
-        (f'{label} {what}', fn, batched),
-        (f'{label} {what}@1', one, single),
+        # A batch sharded over the devices, as evaluation runs it; batch 1
+        # on one device, as a server of one image runs it.
+        (
+            f'{label} {what}',
+            classification.make_predict_fn(logits, mesh),
+            batched,
+        ),
+        (f'{label} {what}@1', jax.jit(logits), single),
     ):
       candidates[name] = timing.Candidate(
           lambda f=f, x=x, v=variables: f(v(), x), x.shape[0]
