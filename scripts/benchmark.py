@@ -133,24 +133,21 @@ def _candidates(config, label: str) -> tuple[dict, dict, str]:
       sharding.batch_sharding(mesh),
   )
   single = jax.device_put(np.asarray(batched)[:1])
-  # Variables are looked up per call: the train step donates `state`.
+  # Inference runs on a copy of the first weights: the train step donates
+  # (deletes) the state's as it updates them.
+  weights = jax.tree.map(lambda x: x.copy(), state.params)
   inference = {
-      'infer': (
-          classification.model_logits(model),
-          lambda: {'params': state.params},
-      )
+      'infer': (classification.model_logits(model), {'params': weights})
   }
   if _INT8.value:
     # The frozen int8 server of these weights, as `--mode=eval
     # --config.eval.quant=int8` serves a checkpoint.
     with config.unlocked():
       config.eval.quant, config.eval.quant_path = 'int8', 'serve'
-    # From a copy of the weights: the train step donates (deletes) them.
-    weights = jax.tree.map(lambda x: x.copy(), state.params)
     server = quantization.Int8Server.convert(model, config.eval, weights)
     inference['int8'] = (
         classification.Predictor(server.model, None, server.prepare).logits,
-        lambda: {'params': server.params, 'aqt': server.frozen},
+        {'params': server.params, 'aqt': server.frozen},
     )
   candidates = {
       f'{label} train': timing.Candidate(train_steps, _STEPS_PER_CALL * batch)
@@ -171,9 +168,9 @@ def _candidates(config, label: str) -> tuple[dict, dict, str]:
         (f'{label} {what}@1', jax.jit(logits), single),
     ):
       candidates[name] = timing.Candidate(
-          lambda f=f, x=x, v=variables: f(v(), x), x.shape[0]
+          lambda f=f, x=x, v=variables: f(v, x), x.shape[0]
       )
-      programs[name] = lambda f=f, x=x, v=variables: f.lower(v(), x)
+      programs[name] = lambda f=f, x=x, v=variables: f.lower(v, x)
   about = (
       f'{label}: model {config.model.name} dim {model.hidden_dim} depth '
       f'{model.depth} patch {model.patch_size} dtype {model.dtype} kernels '
@@ -190,12 +187,15 @@ def _profile(name: str, candidate, program) -> str:
   from vitjax import profiling  # pylint: disable=g-import-not-at-top
 
   hlo = program().compile().as_text()
-  seconds = profiling.op_seconds(candidate.call, calls=_PROFILE_CALLS)
-  rows = profiling.shares(profiling.classify(hlo), seconds)
+  traced = profiling.op_seconds(
+      candidate.call, profiling.module_name(hlo), calls=_PROFILE_CALLS
+  )
+  rows = profiling.shares(profiling.classify(hlo), traced.seconds)
   total = sum(r.seconds for r in rows)
   return (
-      f'{name}: {1e3 * total:.2f} ms of thunks per call (summed over '
-      f'threads), {profiling.s8_dots(hlo)} int8 dots in its HLO\n'
+      f'{name}: {1e3 * traced.wall_seconds:.2f} ms per call, '
+      f'{1e3 * total:.2f} ms of thunks (summed over threads), '
+      f'{profiling.s8_dots(hlo)} int8 dots in its HLO\n'
       + profiling.format_shares(rows)
   )
 

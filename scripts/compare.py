@@ -6,7 +6,7 @@
 Each workdir's best checkpoint is evaluated with the config it was trained
 with (its config.json) in three precisions, on the test set: float32,
 bfloat16 compute (float32 parameters), and int8 (frozen int8 serving with
-aqtp; the layers it leaves in float compute in the run's own dtype). Then
+aqtp; the layers it leaves in float compute in float32). Then
 all of them are timed together, interleaved, with speed-ups over the first
 workdir's float32 model. Written to --out: report.md (the table, like the
 lab report's §6.2, and what each precision computes), report.json,

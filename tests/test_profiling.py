@@ -52,8 +52,13 @@ def test_the_int8_serving_step_is_sorted_into_its_kinds_of_work():
       if op.kind == 'int8 matmul'
   )
 
-  seconds = profiling.op_seconds(lambda: serve(variables, x), calls=3)
-  rows = profiling.shares(ops, seconds)
+  traced = profiling.op_seconds(
+      lambda: serve(variables, x), profiling.module_name(hlo), calls=3
+  )
+  # Every thunk ran, each once per call (on each of the test's 2 devices).
+  assert set(traced.seconds) == set(ops)
+  assert traced.wall_seconds > 0
+  rows = profiling.shares(ops, traced.seconds)
   assert {r.kind for r in rows} <= set(kinds)
   assert sum(r.fraction for r in rows) == pytest.approx(1.0)
   assert all(r.seconds > 0 and r.thunks > 0 for r in rows)
@@ -80,3 +85,21 @@ def test_a_float_model_has_no_int8_work():
       'quantize activations',
       'dequantize (fused into the next op)',
   }
+
+
+def test_a_loop_counts_the_thunks_it_runs_not_itself():
+  def f(x):
+    return jax.lax.fori_loop(0, 3, lambda i, y: jnp.tanh(y @ y), x)
+
+  x = jnp.ones((64, 64)) / 64
+  jitted = jax.jit(f)
+  hlo = jitted.lower(x).compile().as_text()
+  ops = profiling.classify(hlo)
+  assert 'float matmul' in {op.kind for op in ops.values()}
+  assert not any(name.startswith('while') for name in ops)
+  traced = profiling.op_seconds(
+      lambda: jitted(x), profiling.module_name(hlo), calls=2
+  )
+  # What the trace holds beyond the thunks is the loop's own span.
+  assert all(n.startswith('while') for n in set(traced.seconds) - set(ops))
+  assert {n for n in ops if 'dot' in n or 'fusion' in n} <= set(traced.seconds)

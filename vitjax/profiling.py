@@ -18,6 +18,7 @@ import dataclasses
 from pathlib import Path
 import re
 import tempfile
+import time
 from typing import Any, Callable, Iterable
 
 import jax
@@ -29,8 +30,10 @@ _INSTRUCTION = re.compile(
 )
 _CALLS = re.compile(r'calls=%([^\s,}]+)')
 _OP_NAME = re.compile(r'op_name="([^"]*)"')
-_OPERAND = re.compile(r'%([^\s,)]+)')
+_OPERAND = re.compile(r'%([^\s,)}]+)')
 _MATMULS = ('dot', 'convolution')
+_CONTROL_FLOW = ('while', 'call', 'conditional')
+_NO_WORK = ('parameter', 'constant', 'tuple', 'get-tuple-element', 'bitcast')
 _IN_A_MODULE = re.compile(r'[/(][A-Z]')  # a flax Module's name: `/ViT/`
 # The projections of an attention layer, apart from its einsums and softmax.
 _PROJECTIONS = ('/query/', '/key/', '/value/', '/out/')
@@ -53,7 +56,10 @@ class _Instruction:
   type: str  # e.g. 's8[16640,128]{1,0}'
   opcode: str
   operands: tuple[str, ...]
-  calls: str | None
+  calls: str | None  # a fusion's body
+  # What control flow runs: a while's body and condition, a call's or a
+  # conditional's computations.
+  runs: tuple[str, ...]
   op_name: str  # the jax operation it came from (its metadata), or ''
 
 
@@ -67,12 +73,14 @@ class Op:
   op_name: str
 
 
-def _computations(hlo: str) -> dict[str, list[_Instruction]]:
-  computations, current = {}, None
+def _computations(hlo: str) -> tuple[dict[str, list[_Instruction]], str]:
+  """({computation name: its instructions}, the entry computation's name)."""
+  computations, current, entry = {}, None, ''
   for line in hlo.splitlines():
-    header = re.match(r'^(?:ENTRY\s+)?%(\S+) .*\{\s*$', line)
+    header = re.match(r'^(ENTRY\s+)?%(\S+) .*\{\s*$', line)
     if header and not line.startswith(' '):
-      current = computations.setdefault(header.group(1), [])
+      current = computations.setdefault(header.group(2), [])
+      entry = header.group(2) if header.group(1) else entry
       continue
     m = _INSTRUCTION.match(line)
     if current is None or m is None:
@@ -86,10 +94,36 @@ def _computations(hlo: str) -> dict[str, list[_Instruction]]:
             opcode=m['opcode'],
             operands=tuple(_OPERAND.findall(m['operands'])),
             calls=calls.group(1) if calls else None,
+            # Control flow names the computations it runs in its
+            # attributes (body=%b, condition=%c, branch_computations=...).
+            runs=tuple(
+                _OPERAND.findall(m['attrs'])
+                if m['opcode'] in _CONTROL_FLOW
+                else ()
+            ),
             op_name=op_name.group(1) if op_name else '',
         )
     )
-  return computations
+  return computations, entry
+
+
+def _thunks(
+    computations: dict[str, list[_Instruction]], name: str
+) -> list[tuple[_Instruction, list[_Instruction]]]:
+  """The thunks a computation runs, each with the instructions it computes
+  (a fusion: its body). Control flow is replaced by the thunks it runs: its
+  own span in a trace covers theirs."""
+  thunks = []
+  for ins in computations.get(name, []):
+    if ins.opcode in _CONTROL_FLOW:
+      for called in ins.runs:
+        if called in computations:
+          thunks += _thunks(computations, called)
+    elif ins.opcode not in _NO_WORK:
+      inner = computations.get(ins.calls, [ins]) if ins.calls else [ins]
+      op_name = ins.op_name or next((i.op_name for i in inner if i.op_name), '')
+      thunks.append((dataclasses.replace(ins, op_name=op_name), inner))
+  return thunks
 
 
 def _is_s8_matmul(ins: _Instruction, types: dict[str, str]) -> bool:
@@ -110,12 +144,14 @@ def _kind(
   if any(_is_s8_matmul(i, types) for i in body):
     return 'int8 matmul'
   matmul = any(i.opcode in _MATMULS for i in body)
+  # What reads an int8 dot's int32 result dequantizes it (and whatever XLA
+  # fused with it); what else aqtp's forward pass adds quantizes.
+  if not matmul and any(o in int8_matmuls for o in ins.operands):
+    return 'dequantize (fused into the next op)'
   if not matmul and (
       any(i.type.startswith('s8[') for i in body) or 'aqt_fwd' in ins.op_name
   ):
     return 'quantize activations'
-  if not matmul and any(o in int8_matmuls for o in ins.operands):
-    return 'dequantize (fused into the next op)'
   in_attention = '/attn/' in ins.op_name and not any(
       p in ins.op_name + '/' for p in _PROJECTIONS
   )
@@ -136,24 +172,9 @@ def _kind(
 def classify(hlo: str) -> dict[str, Op]:
   """{thunk name: Op} for the optimised HLO text of a compiled function
   (`jitted.lower(...).compile().as_text()`)."""
-  computations = _computations(hlo)
+  computations, entry = _computations(hlo)
   types = {i.name: i.type for body in computations.values() for i in body}
-  fused = {
-      i.calls
-      for body in computations.values()
-      for i in body
-      if i.opcode == 'fusion' and i.calls
-  }
-  thunks = []
-  for name, body in computations.items():
-    if name in fused:
-      continue
-    for ins in body:
-      if ins.opcode in ('parameter', 'constant', 'tuple', 'bitcast'):
-        continue  # no work of their own
-      inner = computations.get(ins.calls, [ins]) if ins.calls else [ins]
-      op_name = ins.op_name or next((i.op_name for i in inner if i.op_name), '')
-      thunks.append((dataclasses.replace(ins, op_name=op_name), inner))
+  thunks = _thunks(computations, entry)
   int8_matmuls = {
       ins.name
       for ins, inner in thunks
@@ -168,32 +189,61 @@ def classify(hlo: str) -> dict[str, Op]:
 
 
 def s8_dots(hlo: str) -> int:
-  """Matmuls of the compiled HLO whose operands are both int8."""
-  computations = _computations(hlo)
+  """Matmuls with both operands int8 that the compiled function runs."""
+  computations, entry = _computations(hlo)
   types = {i.name: i.type for body in computations.values() for i in body}
   return sum(
-      _is_s8_matmul(i, types) for body in computations.values() for i in body
+      _is_s8_matmul(i, types)
+      for _, inner in _thunks(computations, entry)
+      for i in inner
   )
 
 
-def op_seconds(call: Callable[[], Any], calls: int = 10) -> dict[str, float]:
-  """Seconds per call spent in each thunk (by instruction name), summed over
-  the threads that ran it, from a `jax.profiler` trace of `calls` calls.
-  `call` is run twice first, so that compilation is not traced."""
+def module_name(hlo: str) -> str:
+  """The HLO module's name (`HloModule jit_step_fn, ...`), which the
+  profiler records with every thunk it runs."""
+  m = re.match(r'HloModule (\S+?),?\s', hlo)
+  if not m:
+    raise ValueError('not the text of an HLO module')
+  return m.group(1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Traced:
+  """Per call of the traced function: seconds in each of its program's
+  thunks (summed over the threads and devices that ran them) and wall-clock
+  seconds."""
+
+  seconds: dict[str, float]
+  wall_seconds: float
+
+
+def op_seconds(
+    call: Callable[[], Any], hlo_module: str, calls: int = 10
+) -> Traced:
+  """Traces `calls` calls of `call` with `jax.profiler` and returns the time
+  of the thunks of the program named `hlo_module` (module_name of its HLO),
+  by instruction name; the thunks of other programs the call runs (an input
+  pipeline's, say) are left out. `call` runs twice first, so that
+  compilation is not traced."""
   for _ in range(2):
     jax.block_until_ready(call())
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir):
+      start = time.perf_counter()
       for _ in range(calls):
         jax.block_until_ready(call())
+      wall = (time.perf_counter() - start) / calls
     (trace,) = Path(trace_dir).rglob('*.xplane.pb')
     profile = jax.profiler.ProfileData.from_file(str(trace))
   seconds = collections.Counter()
   for plane in profile.planes:
     for line in plane.lines:
       for event in line.events:
-        seconds[event.name] += event.duration_ns * 1e-9 / calls
-  return dict(seconds)
+        stats = dict(event.stats)
+        if stats.get('hlo_module') == hlo_module and 'hlo_op' in stats:
+          seconds[stats['hlo_op']] += event.duration_ns * 1e-9 / calls
+  return Traced(dict(seconds), wall)
 
 
 @dataclasses.dataclass(frozen=True)
