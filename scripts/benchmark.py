@@ -144,7 +144,19 @@ def _candidates(config, label: str) -> tuple[dict, dict, str]:
     # --config.eval.quant=int8` serves a checkpoint.
     with config.unlocked():
       config.eval.quant, config.eval.quant_path = 'int8', 'serve'
-    server = quantization.Int8Server.convert(model, config.eval, weights)
+    calibration = None
+    if quantization.activation_scales(config.eval) == 'static':
+      # Static scales calibrated on random images: this times, it does not
+      # judge accuracy.
+      calibration = rng.integers(
+          0,
+          256,
+          (config.eval.quant_calibration_images,) + sources.IMAGE_SHAPE,
+          np.uint8,
+      )
+    server = quantization.Int8Server.convert(
+        model, config.eval, weights, calibration_images=calibration
+    )
     inference['int8'] = (
         classification.Predictor(server.model, None, server.prepare).logits,
         {'params': server.params, 'aqt': server.frozen},
@@ -177,7 +189,12 @@ def _candidates(config, label: str) -> tuple[dict, dict, str]:
       f'{model.kernels}; {cost.param_count(state.params):,} parameters, '
       f'{cost.vit_macs(model) / 1e6:.1f} M MACs/image; inference at batch '
       f'{eval_batch} and 1'
-      + (' (int8: aqtp serving, float parts in float32)' if _INT8.value else '')
+      + (
+          ' (int8: aqtp serving, float parts in float32, activation scales '
+          f'{quantization.activation_scales(config.eval)})'
+          if _INT8.value
+          else ''
+      )
   )
   return candidates, programs, about
 

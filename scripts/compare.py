@@ -27,6 +27,13 @@ _DATA_ROOT = flags.DEFINE_string('data_root', '', 'Overrides data.root.')
 _INT8_PATH = flags.DEFINE_enum(
     'int8_path', 'serve', ['serve', 'fake'], 'How int8 is evaluated.'
 )
+_INT8_ACTIVATIONS = flags.DEFINE_enum(
+    'int8_activations',
+    'static',
+    ['static', 'per_token'],
+    "int8 activation scales: 'static' (one per layer, calibrated on "
+    "training images) or 'per_token' (per call).",
+)
 _SPEED_BATCH = flags.DEFINE_integer(
     'speed_batch', 256, 'Batch of the images/s figure.'
 )
@@ -84,6 +91,17 @@ def _row(report: dict, speed: dict, batch: int) -> dict:
   }
 
 
+def _activation_scales(reports: dict) -> str:
+  """What the int8 rows' activation scales are, in words."""
+  q = next(r['quantization'] for r in reports.values() if 'quantization' in r)
+  if q['activations'] == 'static':
+    return (
+        'one float32 scale per layer, calibrated on '
+        f"{q['calibration_images']} training images and frozen"
+    )
+  return 'a float32 scale per token, computed per call'
+
+
 def _over_own(speed: dict, batch: int) -> str:
   from vitjax.evaluators import report as report_lib  # pylint: disable=g-import-not-at-top
 
@@ -125,6 +143,10 @@ def main(argv):
         config.data.root = _DATA_ROOT.value
       if precision == 'int8':
         config.eval.quant, config.eval.quant_path = 'int8', _INT8_PATH.value
+        config.eval.quant_activations = _INT8_ACTIVATIONS.value
+        config.eval.quant_calibration_images = config.eval.get(
+            'quant_calibration_images', 1024
+        )
       else:
         config.model.dtype = precision
       data = data or sources.load(config.data, config.seed)
@@ -204,8 +226,8 @@ def main(argv):
           f"- int8 ({_INT8_PATH.value} path, aqtp): the blocks' q, k, v, "
           'attention-output and MLP Dense layers as int8 x int8 -> int32 '
           'dots (weights: int8 with a float32 scale per output channel, '
-          'frozen; activations: int8 with a float32 scale per token, '
-          'computed per call); the patch embedding, LayerNorms, attention '
+          f'frozen; activations: int8 with {_activation_scales(reports)}'
+          '); the patch embedding, LayerNorms, attention '
           "einsums, softmax, GELU, DynamicViT's predictors and the head "
           'in float32, whatever the run trained in (from bfloat16 they '
           'measured slower: vitjax/quantization.py'

@@ -18,6 +18,9 @@ def _int8_server():
   x = jnp.zeros((8, 32, 32, 3), jnp.uint8)
   params = model.init(jax.random.key(0), x, train=False)['params']
   c.eval.quant, c.eval.quant_path = 'int8', 'serve'
+  # Per-token scales: each quantization is its own ops (a static scale's
+  # may fuse into the op before it).
+  c.eval.quant_activations = 'per_token'
   server = quantization.Int8Server.convert(model, c.eval, params)
   variables = {'params': server.params, 'aqt': server.frozen}
   serve = jax.jit(

@@ -15,8 +15,9 @@ from vitjax.models import avit  # pylint: disable=g-import-not-at-top,wrong-impo
 
 
 def _quant_cfg(**kw):
+  """int8 settings; per-token fake quantization unless `kw` says."""
   q = common.base().eval
-  q.quant = 'int8'
+  q.quant, q.quant_path, q.quant_activations = 'int8', 'fake', 'per_token'
   q.update(kw)
   return q
 
@@ -153,18 +154,21 @@ def test_a_trained_model_keeps_its_predictions_in_int8(
 ):
   smoke_config.eval.quant = 'int8'
   # The float32 model, and the same weights computing in bfloat16.
-  for dtype, path in (
-      ('float32', 'fake'),
-      ('float32', 'serve'),
-      ('bfloat16', 'serve'),
+  for dtype, path, scales in (
+      ('float32', 'fake', 'per_token'),
+      ('float32', 'serve', 'per_token'),
+      ('bfloat16', 'serve', 'per_token'),
+      ('float32', 'serve', 'static'),
   ):
     smoke_config.model.dtype = dtype
     smoke_config.eval.quant_path = path
+    smoke_config.eval.quant_activations = scales
     report = evaluate.evaluate_checkpoint(
         smoke_config, trained_vit_workdir, 'best'
     )
     q = report['quantization']
-    assert q['test_agreement_with_float'] >= 0.98, (dtype, path)
+    assert q['activations'] == scales
+    assert q['test_agreement_with_float'] >= 0.98, (dtype, path, scales)
     assert report['precision'] == 'int8'
     # The same model: the serving tree's missing float kernels still count.
     assert report['cost']['parameters'] == 21_162, path
@@ -178,4 +182,79 @@ def test_bad_quant_settings_are_named():
   with pytest.raises(ValueError, match="eval.quant_path='serve' needs"):
     quantization.quantized_model(
         model, _quant_cfg(quant_path='serve', quant_backend='fallback'), 'serve'
+    )
+
+
+def test_static_scales_are_calibrated_frozen_per_layer_and_saved(tmp_path):
+  model, params = _random_model()
+  cfg = _quant_cfg(quant_path='serve', quant_activations='static')
+  calibration = np.asarray(_images(n=256, seed=1))  # 2 batches of 128
+  stats = quantization.calibrate(model, cfg, params, calibration)
+  counts = [
+      int(v)
+      for p, v in jax.tree_util.tree_leaves_with_path(stats)
+      if jax.tree_util.keystr(p).endswith("['count']")
+  ]
+  assert counts and set(counts) == {2}  # every calibrator saw both batches
+  server = quantization.Int8Server.convert(
+      model, cfg, params, (32, 32, 3), calibration_images=calibration
+  )
+  # One frozen scale per layer for its input (per tensor), beside the
+  # int8 kernels and their per-channel scales.
+  lhs_scales = [
+      v
+      for p, v in jax.tree_util.tree_leaves_with_path(server.frozen)
+      if "['qlhs']['scale']" in jax.tree_util.keystr(p)
+  ]
+  assert len(lhs_scales) == 2 * 6
+  assert all(v.size == 1 and float(v.reshape(())) > 0 for v in lhs_scales)
+  x = _images()
+  apply = lambda v, x: server.model.apply(server.prepare(v), x, train=False)
+  variables = {'params': server.params, 'aqt': server.frozen}
+  compiled = jax.jit(apply).lower(variables, x).compile()
+  if jax.default_backend() == 'cpu':
+    assert profiling.s8_dots(compiled.as_text()) == 12
+  logits = compiled(variables, x)[0]
+  float_logits = model.apply({'params': params}, x, train=False)[0]
+  agree = np.mean(np.argmax(logits, -1) == np.argmax(float_logits, -1))
+  assert agree >= 0.9
+  # Saved and loaded without calibrating again (its tree from eval_shape).
+  server.save(tmp_path / 'int8', {'step': 1})
+  restored = quantization.Int8Server.load(
+      tmp_path / 'int8', model, cfg, params, (32, 32, 3)
+  )
+  np.testing.assert_array_equal(restored.predict(x), server.predict(x))
+  # A-ViT's token removal serves fewer tokens per block through the same
+  # per-tensor scales.
+  avit_model, avit_params = _random_model(name='avit')
+  avit_server = quantization.Int8Server.convert(
+      avit_model, cfg, avit_params, (32, 32, 3), calibration_images=calibration
+  )
+  masked = avit_server.predict(x)
+  removed, _ = avit.token_removal_apply(
+      avit_server.model,
+      avit_server.prepare(
+          {'params': avit_server.params, 'aqt': avit_server.frozen}
+      ),
+      x,
+  )
+  assert np.abs(masked - removed).max() <= 0.03 * np.abs(masked).max()
+
+
+def test_static_scales_need_the_serving_path_and_calibration_images():
+  model, params = _random_model()
+  with pytest.raises(ValueError, match="use it with eval.quant_path='serve'"):
+    quantization.quantized_model(
+        model, _quant_cfg(quant_activations='static'), 'fake'
+    )
+  with pytest.raises(ValueError, match='calibrates on training images'):
+    quantization.Int8Server.convert(
+        model,
+        _quant_cfg(quant_path='serve', quant_activations='static'),
+        params,
+        (32, 32, 3),
+    )
+  with pytest.raises(ValueError, match='quant_activations=.hourly'):
+    quantization.quantized_model(
+        model, _quant_cfg(quant_activations='hourly'), 'fake'
     )

@@ -57,8 +57,15 @@ def test_int8_serves_the_saved_int8_model_without_the_float_weights(
   config = _run_config(trained_vit_workdir)
   float_served = serving.load(trained_vit_workdir)
   quant = serving._int8_config(config)  # pylint: disable=protected-access
+  assert quantization.activation_scales(quant) == 'static'  # the default
+  train_images = sources.load(config.data, config.seed).train.images
   server = quantization.Int8Server.convert(
-      float_served.predictor.model, quant, float_served.predictor.params
+      float_served.predictor.model,
+      quant,
+      float_served.predictor.params,
+      calibration_images=quantization.calibration_sample(
+          train_images, quant, config.seed
+      ),
   )
   with checkpoint.Checkpoints(trained_vit_workdir) as ckpts:
     step = ckpts.step_of('best')

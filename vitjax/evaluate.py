@@ -225,18 +225,30 @@ def _int8_predictor(
   """The int8 predictor of eval.quant_path, and what to report about it."""
   ev = config.eval
   model, params = float_predictor.model, float_predictor.params
+  calibration = None
+  if quantization.activation_scales(ev) == 'static':
+    calibration = quantization.calibration_sample(
+        data.train.images, ev, config.seed
+    )
   info = {
       'path': ev.quant_path,
       'backend': ev.quant_backend,
       'head': ev.quant_head,
       'attention_einsums': ev.quant_attention,
+      'activations': quantization.activation_scales(ev),
+      'calibration_images': 0 if calibration is None else len(calibration),
   }
   if ev.quant_path == 'fake':
     predictor = Predictor(
         quantization.quantized_model(model, ev, 'fake'), {'params': params}
     )
   else:
-    server = quantization.Int8Server.convert(model, ev, params)
+    server = quantization.Int8Server.convert(
+        model,
+        ev,
+        params,
+        calibration_images=calibration,
+    )
     info.update(quantization.weight_bytes(params, server))
     # Every process takes part in orbax's save, and reads it back only once
     # it is complete.

@@ -40,6 +40,9 @@ from vitjax.data.sources import IMAGE_SHAPE
 _BLOCK_LAYERS = ('query', 'key', 'value', 'out', 'fc1', 'fc2')
 PATHS = ('fake', 'serve')
 BACKENDS = ('aqt', 'fallback')
+ACTIVATION_SCALES = ('per_token', 'static')
+# Where a static-scale calibration keeps its statistics.
+_CALIBRATION = 'aqt_calibration'
 
 
 def _check(quant_cfg) -> None:
@@ -58,10 +61,30 @@ def _check(quant_cfg) -> None:
         "eval.quant_path='serve' needs eval.quant_backend='aqt' "
         '(the fallback only fake-quantizes).'
     )
+  scales = activation_scales(quant_cfg)
+  if scales not in ACTIVATION_SCALES:
+    raise errors.ConfigError(
+        f'eval.quant_activations={scales!r}: expected one of '
+        f'{ACTIVATION_SCALES}.'
+    )
+  if scales == 'static' and quant_cfg.quant_path != 'serve':
+    raise errors.ConfigError(
+        "eval.quant_activations='static' calibrates the scales of the "
+        "frozen serving model: use it with eval.quant_path='serve', or "
+        "simulate per-token scales with eval.quant_activations='per_token'."
+    )
 
 
-def _aqt_config(fake: bool):
+def activation_scales(quant_cfg) -> str:
+  """'per_token' or 'static' (configs older than the choice: per token)."""
+  return quant_cfg.get('quant_activations', 'per_token')
+
+
+def _aqt_config(fake: bool, static_stage: str | None = None):
+  """aqtp's int8 config. static_stage: for static activation scales, the
+  stage ('calibrate', 'convert' or 'serve') whose calibration it sets."""
   from aqt.jax.v2 import aqt_dot_general, config  # pylint: disable=g-import-not-at-top
+  from aqt.jax.v2.flax import aqt_flax_calibration  # pylint: disable=g-import-not-at-top
 
   cfg = config.config_v4(fwd_bits=8, dlhs_bits=None, drhs_bits=None)
   if fake:
@@ -72,21 +95,50 @@ def _aqt_config(fake: bool):
     config.set_accumulator_dtype(
         cfg, fwd_dtype=None, dlhs_dtype=config.SKIP, drhs_dtype=config.SKIP
     )
+  if static_stage is not None:
+    # aqtp's static range calibration: one scale per layer for its input
+    # ('per_tensor'), the mean over calibration batches of the batch's
+    # absolute maximum. Serving reads the frozen scale, so there the
+    # calibrator is aqtp's stateless default, whose output is unused (and
+    # compiled away).
+    if static_stage != 'serve':
+      config.set_fwd_calibration(
+          cfg,
+          functools.partial(
+              aqt_flax_calibration.MeanOfAbsMaxCalibration,
+              quant_collection=_CALIBRATION,
+          ),
+      )
+    cfg.fwd.dg_quantizer.lhs.calib_shared_axes = 'per_tensor'
   return cfg
 
 
 def _dot_general_cls(quant_cfg, stage: str) -> Callable[[], Any]:
-  """stage: 'fake', 'convert' or 'serve'. One instance per layer (aqtp's
-  CONVERT would otherwise write every layer into one shared variable)."""
+  """stage: 'fake', 'calibrate' (static scales only), 'convert' or 'serve'.
+  One instance per layer (aqtp's CONVERT would otherwise write every layer
+  into one shared variable)."""
   if quant_cfg.quant_backend == 'fallback':
     return FakeQuantDot
   from aqt.jax.v2.flax import aqt_flax  # pylint: disable=g-import-not-at-top
 
   mode = {
       'fake': aqt_flax.QuantMode.TRAIN,
+      'calibrate': aqt_flax.QuantMode.CALIBRATE,
       'convert': aqt_flax.QuantMode.CONVERT,
       'serve': aqt_flax.QuantMode.SERVE,
   }[stage]
+  if activation_scales(quant_cfg) == 'static':
+    # The activations go through the same stages as the weights; only
+    # their scale is frozen.
+    return functools.partial(
+        aqt_flax.AqtDotGeneral,
+        _aqt_config(False, stage),
+        prng_name=None,
+        lhs_quant_mode=mode,
+        rhs_quant_mode=mode,
+        lhs_freeze_mode=aqt_flax.FreezerMode.CALIBRATION,
+        rhs_freeze_mode=aqt_flax.FreezerMode.CALIBRATION_AND_VALUE,
+    )
   return functools.partial(
       aqt_flax.AqtDotGeneral,
       _aqt_config(stage == 'fake'),
@@ -116,6 +168,11 @@ def _einsum_cls(quant_cfg) -> Callable[[], Any] | None:
 def quantized_model(model: nn.Module, quant_cfg, stage: str) -> nn.Module:
   """The same model with int8 injected into its Dense layers (see top)."""
   _check(quant_cfg)
+  if stage == 'fake' and activation_scales(quant_cfg) == 'static':
+    raise errors.ConfigError(
+        'Fake quantization simulates per-token scales: set '
+        "eval.quant_activations='per_token'."
+    )
   dot = _dot_general_cls(quant_cfg, stage)
   # Whatever the model trained in, the int8 model's float parts compute in
   # float32: from bfloat16, every activation quantization and dequantization
@@ -228,14 +285,32 @@ class Int8Server:
       quant_cfg,
       params: Any,
       image_shape: tuple[int, ...] = IMAGE_SHAPE,
+      calibration_images: np.ndarray | None = None,
   ) -> 'Int8Server':
+    """calibration_images: uint8 [n, *image_shape], what static activation
+    scales are calibrated on (see `calibrate`)."""
+    stats = {}
+    if activation_scales(quant_cfg) == 'static':
+      if calibration_images is None:
+        raise errors.ConfigError(
+            "eval.quant_activations='static' calibrates on training images, "
+            'and none were given: convert where the data is (an int8 '
+            'evaluation, `--mode=eval --config.eval.quant=int8`, saves the '
+            "calibrated model), or use eval.quant_activations='per_token'."
+        )
+      stats = calibrate(model, quant_cfg, params, calibration_images)
     converter = quantized_model(model, quant_cfg, 'convert')
     dummy = jnp.zeros((1,) + tuple(image_shape), jnp.uint8)
     _, variables = jax.jit(
-        lambda p: converter.apply(
-            {'params': p}, dummy, train=False, mutable=['aqt']
+        lambda p, s: converter.apply(
+            {'params': p} | s,
+            dummy,
+            train=False,
+            # aqtp's lifted dot reads the statistics only from a mutable
+            # collection (CONVERT does not change them).
+            mutable=['aqt', _CALIBRATION],
         )
-    )(params)
+    )(params, stats)
     float_free, removed = _split(params, quant_cfg)
     return cls(model, quant_cfg, float_free, variables['aqt'], removed)
 
@@ -284,13 +359,23 @@ class Int8Server:
     be read."""
     spec = lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype)
     params = jax.tree.map(spec, params)
+    image = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.uint8)
+    stats = {}
+    if activation_scales(quant_cfg) == 'static':
+      stats = jax.eval_shape(
+          functools.partial(_calibration_step, model, quant_cfg),
+          params,
+          {},
+          image,
+      )
     converter = quantized_model(model, quant_cfg, 'convert')
     _, variables = jax.eval_shape(
-        lambda p, x: converter.apply(
-            {'params': p}, x, train=False, mutable=['aqt']
+        lambda p, s, x: converter.apply(
+            {'params': p} | s, x, train=False, mutable=['aqt', _CALIBRATION]
         ),
         params,
-        jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.uint8),
+        stats,
+        image,
     )
     float_free, removed = _split(params, quant_cfg)
     abstract = {'params': float_free, 'aqt': variables['aqt']}
@@ -298,6 +383,50 @@ class Int8Server:
         Path(directory).absolute(), abstract
     )
     return cls(model, quant_cfg, restored['params'], restored['aqt'], removed)
+
+
+def _calibration_step(
+    model: nn.Module, quant_cfg, params: Any, stats: Any, images: jax.Array
+) -> Any:
+  """The static-scale statistics after one more batch ({} creates them)."""
+  calibrator = quantized_model(model, quant_cfg, 'calibrate')
+  _, variables = calibrator.apply(
+      {'params': params} | stats, images, train=False, mutable=[_CALIBRATION]
+  )
+  return {_CALIBRATION: variables[_CALIBRATION]}
+
+
+def calibrate(
+    model: nn.Module,
+    quant_cfg,
+    params: Any,
+    images: np.ndarray,
+    batch_size: int = 128,
+) -> Any:
+  """Static activation scales' statistics (aqtp's MeanOfAbsMaxCalibration):
+  for each quantized layer, the absolute maximum of its input over each
+  batch of `batch_size` images, averaged over the whole batches of
+  `images`."""
+  batches = len(images) // batch_size
+  if batches < 1:
+    raise errors.ConfigError(
+        f'eval.quant_calibration_images={len(images)}: calibrating static '
+        f'int8 scales takes at least one batch of {batch_size} images.'
+    )
+  step = jax.jit(functools.partial(_calibration_step, model, quant_cfg))
+  # The first call creates the statistics without counting its batch.
+  stats = step(params, {}, images[:1])
+  for b in range(batches):
+    stats = step(params, stats, images[b * batch_size : (b + 1) * batch_size])
+  return stats
+
+
+def calibration_sample(images: np.ndarray, quant_cfg, seed: int) -> np.ndarray:
+  """The training images static scales are calibrated on: a seeded sample
+  of eval.quant_calibration_images of them."""
+  n = min(int(quant_cfg.quant_calibration_images), len(images))
+  pick = np.random.default_rng(seed).permutation(len(images))[:n]
+  return images[np.sort(pick)]
 
 
 def source_file(directory: Path) -> Path:
@@ -317,6 +446,12 @@ def conversion_source(step: int, quant_cfg, ema: bool) -> dict[str, Any]:
       # The kernels are quantized from float32 (older conversions quantized
       # a bfloat16 model's kernels from their bfloat16 roundings).
       'float_dtype': 'float32',
+      'activations': activation_scales(quant_cfg),
+      'calibration_images': (
+          int(quant_cfg.quant_calibration_images)
+          if activation_scales(quant_cfg) == 'static'
+          else 0
+      ),
   }
 
 

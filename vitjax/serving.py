@@ -29,6 +29,7 @@ import numpy as np
 
 from vitjax import checkpoint, families, models, quantization
 from vitjax import workdir as workdir_lib
+from vitjax.data import sources
 from vitjax.data.sources import IMAGE_SHAPE
 from vitjax.evaluators.classification import Predictor
 
@@ -102,7 +103,17 @@ def load(
     params, _ = ckpts.restore_weights(abstract, step, ema=ema)
   if not int8:
     return Served(Predictor(model, {'params': params}), names, description)
-  server = quantization.Int8Server.convert(model, quant, params)
+  images = None
+  if quantization.activation_scales(quant) == 'static':
+    # Static scales are calibrated on the run's training images.
+    images = quantization.calibration_sample(
+        sources.load(config.data, config.seed).train.images,
+        quant,
+        config.seed,
+    )
+  server = quantization.Int8Server.convert(
+      model, quant, params, calibration_images=images
+  )
   description['int8_from'] = 'converted from the float weights'
   return Served(_server_predictor(server), names, description)
 

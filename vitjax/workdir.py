@@ -85,6 +85,11 @@ def _in_use(workdir: Path, holder: str) -> errors.UserError:
 _ADDED_SINCE = {
     'model': {'kernels': 'cpu'},
     'train': {'resume_from': '', 'final_evaluation': True},
+    # int8 before static activation scales: per token.
+    'eval': {
+        'quant_activations': 'per_token',
+        'quant_calibration_images': 1024,
+    },
 }
 
 
