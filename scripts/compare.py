@@ -120,6 +120,11 @@ def main(argv):
   from vitjax.data import sources
   from vitjax.evaluators import speed
 
+  if _INT8_PATH.value == 'fake' and _INT8_ACTIVATIONS.value == 'static':
+    raise app.UsageError(
+        '--int8_path=fake simulates per-token scales: add '
+        '--int8_activations=per_token.'
+    )
   workdirs = [Path(w) for w in argv[1:]]
   if not workdirs:
     raise app.UsageError('name the workdirs to compare.')

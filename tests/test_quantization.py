@@ -195,10 +195,22 @@ def test_static_scales_are_calibrated_frozen_per_layer_and_saved(tmp_path):
       for p, v in jax.tree_util.tree_leaves_with_path(stats)
       if jax.tree_util.keystr(p).endswith("['count']")
   ]
-  assert counts and set(counts) == {2}  # every calibrator saw both batches
+  # One calibrator per quantized layer, for its input; each saw both
+  # batches (creating the statistics counts none).
+  assert len(counts) == 2 * 6 and set(counts) == {2}
   server = quantization.Int8Server.convert(
       model, cfg, params, (32, 32, 3), calibration_images=calibration
   )
+  # The frozen scale of each layer's input is its calibrated bound / 127.5.
+  bounds = {
+      jax.tree_util.keystr(p[:-2]): v
+      for p, v in jax.tree_util.tree_leaves_with_path(*stats.values())
+      if jax.tree_util.keystr(p).endswith("['sum_of_max']")
+  }
+  for path, v in jax.tree_util.tree_leaves_with_path(server.frozen):
+    if jax.tree_util.keystr(path).endswith("['qlhs']['scale']"):
+      bound = bounds[jax.tree_util.keystr(path[:-2])] / 2
+      np.testing.assert_allclose(v.reshape(()), bound.reshape(()) / 127.5, 1e-6)
   # One frozen scale per layer for its input (per tensor), beside the
   # int8 kernels and their per-channel scales.
   lhs_scales = [
@@ -218,6 +230,17 @@ def test_static_scales_are_calibrated_frozen_per_layer_and_saved(tmp_path):
   float_logits = model.apply({'params': params}, x, train=False)[0]
   agree = np.mean(np.argmax(logits, -1) == np.argmax(float_logits, -1))
   assert agree >= 0.9
+  # Serving uses the frozen scales: no scale is taken from the batch, so an
+  # extreme image beside another leaves its logits as they were ...
+  extreme = x.at[1:].set(255)
+  np.testing.assert_array_equal(compiled(variables, extreme)[0][0], logits[0])
+  # ... and a different frozen scale changes them.
+  doubled = jax.tree_util.tree_map_with_path(
+      lambda p, v: 2 * v if "['qlhs']" in jax.tree_util.keystr(p) else v,
+      server.frozen,
+  )
+  changed = compiled({'params': server.params, 'aqt': doubled}, x)[0]
+  assert not np.allclose(changed, logits)
   # Saved and loaded without calibrating again (its tree from eval_shape).
   server.save(tmp_path / 'int8', {'step': 1})
   restored = quantization.Int8Server.load(
@@ -227,6 +250,8 @@ def test_static_scales_are_calibrated_frozen_per_layer_and_saved(tmp_path):
   # A-ViT's token removal serves fewer tokens per block through the same
   # per-tensor scales.
   avit_model, avit_params = _random_model(name='avit')
+  _, aux = avit_model.apply({'params': avit_params}, x, train=False)
+  assert np.min(aux['depth']) < avit_model.depth  # some tokens halt
   avit_server = quantization.Int8Server.convert(
       avit_model, cfg, avit_params, (32, 32, 3), calibration_images=calibration
   )

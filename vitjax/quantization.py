@@ -1,27 +1,37 @@
 """int8 inference for any checkpoint (ViT, DynamicViT, A-ViT) with aqtp.
 
 What is quantized: every block's q/k/v, attention-output and MLP Dense
-layers, W8A8 symmetric int8 with one scale per output channel for the
-weights and one per token, computed on the fly, for the activations
-(aqtp's defaults: scale = max|x| / 127.5, round half to even). What stays
-float, and float32 whatever the model's own dtype: patch embedding,
-LayerNorm, softmax, GELU, residual adds, position and class embeddings,
-DynamicViT's predictors, and (unless `eval.quant_head` /
+layers, W8A8 symmetric int8 (aqtp's numerics: scale = max|x| / 127.5,
+round half to even) with one scale per output channel for the weights and,
+for the activations (`eval.quant_activations`):
+- 'static' (the default): one scale per layer, frozen. aqtp's static range
+  calibration (MeanOfAbsMaxCalibration) averages the absolute maximum of
+  the layer's input over batches of training images, and CONVERT freezes
+  it. Serving then quantizes with a constant, which XLA fuses into the op
+  that produces the input (a LayerNorm, GELU): no pass of its own.
+- 'per_token': one scale per token, computed on the fly (max, scale,
+  rounding: three small ops before every matmul).
+What stays float, and float32 whatever the model's own dtype: patch
+embedding, LayerNorm, softmax, GELU, residual adds, position and class
+embeddings, DynamicViT's predictors, and (unless `eval.quant_head` /
 `eval.quant_attention`) the head and the two attention einsums.
 
 Paths (`eval.quant_path`):
-- 'fake': quantize, dequantize, float matmul (aqtp's DequantMode.THIS_INPUT).
-- 'serve': CONVERT freezes the int8 kernels and their scales into an
-  'aqt' collection; SERVE runs int8 x int8 -> int32 dots from it. The frozen
-  model is saved as an orbax checkpoint that holds no float copy of the
-  quantized kernels: aqtp still declares them (google/aqt#720), so zero
-  kernels are rebuilt inside the jitted function, where they are dead code.
+- 'serve' (the default): CONVERT freezes the int8 kernels and the scales
+  into an 'aqt' collection; SERVE runs int8 x int8 -> int32 dots from it.
+  The frozen model is saved as an orbax checkpoint that holds no float copy
+  of the quantized kernels: aqtp still declares them (google/aqt#720), so
+  zero kernels are rebuilt inside the jitted function, where they are dead
+  code.
+- 'fake': quantize, dequantize, float matmul (aqtp's DequantMode.THIS_INPUT;
+  per-token scales only).
 Backends (`eval.quant_backend`): 'aqt', or 'fallback', a hand-written
 fake-quant with the same numerics, for a jax that breaks aqtp ('fake' only).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from pathlib import Path
@@ -58,8 +68,9 @@ def _check(quant_cfg) -> None:
     )
   if quant_cfg.quant_backend == 'fallback' and quant_cfg.quant_path == 'serve':
     raise errors.ConfigError(
-        "eval.quant_path='serve' needs eval.quant_backend='aqt' "
-        '(the fallback only fake-quantizes).'
+        "eval.quant_path='serve' needs eval.quant_backend='aqt' (the "
+        "fallback only fake-quantizes: with it, set eval.quant_path='fake' "
+        "and eval.quant_activations='per_token')."
     )
   scales = activation_scales(quant_cfg)
   if scales not in ACTIVATION_SCALES:
@@ -76,8 +87,9 @@ def _check(quant_cfg) -> None:
 
 
 def activation_scales(quant_cfg) -> str:
-  """'per_token' or 'static' (configs older than the choice: per token)."""
-  return quant_cfg.get('quant_activations', 'per_token')
+  """'static' or 'per_token' (configs from before the choice: static, the
+  default since)."""
+  return quant_cfg.get('quant_activations', 'static')
 
 
 def _aqt_config(fake: bool, static_stage: str | None = None):
@@ -100,16 +112,16 @@ def _aqt_config(fake: bool, static_stage: str | None = None):
     # ('per_tensor'), the mean over calibration batches of the batch's
     # absolute maximum. Serving reads the frozen scale, so there the
     # calibrator is aqtp's stateless default, whose output is unused (and
-    # compiled away).
+    # compiled away: aqt_dot_general.quant replaces it by the frozen one).
+    # Only the activations (lhs): the weights keep the per-channel absmax
+    # of the per-token path, bit for bit.
+    lhs = cfg.fwd.dg_quantizer.lhs
     if static_stage != 'serve':
-      config.set_fwd_calibration(
-          cfg,
-          functools.partial(
-              aqt_flax_calibration.MeanOfAbsMaxCalibration,
-              quant_collection=_CALIBRATION,
-          ),
+      lhs.calibration = functools.partial(
+          aqt_flax_calibration.MeanOfAbsMaxCalibration,
+          quant_collection=_CALIBRATION,
       )
-    cfg.fwd.dg_quantizer.lhs.calib_shared_axes = 'per_tensor'
+    lhs.calib_shared_axes = 'per_tensor'
   return cfg
 
 
@@ -385,46 +397,67 @@ class Int8Server:
     return cls(model, quant_cfg, restored['params'], restored['aqt'], removed)
 
 
+def _calibration_model(model: nn.Module) -> nn.Module:
+  """The model static scales are calibrated through. A-ViT: its faithful
+  forward, whose masked LayerNorms feed halted tokens' rows as zeros, as
+  token removal (its serving path) leaves them out; otherwise they would
+  count in the layers' maxima. Its predictions are the same."""
+  if 'faithful' in {f.name for f in dataclasses.fields(model)}:
+    return model.clone(faithful=True)
+  return model
+
+
 def _calibration_step(
     model: nn.Module, quant_cfg, params: Any, stats: Any, images: jax.Array
 ) -> Any:
-  """The static-scale statistics after one more batch ({} creates them)."""
-  calibrator = quantized_model(model, quant_cfg, 'calibrate')
+  """The static-scale statistics after one more batch (from `stats`, or
+  created by it if {})."""
+  calibrator = quantized_model(
+      _calibration_model(model), quant_cfg, 'calibrate'
+  )
   _, variables = calibrator.apply(
       {'params': params} | stats, images, train=False, mutable=[_CALIBRATION]
   )
   return {_CALIBRATION: variables[_CALIBRATION]}
 
 
+CALIBRATION_BATCH = 128
+
+
 def calibrate(
-    model: nn.Module,
-    quant_cfg,
-    params: Any,
-    images: np.ndarray,
-    batch_size: int = 128,
+    model: nn.Module, quant_cfg, params: Any, images: np.ndarray
 ) -> Any:
   """Static activation scales' statistics (aqtp's MeanOfAbsMaxCalibration):
   for each quantized layer, the absolute maximum of its input over each
-  batch of `batch_size` images, averaged over the whole batches of
-  `images`."""
-  batches = len(images) // batch_size
+  batch of CALIBRATION_BATCH images, averaged over the batches of `images`
+  (a whole number of them: see calibration_sample)."""
+  batches = len(images) // CALIBRATION_BATCH
   if batches < 1:
     raise errors.ConfigError(
-        f'eval.quant_calibration_images={len(images)}: calibrating static '
-        f'int8 scales takes at least one batch of {batch_size} images.'
+        f'Calibrating static int8 scales takes at least {CALIBRATION_BATCH} '
+        f'training images, and there are {len(images)}: use '
+        "eval.quant_activations='per_token'."
     )
-  step = jax.jit(functools.partial(_calibration_step, model, quant_cfg))
-  # The first call creates the statistics without counting its batch.
-  stats = step(params, {}, images[:1])
+  step = functools.partial(_calibration_step, model, quant_cfg)
+  # The statistics start at zero (aqtp counts no batch when it creates them).
+  first = jax.ShapeDtypeStruct((1,) + images.shape[1:], images.dtype)
+  stats = jax.tree.map(
+      lambda s: jnp.zeros(s.shape, s.dtype),
+      jax.eval_shape(step, params, {}, first),
+  )
+  step = jax.jit(step)
   for b in range(batches):
-    stats = step(params, stats, images[b * batch_size : (b + 1) * batch_size])
+    batch = images[b * CALIBRATION_BATCH : (b + 1) * CALIBRATION_BATCH]
+    stats = step(params, stats, batch)
   return stats
 
 
 def calibration_sample(images: np.ndarray, quant_cfg, seed: int) -> np.ndarray:
   """The training images static scales are calibrated on: a seeded sample
-  of eval.quant_calibration_images of them."""
+  of eval.quant_calibration_images of them (fewer if the split is smaller),
+  a whole number of calibration batches."""
   n = min(int(quant_cfg.quant_calibration_images), len(images))
+  n = max(n // CALIBRATION_BATCH, 1) * CALIBRATION_BATCH
   pick = np.random.default_rng(seed).permutation(len(images))[:n]
   return images[np.sort(pick)]
 

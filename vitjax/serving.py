@@ -5,7 +5,10 @@ gate from calibration.json), restores only its inference weights (an orbax
 partial restore of the train state: the EMA's when the run kept one and
 eval.use_ema), and with `int8` the frozen int8 model that an int8
 evaluation saved under <workdir>/int8/<checkpoint>, whose tree is traced
-from the model with jax.eval_shape: no float kernel is read for it.
+from the model with jax.eval_shape: no float kernel is read for it. With
+no saved int8 model that fits, the float weights are converted, and static
+activation scales are then calibrated on the run's training images, the
+one case that reads the data.
 
 `export` writes the serving function, with its weights, as a jax.export
 artifact (StableHLO with a symbolic batch size, for the platform it was
@@ -106,11 +109,17 @@ def load(
   images = None
   if quantization.activation_scales(quant) == 'static':
     # Static scales are calibrated on the run's training images.
-    images = quantization.calibration_sample(
-        sources.load(config.data, config.seed).train.images,
-        quant,
-        config.seed,
-    )
+    try:
+      train_images = sources.load(config.data, config.seed).train.images
+    except sources.DataError as e:
+      raise sources.DataError(
+          f'{e}\nint8 with static activation scales is calibrated on the '
+          f"run's training images, and no calibrated int8 model of this "
+          f'checkpoint is saved in {str(saved)!r}: evaluate it in int8 where '
+          'the data is (python -m vitjax.main --mode=eval '
+          '--config.eval.quant=int8 ...), which saves one.'
+      ) from None
+    images = quantization.calibration_sample(train_images, quant, config.seed)
   server = quantization.Int8Server.convert(
       model, quant, params, calibration_images=images
   )
