@@ -10,13 +10,19 @@ from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-p
 from vitjax import models, profiling, quantization  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
-def _int8_server():
+def _nano_model(batch: int):
+  """(config, model, its first weights, zero images of `batch`)."""
   c = common.base()
   common.apply_variant(c, 'nano/4')
   c.model.stem = 'patch'
   model = models.create(c.model, 10)
-  x = jnp.zeros((8, 32, 32, 3), jnp.uint8)
+  x = jnp.zeros((batch, 32, 32, 3), jnp.uint8)
   params = model.init(jax.random.key(0), x, train=False)['params']
+  return c, model, params, x
+
+
+def _int8_server():
+  c, model, params, x = _nano_model(8)
   c.eval.quant, c.eval.quant_path = 'int8', 'serve'
   # Per-token scales: each quantization is its own ops (a static scale's
   # may fuse into the op before it).
@@ -72,12 +78,7 @@ def test_the_int8_serving_step_is_sorted_into_its_kinds_of_work():
 
 
 def test_a_float_model_has_no_int8_work():
-  c = common.base()
-  common.apply_variant(c, 'nano/4')
-  c.model.stem = 'patch'
-  model = models.create(c.model, 10)
-  x = jnp.zeros((2, 32, 32, 3), jnp.uint8)
-  params = model.init(jax.random.key(0), x, train=False)['params']
+  _, model, params, x = _nano_model(2)
   forward = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False)[0])
   hlo = forward.lower(params, x).compile().as_text()
   kinds = {op.kind for op in profiling.classify(hlo).values()}
