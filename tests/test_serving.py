@@ -197,3 +197,22 @@ def test_images_are_read_upright_in_8_bits_and_folders_searched(tmp_path):
   assert predict.read_image(files[2]).startswith('not an image')
   with pytest.raises(errors.UserError, match='no such file'):
     predict.image_files([str(tmp_path / 'missing.jpg')])
+
+
+def test_int8_without_a_saved_model_or_the_data_says_how_to_serve(
+    trained_vit_workdir, tmp_path
+):
+  # A copy of the run whose data has moved away and whose int8 model was
+  # never saved: static scales cannot be calibrated.
+  import shutil  # pylint: disable=g-import-not-at-top
+
+  workdir = tmp_path / 'run'
+  shutil.copytree(
+      trained_vit_workdir, workdir, ignore=shutil.ignore_patterns('int8')
+  )
+  config = json.loads((workdir / 'config.json').read_text())
+  config['data']['root'] = str(tmp_path / 'moved')
+  (workdir / 'config.json').write_text(json.dumps(config))
+  assert serving.load(workdir).description['precision'] != 'int8'  # float
+  with pytest.raises(sources.DataError, match='static activation scales'):
+    serving.load(workdir, int8=True)
