@@ -145,7 +145,7 @@ def _candidates(config, label: str) -> tuple[dict, dict, str]:
     with config.unlocked():
       config.eval.quant, config.eval.quant_path = 'int8', 'serve'
     calibration = None
-    if quantization.activation_scales(config.eval) == 'static':
+    if config.eval.quant_activations == 'static':
       # Static scales calibrated on random images: this times, it does not
       # judge accuracy.
       calibration = rng.integers(
@@ -191,7 +191,7 @@ def _candidates(config, label: str) -> tuple[dict, dict, str]:
       f'{eval_batch} and 1'
       + (
           ' (int8: aqtp serving, float parts in float32, activation scales '
-          f'{quantization.activation_scales(config.eval)})'
+          f'{config.eval.quant_activations})'
           if _INT8.value
           else ''
       )

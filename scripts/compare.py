@@ -114,9 +114,9 @@ def _over_own(speed: dict, batch: int) -> str:
 
 def main(argv):
   # pylint: disable=g-import-not-at-top
-  from ml_collections import ConfigDict
   import numpy as np
   from vitjax import evaluate, machine, metric_writers, sharding
+  from vitjax import workdir as workdir_lib
   from vitjax.data import sources
   from vitjax.evaluators import speed
 
@@ -143,15 +143,13 @@ def main(argv):
       raise app.UsageError(f'{workdir} holds no run (no config.json).')
     data = None
     for precision in PRECISIONS:
-      config = ConfigDict(json.loads(cfg_path.read_text()))
+      # Its config.json, with the fields added since set (workdir.py).
+      config = workdir_lib.saved_config(workdir)
       if _DATA_ROOT.value:
         config.data.root = _DATA_ROOT.value
       if precision == 'int8':
         config.eval.quant, config.eval.quant_path = 'int8', _INT8_PATH.value
         config.eval.quant_activations = _INT8_ACTIVATIONS.value
-        config.eval.quant_calibration_images = config.eval.get(
-            'quant_calibration_images', 1024
-        )
       else:
         config.model.dtype = precision
       data = data or sources.load(config.data, config.seed)

@@ -57,7 +57,7 @@ def test_int8_serves_the_saved_int8_model_without_the_float_weights(
   config = _run_config(trained_vit_workdir)
   float_served = serving.load(trained_vit_workdir)
   quant = serving._int8_config(config)  # pylint: disable=protected-access
-  assert quantization.activation_scales(quant) == 'static'  # the default
+  assert quant.quant_activations == 'static'  # the default
   train_images = sources.load(config.data, config.seed).train.images
   server = quantization.Int8Server.convert(
       float_served.predictor.model,

@@ -226,7 +226,7 @@ def _int8_predictor(
   ev = config.eval
   model, params = float_predictor.model, float_predictor.params
   calibration = None
-  if quantization.activation_scales(ev) == 'static':
+  if ev.quant_activations == 'static':
     calibration = quantization.calibration_sample(
         data.train.images, ev, config.seed
     )
@@ -235,7 +235,7 @@ def _int8_predictor(
       'backend': ev.quant_backend,
       'head': ev.quant_head,
       'attention_einsums': ev.quant_attention,
-      'activations': quantization.activation_scales(ev),
+      'activations': ev.quant_activations,
       'calibration_images': 0 if calibration is None else len(calibration),
   }
   if ev.quant_path == 'fake':

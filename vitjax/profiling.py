@@ -133,15 +133,12 @@ def _is_s8_matmul(ins: _Instruction, types: dict[str, str]) -> bool:
 
 
 def _kind(
-    ins: _Instruction,
-    body: list[_Instruction],
-    types: dict[str, str],
-    int8_matmuls: set[str],
+    ins: _Instruction, body: list[_Instruction], int8_matmuls: set[str]
 ) -> str:
   """The kind of work of a thunk, from what it computes (body: the
   instructions it runs, its fused computation for a fusion; int8_matmuls:
   the thunks that run int8 dots, whose int32 results it may read)."""
-  if any(_is_s8_matmul(i, types) for i in body):
+  if ins.name in int8_matmuls:
     return 'int8 matmul'
   matmul = any(i.opcode in _MATMULS for i in body)
   # What reads an int8 dot's int32 result dequantizes it (and whatever XLA
@@ -169,34 +166,35 @@ def _kind(
   return 'other'
 
 
+def _parse(
+    hlo: str,
+) -> tuple[list[tuple[_Instruction, list[_Instruction]]], dict[str, str]]:
+  """(the thunks of the entry computation with what each computes, the
+  type of every instruction by name)."""
+  computations, entry = _computations(hlo)
+  types = {i.name: i.type for body in computations.values() for i in body}
+  return _thunks(computations, entry), types
+
+
 def classify(hlo: str) -> dict[str, Op]:
   """{thunk name: Op} for the optimised HLO text of a compiled function
   (`jitted.lower(...).compile().as_text()`)."""
-  computations, entry = _computations(hlo)
-  types = {i.name: i.type for body in computations.values() for i in body}
-  thunks = _thunks(computations, entry)
+  thunks, types = _parse(hlo)
   int8_matmuls = {
       ins.name
       for ins, inner in thunks
       if any(_is_s8_matmul(i, types) for i in inner)
   }
   return {
-      ins.name: Op(
-          ins.name, _kind(ins, inner, types, int8_matmuls), ins.op_name
-      )
+      ins.name: Op(ins.name, _kind(ins, inner, int8_matmuls), ins.op_name)
       for ins, inner in thunks
   }
 
 
 def s8_dots(hlo: str) -> int:
   """Matmuls with both operands int8 that the compiled function runs."""
-  computations, entry = _computations(hlo)
-  types = {i.name: i.type for body in computations.values() for i in body}
-  return sum(
-      _is_s8_matmul(i, types)
-      for _, inner in _thunks(computations, entry)
-      for i in inner
-  )
+  thunks, types = _parse(hlo)
+  return sum(_is_s8_matmul(i, types) for _, inner in thunks for i in inner)
 
 
 def module_name(hlo: str) -> str:

@@ -72,7 +72,7 @@ def _check(quant_cfg) -> None:
         "fallback only fake-quantizes: with it, set eval.quant_path='fake' "
         "and eval.quant_activations='per_token')."
     )
-  scales = activation_scales(quant_cfg)
+  scales = quant_cfg.quant_activations
   if scales not in ACTIVATION_SCALES:
     raise errors.ConfigError(
         f'eval.quant_activations={scales!r}: expected one of '
@@ -84,12 +84,6 @@ def _check(quant_cfg) -> None:
         "frozen serving model: use it with eval.quant_path='serve', or "
         "simulate per-token scales with eval.quant_activations='per_token'."
     )
-
-
-def activation_scales(quant_cfg) -> str:
-  """'static' or 'per_token' (configs from before the choice: static, the
-  default since)."""
-  return quant_cfg.get('quant_activations', 'static')
 
 
 def _aqt_config(fake: bool, static_stage: str | None = None):
@@ -139,7 +133,7 @@ def _dot_general_cls(quant_cfg, stage: str) -> Callable[[], Any]:
       'convert': aqt_flax.QuantMode.CONVERT,
       'serve': aqt_flax.QuantMode.SERVE,
   }[stage]
-  if activation_scales(quant_cfg) == 'static':
+  if quant_cfg.quant_activations == 'static':
     # The activations go through the same stages as the weights; only
     # their scale is frozen.
     return functools.partial(
@@ -180,7 +174,7 @@ def _einsum_cls(quant_cfg) -> Callable[[], Any] | None:
 def quantized_model(model: nn.Module, quant_cfg, stage: str) -> nn.Module:
   """The same model with int8 injected into its Dense layers (see top)."""
   _check(quant_cfg)
-  if stage == 'fake' and activation_scales(quant_cfg) == 'static':
+  if stage == 'fake' and quant_cfg.quant_activations == 'static':
     raise errors.ConfigError(
         'Fake quantization simulates per-token scales: set '
         "eval.quant_activations='per_token'."
@@ -302,7 +296,7 @@ class Int8Server:
     """calibration_images: uint8 [n, *image_shape], what static activation
     scales are calibrated on (see `calibrate`)."""
     stats = {}
-    if activation_scales(quant_cfg) == 'static':
+    if quant_cfg.quant_activations == 'static':
       if calibration_images is None:
         raise errors.ConfigError(
             "eval.quant_activations='static' calibrates on training images, "
@@ -373,13 +367,8 @@ class Int8Server:
     params = jax.tree.map(spec, params)
     image = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.uint8)
     stats = {}
-    if activation_scales(quant_cfg) == 'static':
-      stats = jax.eval_shape(
-          functools.partial(_calibration_step, model, quant_cfg),
-          params,
-          {},
-          image,
-      )
+    if quant_cfg.quant_activations == 'static':
+      stats = _calibration_spec(model, quant_cfg, params, image_shape)
     converter = quantized_model(model, quant_cfg, 'convert')
     _, variables = jax.eval_shape(
         lambda p, s, x: converter.apply(
@@ -421,6 +410,18 @@ def _calibration_step(
   return {_CALIBRATION: variables[_CALIBRATION]}
 
 
+def _calibration_spec(
+    model: nn.Module, quant_cfg, params: Any, image_shape: tuple[int, ...]
+) -> Any:
+  """The shapes and dtypes of the static-scale statistics."""
+  return jax.eval_shape(
+      functools.partial(_calibration_step, model, quant_cfg),
+      params,
+      {},
+      jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.uint8),
+  )
+
+
 CALIBRATION_BATCH = 128
 
 
@@ -438,14 +439,12 @@ def calibrate(
         f'training images, and there are {len(images)}: use '
         "eval.quant_activations='per_token'."
     )
-  step = functools.partial(_calibration_step, model, quant_cfg)
   # The statistics start at zero (aqtp counts no batch when it creates them).
-  first = jax.ShapeDtypeStruct((1,) + images.shape[1:], images.dtype)
   stats = jax.tree.map(
       lambda s: jnp.zeros(s.shape, s.dtype),
-      jax.eval_shape(step, params, {}, first),
+      _calibration_spec(model, quant_cfg, params, images.shape[1:]),
   )
-  step = jax.jit(step)
+  step = jax.jit(functools.partial(_calibration_step, model, quant_cfg))
   for b in range(batches):
     batch = images[b * CALIBRATION_BATCH : (b + 1) * CALIBRATION_BATCH]
     stats = step(params, stats, batch)
@@ -479,10 +478,10 @@ def conversion_source(step: int, quant_cfg, ema: bool) -> dict[str, Any]:
       # The kernels are quantized from float32 (older conversions quantized
       # a bfloat16 model's kernels from their bfloat16 roundings).
       'float_dtype': 'float32',
-      'activations': activation_scales(quant_cfg),
+      'activations': quant_cfg.quant_activations,
       'calibration_images': (
           int(quant_cfg.quant_calibration_images)
-          if activation_scales(quant_cfg) == 'static'
+          if quant_cfg.quant_activations == 'static'
           else 0
       ),
   }

@@ -107,7 +107,7 @@ def load(
   if not int8:
     return Served(Predictor(model, {'params': params}), names, description)
   images = None
-  if quantization.activation_scales(quant) == 'static':
+  if quant.quant_activations == 'static':
     # Static scales are calibrated on the run's training images.
     try:
       train_images = sources.load(config.data, config.seed).train.images
