@@ -121,10 +121,11 @@ def base() -> ConfigDict:
   c.train = ConfigDict()
   c.train.batch_size = 512  # global, over all devices and hosts
   # The schedule's length: `epochs` (an epoch = the training split's size in
-  # images), unless time_budget_minutes > 0. Then the number of steps is
-  # fitted so that training ends that many minutes after the run starts
-  # (data loading included; vitjax/time_budget.py), and `epochs` only sizes
-  # the schedule of the throwaway steps that are timed to fit it.
+  # images), unless time_budget_minutes > 0. Then the budget is a deadline
+  # for the whole command, from its start to the final report written: the
+  # steps that fit are measured, and re-planned as the run goes, so the
+  # step count depends on the machine and its load (vitjax/time_budget.py);
+  # `epochs` only sizes the schedule of the throwaway steps timed at start.
   c.train.epochs = 200.0
   c.train.time_budget_minutes = 0.0
   c.train.log_every_steps = 50

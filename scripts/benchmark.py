@@ -68,7 +68,6 @@ def _candidates(config, label: str) -> tuple[dict, dict, str]:
   # pylint: disable=g-import-not-at-top
   import jax
   import numpy as np
-  import optax
   from vitjax import losses, models, objectives, optimizers, sharding, train
   from vitjax import quantization, timing, train_state
   from vitjax.data import pipelines, sources
@@ -94,8 +93,12 @@ def _candidates(config, label: str) -> tuple[dict, dict, str]:
     batches = pipelines.make(config, data, mesh).batches
 
   model = models.create(config.model, num_classes)
-  schedule = optax.constant_schedule(1e-4)
-  tx = optimizers.make_optimizer(config.optim, schedule)
+  optimizer = optimizers.make_optimizer(config.optim, 100, batch)
+  # The step's learning rates are an input: a warmup's, which costs the
+  # same as any other.
+  rates = jax.device_put(
+      optimizer.schedules(10_000)(50.0), sharding.replicated(mesh)
+  )
   objective = objectives.Classification(
       model,
       losses.make_classification_loss(
@@ -103,13 +106,13 @@ def _candidates(config, label: str) -> tuple[dict, dict, str]:
       ),
   )
   step = train.make_train_step(
-      objective, schedule, config, num_classes, jax.random.key(1), mesh
+      objective, optimizer, config, num_classes, jax.random.key(1), mesh
   )
   state = jax.jit(
       lambda key: train_state.create(
           model,
           train_state.init_params(model, key),
-          tx,
+          optimizer.structure(),
           config.optim.ema_decay > 0,
       ),
       out_shardings=sharding.replicated(mesh),
@@ -123,7 +126,7 @@ def _candidates(config, label: str) -> tuple[dict, dict, str]:
     # training loop runs them (it waits at its log steps).
     nonlocal state, metrics
     for _ in range(_STEPS_PER_CALL):
-      state, metrics = step(state, next(stream), metrics)
+      state, metrics = step(state, next(stream), metrics, rates)
     return state.params
 
   eval_batch = config.eval.speed_batch
@@ -166,7 +169,7 @@ def _candidates(config, label: str) -> tuple[dict, dict, str]:
   }
   # The optimised HLO of what each candidate runs, for --profile.
   programs = {
-      f'{label} train': lambda: step.lower(state, next(stream), metrics)
+      f'{label} train': lambda: step.lower(state, next(stream), metrics, rates)
   }
   for what, (logits, variables) in inference.items():
     for name, f, x in (

@@ -70,16 +70,17 @@ def test_the_predictors_train_at_the_full_rate_the_backbone_frozen_first():
   c = dvit_config.get_config('smoke')
   c.optim.warmup_epochs = 0.0
   c.sparse.freeze_backbone_fraction = 0.5
-  tx, _ = optimizers.finetune_optimizer(
+  optimizer = optimizers.finetune_optimizer(
       c.optim,
       c.sparse,
       params,
-      total_steps=10,
       steps_per_epoch=10,
       batch_size=c.train.batch_size,
       dense=dense,
       frozen_names=('cls',),
   )
+  # Frozen for the first half of a 10-step schedule: at position 2.
+  tx = optimizer.at(optimizer.schedules(10)(2.0))
   params = jax.tree.map(lambda v: np.full((2, 2), v, np.float32), params)
   grads = jax.tree.map(np.ones_like, params)
   updates, _ = tx.update(grads, tx.init(params), params)

@@ -11,12 +11,11 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from vitjax import checkpoint, errors, evaluate, families, models, objectives
 from vitjax import losses as losses_lib, optimizers, sharding, train
-from vitjax import stopping, time_budget, train_state, workdir
+from vitjax import stopping, train_state, workdir
 from vitjax.data import pipelines, sources
 
 
@@ -27,7 +26,7 @@ def _run(config, workdir):
 def _latest_params(config, workdir):
   data = sources.load(config.data, config.seed)
   model = models.create(config.model, data.num_classes)
-  tx = optimizers.make_optimizer(config.optim, optax.constant_schedule(0.0))
+  tx = optimizers.make_optimizer(config.optim, 1, 1).structure()
   abstract = train_state.abstract(
       model, tx, False, sharding.replicated(sharding.make_mesh())
   )
@@ -242,11 +241,11 @@ def test_two_devices_give_the_same_loss_as_one(smoke_config):
   losses = []
   for devices in (jax.devices()[:1], jax.devices()):
     mesh = sharding.make_mesh(devices)
-    schedule = optax.constant_schedule(1e-3)
-    tx = optimizers.make_optimizer(smoke_config.optim, schedule)
+    optimizer = optimizers.make_optimizer(smoke_config.optim, 1, 16)
+    rates = {'learning_rate': jnp.float32(1e-3)}
     state = jax.jit(
         lambda key: train_state.create(
-            model, train_state.init_params(model, key), tx, False
+            model, train_state.init_params(model, key), optimizer.structure(), False
         ),
         out_shardings=sharding.replicated(mesh),
     )(jax.random.key(0))
@@ -257,7 +256,7 @@ def test_two_devices_give_the_same_loss_as_one(smoke_config):
         ),
     )
     step = train.make_train_step(
-        objective, schedule, smoke_config, 10, jax.random.key(1), mesh
+        objective, optimizer, smoke_config, 10, jax.random.key(1), mesh
     )
     metrics = train.make_metrics_cls(()).empty()
     for _ in range(2):
@@ -265,6 +264,7 @@ def test_two_devices_give_the_same_loss_as_one(smoke_config):
           state,
           sharding.host_batch_to_global(batch, sharding.batch_sharding(mesh)),
           metrics,
+          rates,
       )
     losses.append(float(metrics.compute()['loss']))
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
@@ -280,17 +280,6 @@ def test_device_pipeline_trains_too_in_a_relative_workdir(
   report = _run(smoke_config, 'checkpoints/run')
   assert np.isfinite(report['val']['loss'])
   assert any((tmp_path / 'checkpoints/run/steps').iterdir())
-
-
-def test_time_budget_sizes_the_schedule(smoke_config, tmp_path):
-  smoke_config.train.time_budget_minutes = 0.5
-  _run(smoke_config, tmp_path / 'run')
-  _, meta = _latest_params(smoke_config, tmp_path / 'run')
-  # The budget, not train.epochs (2 epochs: 32 steps), sized the schedule,
-  # and the run completed it. How close the run ends to the budget is a
-  # timing, which tests do not assert (the plan is made once from timed
-  # steps, and real steps of this tiny model run several times slower).
-  assert meta['step'] == meta['total_steps'] > 64
 
 
 @pytest.mark.parametrize(
@@ -334,19 +323,6 @@ def test_what_would_fail_later_is_refused_at_start(
   with pytest.raises(errors.ConfigError, match=message):
     _run(smoke_config, tmp_path / 'run')
   assert not (tmp_path / 'run' / 'metrics.jsonl').exists()  # no step ran
-
-
-def test_a_budget_without_room_for_a_validation_is_refused():
-  batches = iter([{}] * time_budget.STEPS_TIMED)
-  with pytest.raises(errors.ConfigError, match='too little for a step'):
-    time_budget.fit_steps(
-        0.01,  # 0.6 s, from now
-        time.monotonic(),
-        run_step=lambda batch: time.sleep(0.001),
-        batches=batches,
-        validate=lambda: time.sleep(0.6),  # would only fit steps
-        eval_every=10_000,
-    )
 
 
 def test_evaluating_on_another_split_is_refused(smoke_config, tmp_path):

@@ -52,7 +52,7 @@ def restore_predictors(
   workdir_lib.check_split(workdir, data.split_id, record=False)
   family = family or families.build(config, data, 1, mesh, workdir)
   # The optimizer's structure, not its schedule, shapes the saved state.
-  tx, _ = family.make_optimizer(1)
+  tx = family.optimizer.structure()
   abstract = train_state.abstract(
       family.model, tx, config.optim.ema_decay > 0, sharding.replicated(mesh)
   )
@@ -194,6 +194,48 @@ def evaluate_checkpoint(
     logging.info('Wrote %s', figure)
     report_lib.print_report(report, data.class_names)
   return report
+
+
+# Writing the report and its figures: 1.3 s on the 2-core AMD EPYC Zen 4
+# for the CPU preset; kept with room to spare.
+_WRITING_SECONDS = 3.0
+
+
+def expected_seconds(
+    config: ConfigDict,
+    data: sources.Dataset,
+    *,
+    has_teacher: bool,
+    validation_seconds: float,
+    compile_seconds: float,
+) -> float:
+  """What evaluate_checkpoint at the end of training should take, from the
+  timing of one validation pass and of its compilation: a time-budgeted run
+  keeps this much for it (vitjax/time_budget.py). Counted from what it
+  runs: its forward passes in images, a compilation per function it jits,
+  the speed timing as configured, and the writing."""
+  ev = config.eval
+  n_val, n_test = len(data.val), len(data.test)
+  predictors = 2 if has_teacher else 1
+  # Each predictor: val and test; speed at two batches (two candidates).
+  images = predictors * (n_val + n_test)
+  compiles = 3 * predictors + 2  # + the model's cost analysis and figure
+  candidates = 2 * predictors
+  if config.model.name == 'avit':
+    images += 2 * n_test  # its sparsity report runs both paths
+    compiles += 3
+    candidates += 1  # its masked path, timed beside token removal
+  if ev.quant == 'int8':
+    # Calibration, conversion and the agreement with float on test.
+    images += ev.quant_calibration_images + 2 * n_test
+    compiles += 3
+  timing = ev.speed_rounds * ev.speed_seconds * candidates
+  return (
+      images / n_val * validation_seconds
+      + compiles * compile_seconds
+      + timing
+      + _WRITING_SECONDS
+  )
 
 
 def _accuracy(

@@ -25,7 +25,6 @@ from absl import logging
 import jax
 from ml_collections import ConfigDict
 import numpy as np
-import optax
 
 from vitjax import checkpoint, errors, finetune, losses, models
 from vitjax import objectives, optimizers, train_state
@@ -38,10 +37,7 @@ from vitjax.models import avit
 class ModelFamily:
   model: Any
   objective: Any
-  # total_steps -> (optimizer, its main learning-rate schedule)
-  make_optimizer: Callable[
-      [int], tuple[optax.GradientTransformation, optax.Schedule]
-  ]
+  optimizer: optimizers.Optimizer
   # key -> parameters to start from (jittable)
   init_params: Callable[[jax.Array], Any]
   teacher: finetune.Teacher | None = None
@@ -82,12 +78,9 @@ def build(
   _log_corrections(config)
   batch = config.train.batch_size
 
-  def adamw_everywhere(total_steps):
-    schedule = optimizers.learning_rate_schedule(
-        config.optim, total_steps, steps_per_epoch, batch
-    )
-    return optimizers.make_optimizer(config.optim, schedule), schedule
-
+  adamw_everywhere = optimizers.make_optimizer(
+      config.optim, steps_per_epoch, batch
+  )
   fresh = lambda key: train_state.init_params(model, key)
   if not finetuned:
     return ModelFamily(
@@ -111,19 +104,15 @@ def build(
         token_weight=sp.token_weight,
     )
 
-    def split_optimizer(total_steps):
-      params = jax.eval_shape(fresh, jax.random.key(0))
-      return optimizers.finetune_optimizer(
-          config.optim,
-          sp,
-          params,
-          total_steps,
-          steps_per_epoch,
-          batch,
-          dense=teacher.params,
-          frozen_names=('cls', 'pos_embedding'),
-      )
-
+    split_optimizer = optimizers.finetune_optimizer(
+        config.optim,
+        sp,
+        jax.eval_shape(fresh, jax.random.key(0)),
+        steps_per_epoch,
+        batch,
+        dense=teacher.params,
+        frozen_names=('cls', 'pos_embedding'),
+    )
     return ModelFamily(model, objective, split_optimizer, from_teacher, teacher)
   objective = objectives.AViTObjective(
       model,

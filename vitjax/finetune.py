@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any
 
 from ml_collections import ConfigDict
-import optax
 
 from vitjax import checkpoint, models, optimizers, sharding, train_state
 from vitjax import workdir as workdir_lib
@@ -54,7 +53,7 @@ def load_teacher(
   workdir_lib.check_split(workdir, split_id, record=False)
   model = models.create(vit_cfg.model, num_classes)
   # The optimizer's structure, not its schedule, shapes the saved state.
-  tx = optimizers.make_optimizer(vit_cfg.optim, optax.constant_schedule(0.0))
+  tx = optimizers.make_optimizer(vit_cfg.optim, 1, 1).structure()
   abstract = train_state.abstract(
       model, tx, vit_cfg.optim.ema_decay > 0, sharding.replicated(mesh)
   )

@@ -53,7 +53,7 @@ def main(argv):
   logging.get_absl_handler().addFilter(_quiet_orbax)
   # pylint: disable=g-import-not-at-top
   from vitjax import distributed, errors, evaluate, stopping, train
-  from vitjax import machine, workdir as workdir_lib
+  from vitjax import machine, time_budget, workdir as workdir_lib
 
   config = _CONFIG.value
   try:
@@ -71,7 +71,10 @@ def main(argv):
       pass
     logging.info('Running on %s.', machine.summary(machine.describe()))
     if _MODE.value == 'train':
-      train.train_and_evaluate(config, _WORKDIR.value)
+      # A time budget counts from the command's start, imports included.
+      train.train_and_evaluate(
+          config, _WORKDIR.value, time_budget.process_start()
+      )
     else:
       evaluate.evaluate_checkpoint(
           config, _WORKDIR.value, config.eval.checkpoint

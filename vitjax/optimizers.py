@@ -3,11 +3,17 @@
 `optim.lr` is the peak learning rate at `optim.lr_base_batch` images per
 step; a run at another `train.batch_size` scales it linearly (the configs
 state it at the batch they run, so they run it unscaled).
+
+The schedules are functions of a position along them, not of the update
+count: a time-budgeted run moves along its schedule at the pace its clock
+allows (vitjax/time_budget.py). The train step takes the learning rates at
+its position as an input, so one compiled step serves every plan.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -19,21 +25,45 @@ _NO_DECAY_NAMES = ('pos_embedding', 'cls')
 
 
 def learning_rate_schedule(
-    optim_cfg, total_steps: int, steps_per_epoch: int, batch_size: int
+    optim_cfg, horizon: int, steps_per_epoch: int, batch_size: int
 ) -> optax.Schedule:
-  """Linear warmup, then cosine decay to min_lr."""
+  """Linear warmup, then cosine decay to min_lr at position `horizon`."""
   peak = optim_cfg.lr * batch_size / optim_cfg.lr_base_batch
   warmup = min(
       int(round(optim_cfg.warmup_epochs * steps_per_epoch)),
-      max(total_steps - 1, 0),
+      max(horizon - 1, 0),
   )
   return optax.warmup_cosine_decay_schedule(
       init_value=0.0,
       peak_value=peak,
       warmup_steps=warmup,
-      decay_steps=max(total_steps, warmup + 1),
+      decay_steps=max(horizon, warmup + 1),
       end_value=min(optim_cfg.min_lr, peak),
   )
+
+
+Rates = Mapping[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Optimizer:
+  """at(rates): the optimizer that applies the given learning rates;
+  schedules(horizon)(position): the learning rates at a position (a step,
+  possibly fractional) of schedules `horizon` steps long."""
+
+  at: Callable[[Rates], optax.GradientTransformation]
+  schedules: Callable[[int], Callable[[Any], Rates]]
+
+  def structure(self) -> optax.GradientTransformation:
+    """For init and restore: the state's shape does not depend on rates."""
+    return self.at(self.schedules(1)(0.0))
+
+
+def _at_rate(rate: jax.Array) -> optax.Schedule:
+  # A schedule, not a float: optax keeps a step count in the state of a
+  # scheduled learning rate, which checkpoints saved before rates were
+  # inputs hold.
+  return optax.constant_schedule(rate)
 
 
 def _decay_mask(params: Any) -> Any:
@@ -44,9 +74,9 @@ def _decay_mask(params: Any) -> Any:
   return jax.tree_util.tree_map_with_path(decays, params)
 
 
-def adamw(optim_cfg, schedule: optax.Schedule) -> optax.GradientTransformation:
+def adamw(optim_cfg, rate: jax.Array) -> optax.GradientTransformation:
   return optax.adamw(
-      schedule,
+      _at_rate(rate),
       b1=optim_cfg.b1,
       b2=optim_cfg.b2,
       weight_decay=optim_cfg.weight_decay,
@@ -63,11 +93,19 @@ def with_clipping(
   return optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip_norm), tx)
 
 
-def make_optimizer(
-    optim_cfg, schedule: optax.Schedule
-) -> optax.GradientTransformation:
+def make_optimizer(optim_cfg, steps_per_epoch: int, batch_size: int) -> Optimizer:
   """AdamW on every parameter, after gradient clipping."""
-  return with_clipping(optim_cfg, adamw(optim_cfg, schedule))
+
+  def schedules(horizon):
+    schedule = learning_rate_schedule(
+        optim_cfg, horizon, steps_per_epoch, batch_size
+    )
+    return lambda position: {'learning_rate': schedule(position)}
+
+  return Optimizer(
+      at=lambda r: with_clipping(optim_cfg, adamw(optim_cfg, r['learning_rate'])),
+      schedules=schedules,
+  )
 
 
 def param_groups(params: Any, dense: Any, frozen_names: tuple[str, ...]) -> Any:
@@ -89,30 +127,37 @@ def finetune_optimizer(
     optim_cfg,
     sparse_cfg,
     params: Any,
-    total_steps: int,
     steps_per_epoch: int,
     batch_size: int,
     dense: Any,
     frozen_names: tuple[str, ...] = (),
-) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """Modules absent from `dense` (the ViT's params) at the full schedule;
-  the backbone at backbone_lr_mult of it, held at zero for the first
-  freeze_backbone_fraction of the steps; `frozen_names` never move."""
-  schedule = learning_rate_schedule(
-      optim_cfg, total_steps, steps_per_epoch, batch_size
-  )
-  freeze = int(round(sparse_cfg.freeze_backbone_fraction * total_steps))
+) -> Optimizer:
+  """Modules absent from `dense` (the ViT's params) at the full schedule
+  (its `learning_rate`); the backbone at backbone_lr_mult of it
+  (`backbone_learning_rate`), held at zero for the first
+  freeze_backbone_fraction of the schedule; `frozen_names` never move."""
   mult = sparse_cfg.backbone_lr_mult
-
-  def backbone_schedule(step):
-    return jnp.where(step < freeze, 0.0, mult * schedule(step))
-
-  groups = {
-      'new': adamw(optim_cfg, schedule),
-      'backbone': adamw(optim_cfg, backbone_schedule),
-      'frozen': optax.set_to_zero(),
-  }
   labels = param_groups(params, dense, frozen_names)
-  return with_clipping(optim_cfg, optax.multi_transform(groups, labels)), (
-      schedule
-  )
+
+  def schedules(horizon):
+    schedule = learning_rate_schedule(
+        optim_cfg, horizon, steps_per_epoch, batch_size
+    )
+    freeze = round(sparse_cfg.freeze_backbone_fraction * horizon)
+
+    def rates(position):
+      lr = schedule(position)
+      backbone = jnp.where(position < freeze, 0.0, mult * lr)
+      return {'learning_rate': lr, 'backbone_learning_rate': backbone}
+
+    return rates
+
+  def at(r):
+    groups = {
+        'new': adamw(optim_cfg, r['learning_rate']),
+        'backbone': adamw(optim_cfg, r['backbone_learning_rate']),
+        'frozen': optax.set_to_zero(),
+    }
+    return with_clipping(optim_cfg, optax.multi_transform(groups, labels))
+
+  return Optimizer(at, schedules)

@@ -9,6 +9,7 @@ parameters and metrics as an uninterrupted run.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from pathlib import Path
 import time
@@ -22,7 +23,7 @@ from ml_collections import ConfigDict
 import optax
 
 from vitjax import checkpoint, distributed, errors, evaluate, families
-from vitjax import metric_writers, models
+from vitjax import metric_writers, models, optimizers
 from vitjax import mixing, sharding, stopping, time_budget, train_state
 from vitjax import workdir as workdir_lib
 from vitjax.data import pipelines, sources
@@ -43,18 +44,20 @@ def make_metrics_cls(extra: tuple[str, ...]) -> type[metrics.Collection]:
 
 def make_train_step(
     objective,
-    schedule: optax.Schedule,
+    optimizer: optimizers.Optimizer,
     config: ConfigDict,
     num_classes: int,
     base_key: jax.Array,
     mesh,
 ) -> Callable:
-  """The jitted (state, batch, metrics) -> (state, metrics) update."""
+  """The jitted (state, batch, metrics, rates) -> (state, metrics) update;
+  rates: the optimizer's learning rates for the step (its schedules at the
+  step's position, vitjax/time_budget.py)."""
   aug = config.aug
   ema_decay = config.optim.ema_decay
   metrics_cls = make_metrics_cls(objective.extra_metrics)
 
-  def step_fn(state: train_state.TrainState, batch, metrics_acc):
+  def step_fn(state: train_state.TrainState, batch, metrics_acc, rates):
     # Every random choice of the step derives from the step number alone.
     key = jax.random.fold_in(base_key, state.step)
     k_mix, k_dropout, k_model = jax.random.split(key, 3)
@@ -71,7 +74,7 @@ def make_train_step(
     (loss, (logits, extras)), grads = jax.value_and_grad(loss_of, has_aux=True)(
         state.params
     )
-    new_state = state.apply_gradients(grads=grads)
+    new_state = state.apply_gradients_with(optimizer.at(rates), grads)
     if state.ema_params is not None:
       new_state = new_state.replace(
           ema_params=optax.incremental_update(
@@ -82,7 +85,7 @@ def make_train_step(
         loss=loss,
         accuracy=jnp.mean(jnp.argmax(logits, -1) == labels),
         grad_norm=optax.tree.norm(grads),
-        learning_rate=schedule(state.step),
+        learning_rate=rates['learning_rate'],
         **extras,
     )
     return new_state, metrics_acc.merge(step_metrics)
@@ -91,17 +94,21 @@ def make_train_step(
   return jax.jit(
       step_fn,
       donate_argnums=(0, 2),
-      in_shardings=(repl, data, repl),
+      in_shardings=(repl, data, repl, repl),
       out_shardings=(repl, repl),
   )
 
 
 def train_and_evaluate(
-    config: ConfigDict, workdir: str | Path
+    config: ConfigDict, workdir: str | Path, t_start: float | None = None
 ) -> dict[str, Any]:
   """Trains (or resumes) in workdir, then evaluates the best checkpoint
-  (unless train.final_evaluation is off) and returns the report."""
-  t_start = time.monotonic()
+  (unless train.final_evaluation is off) and returns the report.
+
+  t_start: time.monotonic() when the command started, from which a time
+  budget counts (by default, now).
+  """
+  t_start = time.monotonic() if t_start is None else t_start
   workdir = Path(workdir).expanduser()
   if config.train.distributed:
     distributed.initialize()  # main.py has, before its first JAX call
@@ -156,19 +163,34 @@ def train_and_evaluate(
           data.num_classes,
       )
 
-    def step_and_init(total_steps: int):
-      # The train step and the state's initializer for a schedule this long.
-      tx, schedule = family.make_optimizer(total_steps)
-      step = make_train_step(
-          family.objective, schedule, config, data.num_classes, step_key, mesh
+    def final_seconds(timings: time_budget.Timings) -> float:
+      if not config.train.final_evaluation:
+        return 0.0
+      return evaluate.expected_seconds(
+          config,
+          data,
+          has_teacher=family.teacher is not None,
+          validation_seconds=timings.validation_seconds,
+          compile_seconds=timings.compile_seconds,
       )
-      init = jax.jit(
-          lambda key: train_state.create(
-              family.model, family.init_params(key), tx, use_ema
-          ),
+
+    optimizer = family.optimizer
+    tx = optimizer.structure()
+    train_step = make_train_step(
+        family.objective, optimizer, config, data.num_classes, step_key, mesh
+    )
+    init = jax.jit(
+        lambda key: train_state.create(
+            family.model, family.init_params(key), tx, use_ema
+        ),
+        out_shardings=sharding.replicated(mesh),
+    )
+
+    def rates_along(horizon: int) -> Callable:
+      return jax.jit(
+          optimizer.schedules(horizon),
           out_shardings=sharding.replicated(mesh),
       )
-      return tx, step, init
 
     ckpts = run.enter_context(
         checkpoint.Checkpoints(workdir, config.train.keep_checkpoints)
@@ -176,12 +198,25 @@ def train_and_evaluate(
     origin, origin_meta = _starting_point(ckpts, config, workdir, data)
     if origin is not None and origin is not ckpts:
       run.enter_context(origin)  # closed once restored, or on a failure
-    if origin is ckpts:  # a resume: the schedule it planned
-      total_steps = int(origin_meta['total_steps'])
-    elif config.train.time_budget_minutes > 0:
-      total_steps = _steps_for_budget(
+    budget = config.train.time_budget_minutes * 60.0
+    deadline, budget_used = None, 0.0
+    if origin is ckpts:  # a resume: the plan it made
+      plan = time_budget.Plan.from_meta(origin_meta)
+      if budget > 0 and 'timings' in origin_meta:
+        budget_used = float(origin_meta['budget_seconds_used'])
+        deadline = time_budget.Deadline(
+            t_start + budget - budget_used,
+            budget,
+            time_budget.Timings(**origin_meta['timings']),
+            eval_every=eval_every,
+            final_seconds=final_seconds,
+        )
+    elif budget > 0:
+      end_step, deadline = _first_plan(
           config,
-          step_and_init,
+          train_step,
+          init,
+          rates_along,
           init_key,
           metrics_cls,
           pipeline,
@@ -189,12 +224,14 @@ def train_and_evaluate(
           eval_every,
           len(data.train),
           t_start,
+          final_seconds,
       )
+      plan = time_budget.Plan.fixed(end_step)
     else:
-      total_steps = math.ceil(
-          config.train.epochs * len(data.train) / batch_size
+      plan = time_budget.Plan.fixed(
+          math.ceil(config.train.epochs * len(data.train) / batch_size)
       )
-    tx, train_step, init = step_and_init(total_steps)
+    rates_at = rates_along(plan.horizon)
     best = ckpts.best_score()  # -inf before the first validation
     if origin is not None:
       state, meta = origin.restore(
@@ -204,17 +241,17 @@ def train_and_evaluate(
           'latest',
       )
       start, train_seconds = int(meta['step']), float(meta['train_seconds'])
-      if origin is not ckpts and start >= total_steps:
+      if origin is not ckpts and start >= plan.end_step:
         raise errors.ConfigError(
             f'train.resume_from={config.train.resume_from!r} is at step '
-            f'{start}, and this config trains {total_steps} steps; raise '
+            f'{start}, and this config trains {plan.end_step} steps; raise '
             'train.epochs or train.time_budget_minutes.'
         )
       logging.info(
           'Resuming from step %d of %d%s (best validation balanced '
           'accuracy so far %s).',
           start,
-          total_steps,
+          plan.end_step,
           '' if origin is ckpts else f' of {origin.directory.parent}',
           f'{best:.4f}' if best > -math.inf else 'none yet',
       )
@@ -222,18 +259,24 @@ def train_and_evaluate(
       state, start, train_seconds = init(init_key), 0, 0.0
     parameter_overview.log_parameter_overview(state.params, include_stats=False)
     logging.info(
-        'Model %s: %d steps of %d images (%.1f epochs, %d steps per epoch).',
+        'Model %s: %d steps of %d images (%.1f epochs, %d steps per epoch)%s.',
         config.model.name,
-        total_steps,
+        plan.end_step,
         batch_size,
-        total_steps / steps_per_epoch,
+        plan.end_step / steps_per_epoch,
         steps_per_epoch,
+        ', re-planned against the time budget as the run goes'
+        if deadline
+        else '',
     )
 
     writer = metric_writers.create(workdir, resume_step=start)
     run.callback(writer.close)
+    # A budgeted run's end moves: the plan's log lines stand for the ETA.
     report_progress = periodic_actions.ReportProgress(
-        num_train_steps=total_steps, every_steps=log_every, every_secs=None
+        num_train_steps=None if deadline else plan.end_step,
+        every_steps=log_every,
+        every_secs=None,
     )
     # A window: the steps between two log lines, whose metrics accumulate.
     window, window_start = metrics_cls.empty(), start
@@ -241,19 +284,23 @@ def train_and_evaluate(
     # Several processes agree on a stop at log steps only: asking the others
     # waits for the step, which one process need not do.
     stop_every_step = jax.process_count() == 1
-    for step, batch in zip(
-        range(start + 1, total_steps + 1),
-        pipeline.batches(start, total_steps),
-    ):
-      state, window = train_step(state, batch, window)
-      validate_now = step % eval_every == 0 or step == total_steps
+    # A budgeted run's batches go on until its plan ends.
+    batches = pipeline.batches(start, _UNBOUNDED if deadline else plan.end_step)
+    step, logged_plan = start, plan
+    while step < plan.end_step:
+      state, window = train_step(
+          state, next(batches), window, rates_at(plan.position(step))
+      )
+      step += 1
+      log_now = step % log_every == 0
+      validate_now = step % eval_every == 0 or step == plan.end_step
       stop_now = (
           stop.agreed()
-          if stop_every_step or step % log_every == 0 or validate_now
+          if stop_every_step or log_now or validate_now
           else None
       )
       stopping_now = stop_now is not None
-      if step % log_every == 0 or validate_now or stopping_now:
+      if log_now or validate_now or stopping_now:
         # Steps run asynchronously: float() waits for them, then the clock.
         scalars = {k: float(v) for k, v in window.compute().items()}
         seconds = time.monotonic() - t_window
@@ -268,6 +315,11 @@ def train_and_evaluate(
         writer.write_scalars(
             step, {f'train/{k}': v for k, v in scalars.items()}
         )
+        if deadline and (log_now or validate_now):
+          deadline.observe_window(step - window_start, seconds)
+          plan = _replan(plan, deadline, step)
+          logged_plan = _log_plan(logged_plan, plan, deadline, step)
+          validate_now = step % eval_every == 0 or step == plan.end_step
         window, window_start = metrics_cls.empty(), step
         t_window = time.monotonic()
       report_progress(step)
@@ -286,16 +338,20 @@ def train_and_evaluate(
                   'val/best_balanced_accuracy': best,
               },
           )
-        ckpts.save(
-            state,
-            {
-                'step': step,
-                'total_steps': total_steps,
-                'train_seconds': train_seconds,
-            },
-            val_score,
-        )
+        meta = {
+            'step': step,
+            'total_steps': plan.end_step,
+            'plan': dataclasses.asdict(plan),
+            'train_seconds': train_seconds,
+        }
+        if deadline:
+          meta |= deadline.as_meta(
+              budget_used + time.monotonic() - t_start
+          )
+        ckpts.save(state, meta, val_score)
         writer.flush()
+        if deadline and validate_now:
+          deadline.observe_validation(time.monotonic() - t_window)
         t_window = time.monotonic()  # validating and saving are not training
       if stopping_now:
         ckpts.wait()  # the save is asynchronous; finish it first
@@ -304,20 +360,80 @@ def train_and_evaluate(
     writer.flush()
     if not config.train.final_evaluation:
       # A recipe trial: it is judged on validation alone (logged above).
-      return {'step': total_steps, 'best_val_balanced_accuracy': best}
+      return {'step': step, 'best_val_balanced_accuracy': best}
     # A signal after the last step's check: training is saved, stop before
     # evaluating. From here signals act as they normally do.
     if (stop_now := stop.agreed()) is not None:
-      raise stopping.Stopped(stop_now, total_steps, workdir)
+      raise stopping.Stopped(stop_now, step, workdir)
     stop.release()
-    return evaluate.evaluate_checkpoint(
+    t_eval = time.monotonic()
+    report = evaluate.evaluate_checkpoint(
         config, workdir, 'best', data=data, mesh=mesh, family=family
     )
+    if deadline:
+      now = time.monotonic()
+      logging.info(
+          'The final evaluation took %.0f s (%.0f s were kept for it); the '
+          'run ends %.0f s %s its time budget.',
+          now - t_eval,
+          final_seconds(deadline.timings),
+          abs(deadline.ends_at - now),
+          'inside' if now <= deadline.ends_at else 'past',
+      )
+    return report
 
 
-def _steps_for_budget(
+# A budgeted run's batches: the pipelines make them step by step, this far.
+_UNBOUNDED = 2**31 - 1
+
+
+def _replan(
+    plan: time_budget.Plan, deadline: time_budget.Deadline, step: int
+) -> time_budget.Plan:
+  """The plan that ends in time from `step`: process 0's clock decides for
+  every process. A schedule already at its end is not stretched."""
+  end_step = distributed.from_process_0(deadline.last_step(step))
+  if end_step == plan.end_step or (
+      end_step > plan.end_step and plan.position(step) >= plan.horizon
+  ):
+    return plan
+  return plan.ending_at(step, end_step)
+
+
+def _log_plan(
+    logged: time_budget.Plan,
+    plan: time_budget.Plan,
+    deadline: time_budget.Deadline,
+    step: int,
+) -> time_budget.Plan:
+  """Logs a plan that moved the end by over 5% since the last logged;
+  returns the plan last logged."""
+  if abs(plan.end_step - logged.end_step) <= 0.05 * logged.end_step:
+    return logged
+  t = deadline.timings
+  logging.info(
+      'Re-planned at step %d: the run ends at step %d (was %d), %.0f s from '
+      'now at %.3f s/step, %.1f s per validation, %.0f s kept for the '
+      'final evaluation and slack; the schedule goes on from position '
+      '%.0f of %d.',
+      step,
+      plan.end_step,
+      logged.end_step,
+      deadline.ends_at - time.monotonic(),
+      t.step_seconds,
+      t.validation_seconds,
+      deadline.reserved_seconds(),
+      plan.position(step),
+      plan.horizon,
+  )
+  return plan
+
+
+def _first_plan(
     config: ConfigDict,
-    step_and_init: Callable,
+    train_step: Callable,
+    init: Callable,
+    rates_along: Callable,
     key,
     metrics_cls,
     pipeline: pipelines.Pipeline,
@@ -325,34 +441,36 @@ def _steps_for_budget(
     eval_every: int,
     num_train: int,
     t_start: float,
-) -> int:
+    final_seconds: Callable,
+) -> tuple[int, time_budget.Deadline]:
   """Times steps of a throwaway state (see vitjax/time_budget.py). Every
   process times the same steps; process 0's clock decides for all."""
   provisional = math.ceil(
       config.train.epochs * num_train / config.train.batch_size
   )
-  _, step, init = step_and_init(provisional)
+  rates = rates_along(provisional)(0.0)
   state, window = init(key), metrics_cls.empty()
 
   def run_step(batch):
     nonlocal state, window
-    state, window = step(state, batch, window)
+    state, window = train_step(state, batch, window, rates)
     return state.step
 
-  steps, error = 0, None
+  steps, deadline, error = 0, None, None
   try:
-    steps = time_budget.fit_steps(
+    steps, deadline = time_budget.first_plan(
         config.train.time_budget_minutes,
         t_start,
         run_step=run_step,
         batches=pipeline.batches(0, time_budget.STEPS_TIMED),
         validate=lambda: validate(state.params),
         eval_every=eval_every,
+        final_seconds=final_seconds,
     )
   except errors.UserError as e:
     error = e
   distributed.raise_together(error, 'the time budget is too short (process 0).')
-  return distributed.from_process_0(steps)
+  return distributed.from_process_0(steps), deadline
 
 
 def _open_run(

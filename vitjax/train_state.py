@@ -16,9 +16,23 @@ from vitjax.data.sources import IMAGE_SHAPE
 
 class TrainState(train_state.TrainState):
   """flax's TrainState (step, params, tx, opt_state; apply_fn is the model's
-  apply, though the objectives call the model themselves) and an EMA."""
+  apply, though the objectives call the model themselves) and an EMA.
+  tx is the optimizer's structure; each step brings its own (at its
+  learning rates) to apply_gradients_with."""
 
   ema_params: Any  # an EMA of params, or None when optim.ema_decay == 0
+
+  def apply_gradients_with(
+      self, tx: optax.GradientTransformation, grads: Any
+  ) -> 'TrainState':
+    """One update by `tx` (the optimizer at this step's learning rates,
+    vitjax/optimizers.py); self.tx only shapes the state."""
+    updates, opt_state = tx.update(grads, self.opt_state, self.params)
+    return self.replace(
+        step=self.step + 1,
+        params=optax.apply_updates(self.params, updates),
+        opt_state=opt_state,
+    )
 
   def eval_params(self, use_ema: bool = True) -> Any:
     """The weights to evaluate: the EMA's when asked and kept."""

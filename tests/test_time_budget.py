@@ -1,0 +1,146 @@
+"""A time budget is a deadline: plans, re-planning, and a run that slows."""
+
+import json
+import time
+
+import numpy as np
+import pytest
+
+from vitjax import checkpoint, errors, optimizers, time_budget, train
+from vitjax.data import pipelines
+
+
+def test_a_fixed_plan_runs_step_s_at_position_s():
+  plan = time_budget.Plan.fixed(100)
+  assert [plan.position(s) for s in (0, 1, 57, 99)] == [0.0, 1.0, 57.0, 99.0]
+  # Checkpoints saved before plans were kept resume as fixed plans.
+  assert time_budget.Plan.from_meta({'total_steps': 100}) == plan
+
+
+@pytest.mark.parametrize('new_end', [60, 130])
+def test_a_new_plan_goes_on_from_where_the_schedule_is(new_end):
+  plan = time_budget.Plan.fixed(100)
+  later = plan.ending_at(40, new_end)
+  # The same position at the step it was made, the horizon at its end,
+  # evenly between: the learning rate continues, and the schedule ends.
+  assert later.position(40) == plan.position(40) == 40.0
+  assert later.position(new_end) == pytest.approx(100.0)
+  steps = np.arange(40, new_end + 1)
+  np.testing.assert_allclose(
+      np.diff([later.position(s) for s in steps]), 60 / (new_end - 40)
+  )
+  meta = {'plan': json.loads(json.dumps(later.__dict__)), 'total_steps': 0}
+  assert time_budget.Plan.from_meta(meta) == later
+
+
+def _deadline(ends_at, step_seconds=0.1, validation_seconds=1.0):
+  timings = time_budget.Timings(step_seconds, validation_seconds, 3.0)
+  return time_budget.Deadline(
+      ends_at,
+      budget_seconds=100.0,
+      timings=timings,
+      eval_every=10,
+      final_seconds=lambda t: 5 * t.validation_seconds,
+  )
+
+
+def test_the_last_step_leaves_room_for_validations_and_the_final_evaluation():
+  deadline = _deadline(ends_at=100.0)
+  # 100 s less 5 s of final evaluation and 2 s of slack, less the last
+  # step's validation (1 s): 92 s at 0.1 s a step and 1 s every 10 steps.
+  assert deadline.last_step(0, now=0.0) == 460
+  assert deadline.last_step(300, now=80.0) == 300 + 60
+  # Past the deadline: no more steps.
+  assert deadline.last_step(300, now=99.0) == 300
+
+
+def test_the_step_time_follows_the_recent_windows():
+  deadline = _deadline(ends_at=1000.0)
+  deadline.observe_window(50, 50.0)  # the first, with compilation: ignored
+  assert deadline.timings.step_seconds == 0.1
+  for _ in range(20):
+    deadline.observe_window(50, 5.0)
+  assert deadline.timings.step_seconds == pytest.approx(0.1)
+  for _ in range(3):  # the machine slows down 3 times
+    deadline.observe_window(50, 15.0)
+  assert deadline.timings.step_seconds == pytest.approx(0.3)
+  deadline.observe_validation(0.5)
+  assert deadline.timings.validation_seconds == 0.5
+  # The planning's validation (3 s) compiled, the run's did not.
+  assert deadline.timings.compile_seconds == 2.5
+
+
+def test_a_budget_without_room_for_a_validation_is_refused():
+  batches = iter([{}] * time_budget.STEPS_TIMED)
+  with pytest.raises(errors.ConfigError, match='too little for a step'):
+    time_budget.first_plan(
+        0.01,  # 0.6 s, from now
+        time.monotonic(),
+        run_step=lambda batch: time.sleep(0.001),
+        batches=batches,
+        validate=lambda: time.sleep(0.6),  # would only fit steps
+        eval_every=10_000,
+        final_seconds=lambda t: 0.0,
+    )
+
+
+def _slow_down_from(monkeypatch, step, seconds):
+  """Makes every batch of the next run from `step` on take `seconds`."""
+  make_pipeline = pipelines.make
+
+  def slowing_pipeline(*args, **kwargs):
+    pipeline = make_pipeline(*args, **kwargs)
+    batches = pipeline.batches
+
+    def slower(start, end):
+      for i, b in enumerate(batches(start, end)):
+        if start + i >= step:
+          time.sleep(seconds)
+        yield b
+
+    pipeline.batches = slower
+    return pipeline
+
+  monkeypatch.setattr(pipelines, 'make', slowing_pipeline)
+
+
+def test_a_run_that_slows_down_still_ends_in_its_budget(
+    smoke_config, tmp_path, monkeypatch
+):
+  budget_minutes = 0.5
+  smoke_config.train.time_budget_minutes = budget_minutes
+  first = {}
+  first_plan = time_budget.first_plan
+
+  def recording_first_plan(*args, **kwargs):
+    first['steps'], deadline = first_plan(*args, **kwargs)
+    return first['steps'], deadline
+
+  monkeypatch.setattr(time_budget, 'first_plan', recording_first_plan)
+  # From step 100 on, every step takes 40 ms more: several times slower.
+  _slow_down_from(monkeypatch, 100, 0.04)
+  t_start = time.monotonic()
+  report = train.train_and_evaluate(smoke_config, str(tmp_path), t_start)
+  elapsed = time.monotonic() - t_start
+  assert report['test']['num_images'] == 80  # the final report is written
+  assert elapsed <= budget_minutes * 60
+  with checkpoint.Checkpoints(tmp_path) as ckpts:
+    meta = ckpts.read_meta('latest')
+  plan = time_budget.Plan.from_meta(meta)
+  # Re-planned shorter, and the schedule completed on the last step.
+  assert 100 < meta['step'] == plan.end_step < first['steps']
+  assert plan.horizon == first['steps']
+  schedule = optimizers.learning_rate_schedule(
+      smoke_config.optim, plan.horizon, 16, smoke_config.train.batch_size
+  )
+  records = [
+      json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()
+  ]
+  last = [r for r in records if r['split'] == 'train'][-1]
+  assert last['step'] == plan.end_step
+  np.testing.assert_allclose(
+      last['learning_rate'],
+      schedule(plan.position(plan.end_step - 1)),
+      rtol=1e-5,
+  )
+  assert plan.position(plan.end_step - 1) > 0.95 * plan.horizon
