@@ -46,12 +46,19 @@ def _deadline(ends_at, step_seconds=0.1, validation_seconds=1.0):
 
 def test_the_last_step_leaves_room_for_validations_and_the_final_evaluation():
   deadline = _deadline(ends_at=100.0)
-  # 100 s less 5 s of final evaluation and 2 s of slack, less the last
-  # step's validation (1 s): 92 s at 0.1 s a step and 1 s every 10 steps.
-  assert deadline.last_step(0, now=0.0) == 460
-  assert deadline.last_step(300, now=80.0) == 300 + 60
+  # 100 s less 5 s of final evaluation and 2 s of slack: 93 s for steps of
+  # 0.1 s, a 1 s validation every 10 steps and one after the last.
+  assert deadline.last_step(0, validating=False, now=0.0) == 460
+  assert time_budget.validations(0, 460, 10) == 46  # 46 + 46 = 92 s
+  # From step 305, 12.5 s: 55 steps to 360 take 5.5 s and 6 validations;
+  # 56 would end at 361 and validate once more (12.6 s).
+  assert deadline.last_step(305, validating=False, now=80.5) == 360
+  assert time_budget.validations(305, 361, 10) == 7
+  # A validation due at this step comes first: 11.75 s from step 300 fit
+  # 57 steps and 6 validations.
+  assert deadline.last_step(300, validating=True, now=80.25) == 357
   # Past the deadline: no more steps.
-  assert deadline.last_step(300, now=99.0) == 300
+  assert deadline.last_step(300, validating=False, now=99.0) == 300
 
 
 def test_the_step_time_follows_the_recent_windows():
@@ -84,41 +91,53 @@ def test_a_budget_without_room_for_a_validation_is_refused():
     )
 
 
-def _slow_down_from(monkeypatch, step, seconds):
-  """Makes every batch of the next run from `step` on take `seconds`."""
+def _before_each_step(monkeypatch, hook):
+  """Calls hook(step) before the next runs' training loops take the batch
+  of each step (the throwaway steps timed at the start are left alone)."""
   make_pipeline = pipelines.make
 
-  def slowing_pipeline(*args, **kwargs):
+  def hooked_pipeline(*args, **kwargs):
     pipeline = make_pipeline(*args, **kwargs)
     batches = pipeline.batches
 
-    def slower(start, end):
+    def hooked(start, end):
       for i, b in enumerate(batches(start, end)):
-        if start + i >= step:
-          time.sleep(seconds)
+        if end > time_budget.STEPS_TIMED:
+          hook(start + i)
         yield b
 
-    pipeline.batches = slower
+    pipeline.batches = hooked
     return pipeline
 
-  monkeypatch.setattr(pipelines, 'make', slowing_pipeline)
+  monkeypatch.setattr(pipelines, 'make', hooked_pipeline)
+
+
+def _recording_first_plans(monkeypatch) -> list[int]:
+  """The last steps that the next runs' first plans choose."""
+  plans = []
+  first_plan = time_budget.first_plan
+
+  def recording(*args, **kwargs):
+    end_step, deadline = first_plan(*args, **kwargs)
+    plans.append(end_step)
+    return end_step, deadline
+
+  monkeypatch.setattr(time_budget, 'first_plan', recording)
+  return plans
 
 
 def test_a_run_that_slows_down_still_ends_in_its_budget(
     smoke_config, tmp_path, monkeypatch
 ):
-  budget_minutes = 0.5
+  budget_minutes = 0.75
   smoke_config.train.time_budget_minutes = budget_minutes
-  first = {}
-  first_plan = time_budget.first_plan
-
-  def recording_first_plan(*args, **kwargs):
-    first['steps'], deadline = first_plan(*args, **kwargs)
-    return first['steps'], deadline
-
-  monkeypatch.setattr(time_budget, 'first_plan', recording_first_plan)
-  # From step 100 on, every step takes 40 ms more: several times slower.
-  _slow_down_from(monkeypatch, 100, 0.04)
+  first = _recording_first_plans(monkeypatch)
+  # A third of the way through the first plan, every step starts taking
+  # 40 ms more: several times slower.
+  _before_each_step(
+      monkeypatch,
+      lambda step: time.sleep(0.04) if step >= first[0] // 3 else None,
+  )
   t_start = time.monotonic()
   report = train.train_and_evaluate(smoke_config, str(tmp_path), t_start)
   elapsed = time.monotonic() - t_start
@@ -128,8 +147,8 @@ def test_a_run_that_slows_down_still_ends_in_its_budget(
     meta = ckpts.read_meta('latest')
   plan = time_budget.Plan.from_meta(meta)
   # Re-planned shorter, and the schedule completed on the last step.
-  assert 100 < meta['step'] == plan.end_step < first['steps']
-  assert plan.horizon == first['steps']
+  assert first[0] // 3 < meta['step'] == plan.end_step < first[0]
+  assert plan.horizon == first[0]
   schedule = optimizers.learning_rate_schedule(
       smoke_config.optim, plan.horizon, 16, smoke_config.train.batch_size
   )
@@ -144,3 +163,35 @@ def test_a_run_that_slows_down_still_ends_in_its_budget(
       rtol=1e-5,
   )
   assert plan.position(plan.end_step - 1) > 0.95 * plan.horizon
+
+
+def test_a_budgeted_run_resumes_its_plan_with_what_is_left(
+    smoke_config, tmp_path, monkeypatch
+):
+  budget_minutes = 0.5
+  smoke_config.train.time_budget_minutes = budget_minutes
+  first = _recording_first_plans(monkeypatch)
+
+  killed = []
+
+  def killed_once_at_step_40(step):
+    if step == 40 and not killed:
+      killed.append(step)
+      raise RuntimeError('simulated kill')
+
+  _before_each_step(monkeypatch, killed_once_at_step_40)
+  with pytest.raises(RuntimeError, match='simulated kill'):
+    train.train_and_evaluate(smoke_config, str(tmp_path))
+  with checkpoint.Checkpoints(tmp_path) as ckpts:
+    saved = ckpts.read_meta('latest')
+  assert saved['step'] == 32 and saved['budget_seconds_used'] > 0
+  # The rerun does not plan afresh: it goes on with the saved plan's
+  # schedule and the budget that is left.
+  train.train_and_evaluate(smoke_config, str(tmp_path))
+  assert len(first) == 1
+  with checkpoint.Checkpoints(tmp_path) as ckpts:
+    meta = ckpts.read_meta('latest')
+  plan = time_budget.Plan.from_meta(meta)
+  assert plan.horizon == time_budget.Plan.from_meta(saved).horizon == first[0]
+  assert 32 < meta['step'] == plan.end_step
+  assert meta['budget_seconds_used'] <= budget_minutes * 60

@@ -91,7 +91,7 @@ class Plan:
   def position(self, step: int) -> float:
     """The schedule position of the update that step `step` + 1 makes
     (optax's convention: the first update is at position 0)."""
-    if self.end_step <= self.anchor_step:
+    if step >= self.end_step:  # exactly, whatever the rounding on the way
       return float(self.horizon)
     pace = (self.horizon - self.anchor_position) / (
         self.end_step - self.anchor_step
@@ -173,14 +173,16 @@ class Deadline:
     """Held back for the final evaluation, and as slack."""
     return self._final_seconds(self.timings) + self._slack
 
-  def last_step(self, step: int, now: float | None = None) -> int:
-    """The last step that, from step `step` at `now`, ends in time."""
+  def last_step(
+      self, step: int, *, validating: bool, now: float | None = None
+  ) -> int:
+    """The last step that, from step `step` at `now`, ends in time;
+    validating: step `step`'s own validation is still to run."""
     now = time.monotonic() if now is None else now
-    return step + steps_that_fit(
-        self.ends_at - now - self.reserved_seconds(),
-        self.timings,
-        self._eval_every,
-    )
+    seconds = self.ends_at - now - self.reserved_seconds()
+    if validating:
+      seconds -= self.timings.validation_seconds
+    return step + steps_that_fit(seconds, self.timings, self._eval_every, step)
 
   def as_meta(self, used_seconds: float) -> dict[str, Any]:
     return {
@@ -189,12 +191,29 @@ class Deadline:
     }
 
 
-def steps_that_fit(seconds: float, timings: Timings, eval_every: int) -> int:
-  """Steps, with a validation every eval_every and one after the last."""
-  per_step = timings.step_seconds + timings.validation_seconds / eval_every
-  return max(
-      math.floor((seconds - timings.validation_seconds) / per_step), 0
+def validations(step: int, end_step: int, eval_every: int) -> int:
+  """The validations of steps step + 1 .. end_step: every eval_every-th,
+  and the last."""
+  regular = end_step // eval_every - step // eval_every
+  return regular + (end_step > step and end_step % eval_every != 0)
+
+
+def steps_that_fit(
+    seconds: float, timings: Timings, eval_every: int, step: int = 0
+) -> int:
+  """How many steps after `step`, with their validations, take at most
+  `seconds`."""
+  cost = lambda n: n * timings.step_seconds + timings.validation_seconds * (
+      validations(step, step + n, eval_every)
   )
+  per_step = timings.step_seconds + timings.validation_seconds / eval_every
+  n = max(math.floor((seconds - timings.validation_seconds) / per_step), 0)
+  # From that estimate to the exact count: validations fall unevenly.
+  while n > 0 and cost(n) > seconds:
+    n -= 1
+  while cost(n + 1) <= seconds:
+    n += 1
+  return n
 
 
 def first_plan(
@@ -206,8 +225,10 @@ def first_plan(
     validate: Callable[[], Any],
     eval_every: int,
     final_seconds: Callable[[Timings], float],
+    start: int = 0,
 ) -> tuple[int, Deadline]:
-  """The steps that fit in the budget, and its deadline.
+  """The last step that fits in the budget from step `start`, and the
+  deadline.
 
   run_step(batch) runs one step of a throwaway state and returns something
   to wait for; validate() runs one validation pass of it; `batches` yields
@@ -237,8 +258,8 @@ def first_plan(
       eval_every=eval_every,
       final_seconds=final_seconds,
   )
-  steps = deadline.last_step(0)
-  if steps < 1:
+  end_step = deadline.last_step(start, validating=False)
+  if end_step <= start:
     left = deadline.ends_at - time.monotonic()
     raise errors.ConfigError(
         f'train.time_budget_minutes={budget_minutes:g} leaves '
@@ -249,7 +270,7 @@ def first_plan(
         f'({deadline.reserved_seconds():.0f} s with slack); raise it.'
     )
   logging.info(
-      'Time budget %.1f min: %.3f s/step, validation %.1f s every %d '
+      'Time budget %g min: %.3f s/step, validation %.1f s every %d '
       'steps, %.0f s left, %.0f s of it kept for the final evaluation -> '
       '%d steps, re-planned as the run goes.',
       budget_minutes,
@@ -258,6 +279,6 @@ def first_plan(
       eval_every,
       deadline.ends_at - time.monotonic(),
       deadline.reserved_seconds(),
-      steps,
+      end_step - start,
   )
-  return steps, deadline
+  return end_step, deadline

@@ -211,6 +211,21 @@ def train_and_evaluate(
             eval_every=eval_every,
             final_seconds=final_seconds,
         )
+        start = int(origin_meta['step'])
+        plan = _replan(plan, deadline, start, validating=False)
+        logging.info(
+            'The time budget has %.0f s left of %.0f: the run goes on to '
+            'step %d.',
+            deadline.ends_at - time.monotonic(),
+            budget,
+            plan.end_step,
+        )
+      elif budget > 0:
+        logging.info(
+            'This run was saved before time budgets were re-planned: it '
+            'resumes its fixed plan of %d steps.',
+            plan.end_step,
+        )
     elif budget > 0:
       end_step, deadline = _first_plan(
           config,
@@ -225,6 +240,8 @@ def train_and_evaluate(
           len(data.train),
           t_start,
           final_seconds,
+          # train.resume_from: the steps from the other run's on.
+          start=int(origin_meta['step']) if origin is not None else 0,
       )
       plan = time_budget.Plan.fixed(end_step)
     else:
@@ -303,7 +320,8 @@ def train_and_evaluate(
       if log_now or validate_now or stopping_now:
         # Steps run asynchronously: float() waits for them, then the clock.
         scalars = {k: float(v) for k, v in window.compute().items()}
-        seconds = time.monotonic() - t_window
+        now = time.monotonic()
+        seconds = now - t_window
         stopping.stop_if_diverged(scalars, window_start, step, ckpts, config)
         train_seconds += seconds
         scalars.update(
@@ -317,11 +335,15 @@ def train_and_evaluate(
         )
         if deadline and (log_now or validate_now):
           deadline.observe_window(step - window_start, seconds)
-          plan = _replan(plan, deadline, step)
+          plan = _replan(
+              plan, deadline, step, validating=step % eval_every == 0
+          )
           logged_plan = _log_plan(logged_plan, plan, deadline, step)
           validate_now = step % eval_every == 0 or step == plan.end_step
         window, window_start = metrics_cls.empty(), step
-        t_window = time.monotonic()
+        # The windows tile the clock: logging and re-planning count as
+        # training time.
+        t_window = now
       report_progress(step)
       if validate_now or stopping_now:
         val_score = None
@@ -356,6 +378,7 @@ def train_and_evaluate(
       if stopping_now:
         ckpts.wait()  # the save is asynchronous; finish it first
         raise stopping.Stopped(stop_now, step, workdir)
+    batches.close()  # a budgeted run's pipeline stops prefetching
     ckpts.wait()
     writer.flush()
     if not config.train.final_evaluation:
@@ -388,14 +411,21 @@ _UNBOUNDED = 2**31 - 1
 
 
 def _replan(
-    plan: time_budget.Plan, deadline: time_budget.Deadline, step: int
+    plan: time_budget.Plan,
+    deadline: time_budget.Deadline,
+    step: int,
+    *,
+    validating: bool,
 ) -> time_budget.Plan:
-  """The plan that ends in time from `step`: process 0's clock decides for
-  every process. A schedule already at its end is not stretched."""
-  end_step = distributed.from_process_0(deadline.last_step(step))
-  if end_step == plan.end_step or (
-      end_step > plan.end_step and plan.position(step) >= plan.horizon
-  ):
+  """The plan that ends in time from `step` (validating: the step's own
+  validation is still to run): process 0's clock decides for every process.
+  A plan at its end stays there."""
+  if step >= plan.end_step:
+    return plan
+  end_step = distributed.from_process_0(
+      deadline.last_step(step, validating=validating)
+  )
+  if end_step == plan.end_step:
     return plan
   return plan.ending_at(step, end_step)
 
@@ -442,9 +472,11 @@ def _first_plan(
     num_train: int,
     t_start: float,
     final_seconds: Callable,
+    start: int,
 ) -> tuple[int, time_budget.Deadline]:
-  """Times steps of a throwaway state (see vitjax/time_budget.py). Every
-  process times the same steps; process 0's clock decides for all."""
+  """The last step that fits from step `start`, timed on steps of a
+  throwaway state (see vitjax/time_budget.py). Every process times the same
+  steps; process 0's clock decides for all."""
   provisional = math.ceil(
       config.train.epochs * num_train / config.train.batch_size
   )
@@ -466,6 +498,7 @@ def _first_plan(
         validate=lambda: validate(state.params),
         eval_every=eval_every,
         final_seconds=final_seconds,
+        start=start,
     )
   except errors.UserError as e:
     error = e
