@@ -88,6 +88,9 @@ def base() -> ConfigDict:
   c.model.stem = 'conv'  # 'patch' (strided conv) | 'conv' (3x3 convs first)
   c.model.dropout = 0.0
   c.model.attention_dropout = 0.0
+  # PatchDropout: the share of patch tokens each training image drops (ViT
+  # only; evaluation sees them all).
+  c.model.patch_dropout = 0.0
   c.model.drop_path = 0.1
   # Compute dtype ('float32' | 'bfloat16' | 'auto': bfloat16 where the
   # machine computes it natively); parameters stay float32.

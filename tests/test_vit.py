@@ -7,11 +7,11 @@ from jax import lax
 import numpy as np
 import pytest
 
-from configs import common, vit as vit_config
-from vitjax import models
+from configs import common, dynamic_vit as dvit_config, vit as vit_config
+from vitjax import errors, models
 from vitjax.evaluators import cost
 from vitjax.models import attention, bf16_dot, dense
-from vitjax.models.vit import EncoderBlock
+from vitjax.models.vit import EncoderBlock, ViT
 
 
 def _model(variant, **kw):
@@ -63,6 +63,49 @@ def test_train_mode_uses_dropout_keys_and_eval_is_deterministic():
       {'params': params}, x, train=True, rngs={'dropout': jax.random.key(k)}
   )[1]['tokens']
   assert not np.allclose(tr(0), tr(1))
+
+
+def test_patch_dropout_trains_on_a_random_subset_and_evaluates_on_all():
+  model = _model('nano/4', patch_dropout=0.5)
+  params = _params(model)
+  images = jax.random.randint(jax.random.key(1), (3, 32, 32, 3), 0, 256)
+  images = images.astype(jnp.uint8)
+
+  def final_patch_tokens(key, train):
+    return model.apply(
+        {'params': params}, images, train=train, rngs={'dropout': key}
+    )[1]['tokens']
+
+  key = jax.random.key(0)
+  assert final_patch_tokens(key, False).shape == (3, 64, 32)
+  kept = final_patch_tokens(key, True)
+  assert kept.shape == (3, 32, 32)  # half of the 64 patches
+  np.testing.assert_array_equal(kept, final_patch_tokens(key, True))
+  assert not np.allclose(kept, final_patch_tokens(jax.random.key(1), True))
+  # The class token stays first; each image keeps its own distinct patches.
+  tokens = model.apply(
+      {'params': params}, images, train=False, method=ViT.tokens
+  )
+  dropped = model.apply(
+      {'params': params}, tokens, rngs={'dropout': key},
+      method=ViT._drop_patches,
+  )
+  np.testing.assert_array_equal(dropped[:, 0], tokens[:, 0])
+  picked = []
+  for image_tokens, image_kept in zip(
+      np.asarray(tokens[:, 1:]), np.asarray(dropped[:, 1:])
+  ):
+    same = np.all(image_kept[:, None] == image_tokens[None], axis=-1)
+    assert np.all(same.sum(1) == 1)  # every kept token is one patch
+    picked.append(frozenset(np.argmax(same, 1)))
+  assert all(len(p) == 32 for p in picked) and len(set(picked)) == 3
+
+
+def test_the_sparse_models_refuse_patch_dropout():
+  c = dvit_config.get_config('smoke')
+  c.model.patch_dropout = 0.5
+  with pytest.raises(errors.ConfigError, match='sparse models take 0'):
+    _params(models.create(c.model, num_classes=10))
 
 
 def test_masked_attention_equals_attention_over_the_kept_tokens():

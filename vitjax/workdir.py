@@ -83,7 +83,7 @@ def _in_use(workdir: Path, holder: str) -> errors.UserError:
 # Config fields added after runs were saved, with the value those runs ran
 # with: a run saved without them resumes under the same command.
 _ADDED_SINCE = {
-    'model': {'kernels': 'cpu'},
+    'model': {'kernels': 'cpu', 'patch_dropout': 0.0},
     'train': {'resume_from': '', 'final_evaluation': True},
     # How a checkpoint is evaluated in int8 is not part of its training:
     # older runs take today's defaults.

@@ -234,6 +234,11 @@ class ViT(nn.Module):
   dropout: float = 0.0
   attention_dropout: float = 0.0
   drop_path: float = 0.0  # rate of the last block; rises linearly from 0
+  # PatchDropout (Liu et al. 2022): in training, each image keeps a random
+  # (1 - patch_dropout) of its patch tokens (and its class token) from the
+  # first block on; evaluation sees them all. Fewer tokens make a cheaper
+  # step. The ViT's alone: the sparse models choose their own tokens.
+  patch_dropout: float = 0.0
   dtype: str = 'float32'  # compute dtype: 'float32' | 'bfloat16'
   # 'cpu': the hand-written kernels for XLA:CPU (attention's backward pass,
   # Dense bias gradients as matmuls; with bfloat16, Bf16Dot); 'xla': the
@@ -248,6 +253,14 @@ class ViT(nn.Module):
 
   def setup(self):
     dtype = compute_dtype(self.dtype)
+    if not 0.0 <= self.patch_dropout < 1.0 or (
+        self.patch_dropout and type(self) is not ViT
+    ):
+      raise errors.ConfigError(
+          f'model.patch_dropout={self.patch_dropout:g}: the ViT drops a '
+          'share in [0, 1) of its patch tokens in training; the sparse '
+          'models take 0.'
+      )
     if self.kernels not in ('cpu', 'xla'):
       raise errors.ConfigError(
           f"ViT.kernels={self.kernels!r}: expected 'cpu' or 'xla' ('auto' "
@@ -286,6 +299,16 @@ class ViT(nn.Module):
     """[batch, 1 + patches, dim]: class token first."""
     return self.embed_dropout(self.embed(images), deterministic=not train)
 
+  def _drop_patches(self, x: Array) -> Array:
+    """The class token and a random subset of each image's patch tokens,
+    drawn from the 'dropout' stream (a step's key)."""
+    b, n = x.shape[0], x.shape[1] - 1
+    keep = max(1, round((1.0 - self.patch_dropout) * n))
+    scores = jax.random.uniform(self.make_rng('dropout'), (b, n))
+    _, kept = jax.lax.top_k(scores, keep)
+    patches = jnp.take_along_axis(x[:, 1:], kept[..., None], axis=1)
+    return jnp.concatenate([x[:, :1], patches], axis=1)
+
   def classify(self, x: Array) -> tuple[Array, dict[str, Array]]:
     """Final norm and head on a [batch, tokens, dim] sequence (cls first)."""
     x = self.encoder_norm(x)
@@ -300,6 +323,8 @@ class ViT(nn.Module):
       self, images: Array, *, train: bool
   ) -> tuple[Array, dict[str, Array]]:
     x = self.tokens(images, train=train)
+    if train and self.patch_dropout:
+      x = self._drop_patches(x)
     for block in self.blocks:
       x = block(x, deterministic=not train)
     return self.classify(x)
