@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from configs import avit as avit_config, dynamic_vit as dvit_config
-from vitjax import checkpoint, evaluate, optimizers, serving, sharding, train
+from vitjax import checkpoint, errors, evaluate, optimizers, serving, sharding, train
 from vitjax.data import sources
 
 
@@ -197,6 +197,10 @@ def test_the_dense_control_is_dynamic_vit_training_without_dropping(
   ]
   last = [r for r in records if r['split'] == 'train'][-1]
   assert {'kl_loss', 'token_loss'} <= set(last) and 'ratio_loss' not in last
+  # It keeps every token: PatchDropout is refused.
+  c.model.patch_dropout = 0.5
+  with pytest.raises(errors.ConfigError, match='keeps every token'):
+    train.train_and_evaluate(c, str(tmp_path / 'control_dropping'))
 
 
 def test_a_teacher_trained_on_another_split_is_refused(

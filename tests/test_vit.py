@@ -7,7 +7,8 @@ from jax import lax
 import numpy as np
 import pytest
 
-from configs import common, dynamic_vit as dvit_config, vit as vit_config
+from configs import avit as avit_config, common
+from configs import dynamic_vit as dvit_config, vit as vit_config
 from vitjax import errors, models
 from vitjax.evaluators import cost
 from vitjax.models import attention, bf16_dot, dense
@@ -78,6 +79,12 @@ def test_patch_dropout_trains_on_a_random_subset_and_evaluates_on_all():
 
   key = jax.random.key(0)
   assert final_patch_tokens(key, False).shape == (3, 64, 32)
+  # Evaluation is the model without patch dropout.
+  full = _model('nano/4')
+  np.testing.assert_array_equal(
+      model.apply({'params': params}, images, train=False)[0],
+      full.apply({'params': params}, images, train=False)[0],
+  )
   kept = final_patch_tokens(key, True)
   assert kept.shape == (3, 32, 32)  # half of the 64 patches
   np.testing.assert_array_equal(kept, final_patch_tokens(key, True))
@@ -101,10 +108,13 @@ def test_patch_dropout_trains_on_a_random_subset_and_evaluates_on_all():
   assert all(len(p) == 32 for p in picked) and len(set(picked)) == 3
 
 
-def test_the_sparse_models_refuse_patch_dropout():
-  c = dvit_config.get_config('smoke')
+@pytest.mark.parametrize('name', ['dynamic_vit', 'avit'])
+def test_the_sparse_models_refuse_patch_dropout(name):
+  c = (dvit_config if name == 'dynamic_vit' else avit_config).get_config(
+      'smoke'
+  )
   c.model.patch_dropout = 0.5
-  with pytest.raises(errors.ConfigError, match='sparse models take 0'):
+  with pytest.raises(errors.ConfigError, match='choose their own tokens'):
     _params(models.create(c.model, num_classes=10))
 
 

@@ -56,6 +56,14 @@ def build(
   # DynamicViT, A-ViT, and the ViT trained as a DynamicViT control, start
   # from a ViT run (config.sparse.init_from).
   finetuned = 'sparse' in config
+  if finetuned and config.model.patch_dropout:
+    # Their objective compares every token with the teacher's; the control
+    # (configs/dynamic_vit.py:cpu_dense) is DynamicViT without dropping.
+    raise errors.ConfigError(
+        f'model.patch_dropout={config.model.patch_dropout:g}: a fine-tune '
+        'from a ViT (a config with a sparse section) keeps every token; '
+        'set it to 0.'
+    )
   teacher = None
   if finetuned:
     teacher = finetune.load_teacher(

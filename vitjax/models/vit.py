@@ -235,9 +235,11 @@ class ViT(nn.Module):
   attention_dropout: float = 0.0
   drop_path: float = 0.0  # rate of the last block; rises linearly from 0
   # PatchDropout (Liu et al. 2022): in training, each image keeps a random
-  # (1 - patch_dropout) of its patch tokens (and its class token) from the
-  # first block on; evaluation sees them all. Fewer tokens make a cheaper
-  # step. The ViT's alone: the sparse models choose their own tokens.
+  # (1 - patch_dropout) of its patch tokens (rounded, at least one) and its
+  # class token from the first block on; evaluation sees them all. Fewer
+  # tokens make a cheaper step. The ViT's alone: the sparse models choose
+  # their own tokens. With the conv stem the kept tokens have seen their
+  # neighbours' pixels, a milder regulariser than with patches.
   patch_dropout: float = 0.0
   dtype: str = 'float32'  # compute dtype: 'float32' | 'bfloat16'
   # 'cpu': the hand-written kernels for XLA:CPU (attention's backward pass,
@@ -253,13 +255,15 @@ class ViT(nn.Module):
 
   def setup(self):
     dtype = compute_dtype(self.dtype)
-    if not 0.0 <= self.patch_dropout < 1.0 or (
-        self.patch_dropout and type(self) is not ViT
-    ):
+    if not 0.0 <= self.patch_dropout < 1.0:
       raise errors.ConfigError(
-          f'model.patch_dropout={self.patch_dropout:g}: the ViT drops a '
-          'share in [0, 1) of its patch tokens in training; the sparse '
-          'models take 0.'
+          f'model.patch_dropout={self.patch_dropout:g}: the share of patch '
+          'tokens dropped in training must be in [0, 1).'
+      )
+    if self.patch_dropout and type(self) is not ViT:
+      raise errors.ConfigError(
+          f'model.patch_dropout={self.patch_dropout:g}: the sparse models '
+          'choose their own tokens; set it to 0.'
       )
     if self.kernels not in ('cpu', 'xla'):
       raise errors.ConfigError(
