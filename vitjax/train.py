@@ -378,7 +378,6 @@ def train_and_evaluate(
       if stopping_now:
         ckpts.wait()  # the save is asynchronous; finish it first
         raise stopping.Stopped(stop_now, step, workdir)
-    batches.close()  # a budgeted run's pipeline stops prefetching
     ckpts.wait()
     writer.flush()
     if not config.train.final_evaluation:
