@@ -31,6 +31,9 @@ def get_config(arg=None):
   # The backbone, data, augmentation and batch of the ViT it starts from.
   c = vit.get_config(preset)
   c.model.name = 'avit'
+  # The ViT's PatchDropout is for training from scratch: a fine-tune keeps
+  # every token (and its objective compares them with the teacher's).
+  c.model.patch_dropout = 0.0
   c.model.gate_scale = 10.0  # gamma, as the official code
   c.model.gate_center = 10.0  # beta; replaced by the calibration below
   c.model.halting_eps = 0.01

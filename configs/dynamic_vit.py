@@ -36,6 +36,9 @@ def get_config(arg=None):
   # The backbone, data, augmentation and batch of the ViT it starts from.
   c = vit.get_config(preset)
   c.model.name = 'dynamic_vit'
+  # The ViT's PatchDropout is for training from scratch: a fine-tune keeps
+  # every token (and its objective compares them with the teacher's).
+  c.model.patch_dropout = 0.0
   c.model.keep_ratio = 0.7
   c.model.stage_blocks = ()  # () = ceil(D/4), ceil(D/2), ceil(3D/4)
   c.model.gumbel_tau = 1.0

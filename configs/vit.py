@@ -14,10 +14,12 @@ Default (no argument), the GPU recipe:
 Presets, as config arguments (`configs/vit.py:cpu`):
   cpu    the 20-minute 2-core CPU sprint (its time budget is in the config):
            python -m vitjax.main --config=configs/vit.py:cpu --workdir=checkpoints/vit_cpu
-         measured: 69.65% balanced test accuracy on a 2-core AMD EPYC
-         Zen 4 (13.1 epochs in the 20 minutes); before the correctness
-         review, 68.2% on an Intel Xeon with AMX (13.9 epochs) and 57.5% on
-         an AMD EPYC Zen 3 (4.7 epochs: no native bfloat16 there);
+         measured: 72.85% balanced test accuracy on a 2-core AMD EPYC
+         Zen 4 (38.0 epochs in the 20 minutes, PatchDropout 0.75); without
+         PatchDropout 69.65% there (13.1 epochs), and before the
+         correctness review 68.2% on an Intel Xeon with AMX (13.9 epochs)
+         and 57.5% on an AMD EPYC Zen 3 (4.7 epochs in bfloat16, which
+         `auto` no longer picks there);
   seed   the course's own model (patch 8, dim 384, 6x6, 10.7M parameters),
          for speed comparisons (scripts/benchmark.py); the course trained it
          to 75.6% in 350 epochs;

@@ -40,3 +40,12 @@ def test_the_dense_control_preset_is_the_cpu_preset_without_dropping():
   for field in ('keep_ratio', 'stage_blocks', 'gumbel_tau'):
     del sparse['model'][field]
   assert control == sparse
+
+
+@pytest.mark.parametrize(
+    'module, preset', [(m, p) for m in (avit, dynamic_vit) for p in m.PRESETS]
+)
+def test_fine_tunes_keep_every_token_whatever_the_vit_trained_with(
+    module, preset
+):
+  assert module.get_config(preset).model.patch_dropout == 0.0

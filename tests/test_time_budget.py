@@ -153,7 +153,8 @@ def test_a_run_that_slows_down_still_ends_in_its_budget(
       smoke_config.optim, plan.horizon, 16, smoke_config.train.batch_size
   )
   records = [
-      json.loads(l) for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()
+      json.loads(l)
+      for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()
   ]
   last = [r for r in records if r['split'] == 'train'][-1]
   assert last['step'] == plan.end_step

@@ -245,7 +245,10 @@ def test_two_devices_give_the_same_loss_as_one(smoke_config):
     rates = {'learning_rate': jnp.float32(1e-3)}
     state = jax.jit(
         lambda key: train_state.create(
-            model, train_state.init_params(model, key), optimizer.structure(), False
+            model,
+            train_state.init_params(model, key),
+            optimizer.structure(),
+            False,
         ),
         out_shardings=sharding.replicated(mesh),
     )(jax.random.key(0))

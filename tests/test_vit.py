@@ -94,7 +94,9 @@ def test_patch_dropout_trains_on_a_random_subset_and_evaluates_on_all():
       {'params': params}, images, train=False, method=ViT.tokens
   )
   dropped = model.apply(
-      {'params': params}, tokens, rngs={'dropout': key},
+      {'params': params},
+      tokens,
+      rngs={'dropout': key},
       method=ViT._drop_patches,
   )
   np.testing.assert_array_equal(dropped[:, 0], tokens[:, 0])

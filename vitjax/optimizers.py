@@ -93,7 +93,9 @@ def with_clipping(
   return optax.chain(optax.clip_by_global_norm(optim_cfg.grad_clip_norm), tx)
 
 
-def make_optimizer(optim_cfg, steps_per_epoch: int, batch_size: int) -> Optimizer:
+def make_optimizer(
+    optim_cfg, steps_per_epoch: int, batch_size: int
+) -> Optimizer:
   """AdamW on every parameter, after gradient clipping."""
 
   def schedules(horizon):
@@ -103,7 +105,9 @@ def make_optimizer(optim_cfg, steps_per_epoch: int, batch_size: int) -> Optimize
     return lambda position: {'learning_rate': schedule(position)}
 
   return Optimizer(
-      at=lambda r: with_clipping(optim_cfg, adamw(optim_cfg, r['learning_rate'])),
+      at=lambda r: with_clipping(
+          optim_cfg, adamw(optim_cfg, r['learning_rate'])
+      ),
       schedules=schedules,
   )
 

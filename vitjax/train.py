@@ -312,9 +312,7 @@ def train_and_evaluate(
       log_now = step % log_every == 0
       validate_now = step % eval_every == 0 or step == plan.end_step
       stop_now = (
-          stop.agreed()
-          if stop_every_step or log_now or validate_now
-          else None
+          stop.agreed() if stop_every_step or log_now or validate_now else None
       )
       stopping_now = stop_now is not None
       if log_now or validate_now or stopping_now:
@@ -367,9 +365,7 @@ def train_and_evaluate(
             'train_seconds': train_seconds,
         }
         if deadline:
-          meta |= deadline.as_meta(
-              budget_used + time.monotonic() - t_start
-          )
+          meta |= deadline.as_meta(budget_used + time.monotonic() - t_start)
         ckpts.save(state, meta, val_score)
         writer.flush()
         if deadline and validate_now:
