@@ -46,19 +46,19 @@ def _deadline(ends_at, step_seconds=0.1, validation_seconds=1.0):
 
 def test_the_last_step_leaves_room_for_validations_and_the_final_evaluation():
   deadline = _deadline(ends_at=100.0)
-  # 100 s less 5 s of final evaluation and 2 s of slack: 93 s for steps of
+  # 100 s less 5 s of final evaluation and 5 s of slack: 90 s for steps of
   # 0.1 s, a 1 s validation every 10 steps and one after the last.
-  assert deadline.last_step(0, validating=False, now=0.0) == 460
-  assert time_budget.validations(0, 460, 10) == 46  # 46 + 46 = 92 s
+  assert deadline.last_step(0, validating=False, now=0.0) == 450
+  assert time_budget.validations(0, 450, 10) == 45  # 45 + 45 = 90 s
   # From step 305, 12.5 s: 55 steps to 360 take 5.5 s and 6 validations;
   # 56 would end at 361 and validate once more (12.6 s).
-  assert deadline.last_step(305, validating=False, now=80.5) == 360
+  assert deadline.last_step(305, validating=False, now=77.5) == 360
   assert time_budget.validations(305, 361, 10) == 7
   # A validation due at this step comes first: 11.75 s from step 300 fit
   # 57 steps and 6 validations.
-  assert deadline.last_step(300, validating=True, now=80.25) == 357
+  assert deadline.last_step(300, validating=True, now=77.25) == 357
   # Past the deadline: no more steps.
-  assert deadline.last_step(300, validating=False, now=99.0) == 300
+  assert deadline.last_step(300, validating=False, now=96.0) == 300
 
 
 def test_the_step_time_follows_the_recent_windows():

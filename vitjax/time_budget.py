@@ -44,7 +44,7 @@ STEPS_TIMED = _WARMUP_STEPS + _TIMED_STEPS  # the batches first_plan takes
 _RECENT_SECONDS = 10.0
 # Held back at the end against the estimates' errors: this share of the
 # budget, and at least _MIN_SLACK_SECONDS.
-_SLACK, _MIN_SLACK_SECONDS = 0.01, 2.0
+_SLACK, _MIN_SLACK_SECONDS = 0.01, 5.0
 
 
 def process_start() -> float:
