@@ -93,6 +93,11 @@ class Plan:
     (optax's convention: the first update is at position 0)."""
     if step >= self.end_step:  # exactly, whatever the rounding on the way
       return float(self.horizon)
+    if step < self.anchor_step:
+      raise ValueError(
+          f'Step {step} ran under an earlier plan: this one starts at step '
+          f'{self.anchor_step}.'
+      )
     pace = (self.horizon - self.anchor_position) / (
         self.end_step - self.anchor_step
     )
