@@ -210,7 +210,7 @@ def test_macs_at_rho_07_with_predictors():
 
 def test_no_halting_gives_the_dense_logits():
   vit, dense = _dense_params()
-  model = avit.AViT(**SIZES, gate_center=1e9)
+  model = avit.AViT(**SIZES, gate_center=1e9, compact_max_batch=0)
   x = _images()
   logits, aux = model.apply({'params': dense}, x, train=False)
   np.testing.assert_allclose(
@@ -226,7 +226,10 @@ def _calibrated(target=2.0):
       'gate_inputs'
   ]
   beta = avit.calibrate_gate_center(np.asarray(inputs), 10.0, target)
-  return avit.AViT(**SIZES, gate_center=beta), dense, inputs, beta
+  # The masked path at every batch size (the compact one is tested
+  # against it).
+  model = avit.AViT(**SIZES, gate_center=beta, compact_max_batch=0)
+  return model, dense, inputs, beta
 
 
 def test_calibration_hits_the_target_halting_sum():
@@ -256,6 +259,35 @@ def test_masked_and_token_removal_paths_agree():
   np.testing.assert_array_equal(np.argmax(l1, -1), np.argmax(l2, -1))
   np.testing.assert_allclose(l1, l2, atol=1e-4)
   np.testing.assert_array_equal(a1['depth'], a2['depth'])
+
+
+def test_the_compact_path_computes_what_the_masked_path_does():
+  widths_run = set()
+  # Little halting, strong halting, and every token halting at block 0.
+  for target in (0.3, 2.0, 6.0):
+    masked, params, _, _ = _calibrated(target)
+    compact = masked.clone(compact_max_batch=16)
+    for x in (_images(1, seed=7), _images(5, seed=8)):
+      l1, a1 = masked.apply({'params': params}, x, train=False)
+      # One program, no host round trip: nothing leaves the device.
+      run = jax.jit(lambda p, x: compact.apply({'params': p}, x, train=False))
+      args = jax.device_put((params, x))
+      with jax.transfer_guard('disallow'):
+        l2, a2 = run(*args)
+      np.testing.assert_allclose(l1, l2, atol=1e-5)
+      for key in a1:
+        np.testing.assert_allclose(a1[key], a2[key], atol=1e-5, err_msg=key)
+      counts = np.asarray(a1['active'])[1:].sum(-1).max(-1)
+      widths = avit.compact_widths(x.shape[1] // 4 * (x.shape[2] // 4) + 1)
+      widths_run |= {widths[np.searchsorted(widths, c)] for c in counts}
+  # Blocks ran at no width (all halted), at partial widths, and at full.
+  assert 0 in widths_run and 65 in widths_run and len(widths_run) > 3
+  # A pass that writes variables runs masked: lax.switch's branches would
+  # write different ones.
+  _, written = compact.apply(
+      {'params': params}, _images(1), train=False, mutable=['intermediates']
+  )
+  assert 'intermediates' in written
 
 
 def test_token_removal_in_pieces_of_different_widths():

@@ -25,6 +25,7 @@ from vitjax.data import sources
 from vitjax.evaluators import classification, cost, decisions
 from vitjax.evaluators import report as report_lib, sparsity, speed
 from vitjax.evaluators.classification import Predictor
+from vitjax.models import avit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,6 +230,11 @@ def expected_seconds(
   if config.model.name == 'avit':
     images += 2 * n_test  # its sparsity report runs both paths
     compiles += 3
+    # Its batch-1 program holds every block after the first once per
+    # compact width (AViT._compact_block): about that many forwards more.
+    depth = config.model.depth
+    tokens = (sources.IMAGE_SHAPE[0] // config.model.patch_size) ** 2 + 1
+    compiles += (depth - 1) * (len(avit.compact_widths(tokens)) - 2) / depth
     round_seconds += batch_call  # its masked path, beside token removal
   if ev.quant == 'int8':
     # Calibration, conversion and the agreement with float on test.

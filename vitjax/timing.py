@@ -65,9 +65,10 @@ class Timings:
     """Images per second."""
     return Spread.of(self.rates(name))
 
-  def latency_ms(self, name: str) -> Spread:
-    """Milliseconds per call."""
-    return Spread.of(1000.0 * self.seconds_per_call[name])
+  def ms_per_item(self, name: str) -> Spread:
+    """Milliseconds per item: the latency of one, for a call that serves
+    its items one at a time, each waited for."""
+    return Spread.of(1000.0 / self.rates(name))
 
   def ratio(self, name: str, baseline: str) -> Spread:
     """How many times faster `name` is than `baseline`, round by round."""

@@ -22,12 +22,17 @@ process's global batch does (the same on one device); halted keys are
 hidden exactly rather than by a -1000 logit bias, which agrees unless the
 attention logits spread by about 900.
 
-Two inference paths give the same predictions:
-- `__call__` (what the official code does): every block runs on every
-  token, halted ones masked, so it is no faster than the dense model;
-- `token_removal_apply`: before each block the still-active tokens are
-  gathered into buffers padded to a multiple of 8, one per piece of the
-  batch sorted by active count, so later blocks really run on fewer tokens.
+Three inference paths give the same predictions:
+- `__call__` on a batch (what the official code does): every block runs on
+  every token, halted ones masked, so it is no faster than the dense model;
+- `__call__` on a few images (up to `compact_max_batch`): before each block
+  the active tokens are gathered into a buffer of the next multiple of 8,
+  and lax.switch runs the block compiled for that width, all in one jitted
+  program: what serves one image at a time;
+- `token_removal_apply` for large batches: the host reads the active mask
+  before each block and gathers the active tokens into buffers padded to a
+  multiple of 8, one per piece of the batch sorted by active count, so later
+  blocks really run on fewer tokens.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import functools
 from typing import Any
 
 import flax
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -117,6 +123,12 @@ class AViT(ViT):
   gate_center: float = 10.0  # beta: calibrate it on the dense model
   halting_eps: float = 0.01
   faithful: bool = False  # the official forward (see the module docstring)
+  # At inference, batches of at most this many images run on their active
+  # tokens alone, in one jitted program (`_compact_block`); larger ones, in
+  # which some image usually still has every token active, run masked, and
+  # so do the faithful mode and passes that write variables. 0: always
+  # masked.
+  compact_max_batch: int = 16
 
   def gate(self, x: Array) -> Array:
     """sigmoid(gamma * x[..., 0] - beta) for every token."""
@@ -135,9 +147,27 @@ class AViT(ViT):
     x = self.tokens(images, train=train)
     state = HaltState.start(x)
     gate_inputs = []
+    compact = (
+        not train
+        # Its raw halting scores are every token's, running or not.
+        and not self.faithful
+        # A pass that writes variables (init, int8 conversion, sown
+        # intermediates) would write them in some branches only.
+        and not self.scope.mutable
+        and isinstance(x.shape[0], int)  # not a symbolic (exported) batch
+        and x.shape[0] <= self.compact_max_batch
+    )
     for i, block in enumerate(self.blocks):
       keys = state.active[:, None, None, :]  # halted tokens hide as keys
-      if self.faithful:
+      if compact:
+        # Block 0 runs every token: none has halted before it.
+        x = (
+            self._compact_block(x, state.active, i)
+            if i
+            else block(x, deterministic=True)
+        )
+        state = state.update(x, self.halting_score(x, i), self.halting_eps)
+      elif self.faithful:
         # Zeros forward, identity backward: the official `out.data *= mask`.
         x = x + jax.lax.stop_gradient(_zero_halted(x, state.active) - x)
         x = block(x, keys, token_mask=state.active, deterministic=not train)
@@ -154,6 +184,53 @@ class AViT(ViT):
     logits, aux = self.finish(state)
     aux['gate_inputs'] = jnp.stack(gate_inputs)
     return logits, aux
+
+  def _compact_block(self, x: Array, active: Array, i: int) -> Array:
+    """Block i on the active tokens alone: the same outputs as the masked
+    path, zeros for halted tokens.
+
+    Each image's active tokens are gathered first (in token order) into a
+    buffer whose width is the batch's largest active count rounded up to
+    a multiple of 8 (`compact_widths`); jax.lax.switch (flax's nn.switch)
+    runs the block compiled for that width, so one jitted program serves
+    every count without a host round trip. Padding slots are hidden as
+    keys and their outputs dropped.
+    """
+    b, n, _ = x.shape
+    widths = compact_widths(n)
+    counts = active.sum(-1, dtype=jnp.int32)
+    branch = jnp.searchsorted(jnp.asarray(widths), counts.max())
+    order = jnp.argsort(~active, axis=-1, stable=True)
+    # Each token's slot in that order: its rank among the active tokens,
+    # or after them among the halted ones.
+    slot = jnp.where(
+        active,
+        jnp.cumsum(active, -1) - 1,
+        counts[:, None] + jnp.cumsum(~active, -1) - 1,
+    )
+
+    def at_width(width: int):
+      def run(mdl: AViT, x: Array) -> Array:
+        if width == 0:  # every token has halted
+          return jnp.zeros_like(x)
+        rows = order[:, :width]
+        valid = jnp.take_along_axis(active, rows, 1)
+        y = mdl.blocks[i](
+            jnp.take_along_axis(x, rows[..., None], 1),
+            valid[:, None, None, :],
+            deterministic=True,
+        )
+        # Back in token order; halted tokens read the appended zero row.
+        y = jnp.concatenate(
+            [_zero_halted(y, valid), jnp.zeros((b, 1) + y.shape[2:], y.dtype)],
+            1,
+        )
+        where = jnp.where(active, slot, width)
+        return jnp.take_along_axis(y, where[..., None], 1)
+
+      return run
+
+    return nn.switch(branch, [at_width(w) for w in widths], self, x)
 
   def finish(self, state: HaltState) -> tuple[Array, dict[str, Array]]:
     logits, aux = self.classify(state.output)
@@ -175,6 +252,12 @@ class AViT(ViT):
       self, x: Array, keys: Array, i: int, token_mask: Array | None = None
   ) -> Array:
     return self.blocks[i](x, keys, token_mask=token_mask, deterministic=True)
+
+
+def compact_widths(tokens: int) -> tuple[int, ...]:
+  """The token buffer widths the compact path compiles a block for: 0,
+  then multiples of 8, then `tokens`."""
+  return (0,) + tuple(range(8, tokens, 8)) + (tokens,)
 
 
 # Images per piece in the token-removal path. The batch is sorted by active
