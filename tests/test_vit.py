@@ -11,7 +11,7 @@ from configs import avit as avit_config, common
 from configs import dynamic_vit as dvit_config, vit as vit_config
 from vitjax import errors, models
 from vitjax.evaluators import cost
-from vitjax.models import attention, bf16_dot, dense
+from vitjax.models import attention, bf16_dot, dense, vit
 from vitjax.models.vit import EncoderBlock, ViT
 
 
@@ -118,6 +118,22 @@ def test_the_sparse_models_refuse_patch_dropout(name):
   c.model.patch_dropout = 0.5
   with pytest.raises(errors.ConfigError, match='choose their own tokens'):
     _params(models.create(c.model, num_classes=10))
+
+
+def test_gelu_is_flax_gelu_and_memory_bound_for_xla():
+  x = jnp.linspace(-12.0, 12.0, 4001)
+  np.testing.assert_allclose(vit.gelu(x), nn.gelu(x), atol=2e-6)
+  np.testing.assert_allclose(
+      jax.vmap(jax.grad(vit.gelu))(x),
+      jax.vmap(jax.grad(nn.gelu))(x),
+      atol=1e-5,
+  )
+  # What keeps XLA:CPU from splitting it across threads: its fused form
+  # (with a Dense bias) does fewer flops than it moves bytes.
+  y, b = jnp.ones((65, 256)), jnp.ones((256,))
+  costs = jax.jit(lambda y, b: vit.gelu(y + b)).lower(y, b).compile()
+  costs = costs.cost_analysis()
+  assert costs['flops'] < costs['bytes accessed']
 
 
 def test_masked_attention_equals_attention_over_the_kept_tokens():
