@@ -210,10 +210,12 @@ def main(argv):
           f'({first["test"]["num_images"]:,} images). Every model was timed '
           'in one sitting, interleaved '
           f'({_ROUNDS.value} rounds, vitjax/timing.py): latency at batch 1 '
-          f'and images/s at batch {batch} are medians over the rounds, and '
-          f'each speed-up over {baseline} is the median of per-round ratios '
-          "with its interquartile range. A-ViT's images/s: its "
-          'token-removal path.',
+          f'(over {speed.SINGLE_IMAGES} seeded test images served one at a '
+          f'time) and images/s at batch {batch} are medians over the '
+          f'rounds, and each speed-up over {baseline} is the median of '
+          'per-round ratios with its interquartile range. A-ViT serves '
+          'batches through token removal, single images through its '
+          'compact path.',
           '',
           *table,
           '',
