@@ -158,7 +158,6 @@ class AViT(ViT):
         and x.shape[0] <= self.compact_max_batch
     )
     for i, block in enumerate(self.blocks):
-      keys = state.active[:, None, None, :]  # halted tokens hide as keys
       if compact:
         # Block 0 runs every token: none has halted before it.
         x = (
@@ -167,19 +166,24 @@ class AViT(ViT):
             else block(x, deterministic=True)
         )
         state = state.update(x, self.halting_score(x, i), self.halting_eps)
-      elif self.faithful:
-        # Zeros forward, identity backward: the official `out.data *= mask`.
-        x = x + jax.lax.stop_gradient(_zero_halted(x, state.active) - x)
-        x = block(x, keys, token_mask=state.active, deterministic=not train)
-        raw_h = self.gate(x)
-        h = self.halting_score(x, i) if i == self.depth - 1 else raw_h
-        state = state.update(x, h, self.halting_eps, raw_h)
       else:
-        x = _zero_halted(
-            block(_zero_halted(x, state.active), keys, deterministic=not train),
-            state.active,
-        )
-        state = state.update(x, self.halting_score(x, i), self.halting_eps)
+        keys = state.active[:, None, None, :]  # halted tokens hide as keys
+        if self.faithful:
+          # Zeros forward, identity backward: the official `out.data *=
+          # mask`.
+          x = x + jax.lax.stop_gradient(_zero_halted(x, state.active) - x)
+          x = block(x, keys, token_mask=state.active, deterministic=not train)
+          raw_h = self.gate(x)
+          h = self.halting_score(x, i) if i == self.depth - 1 else raw_h
+          state = state.update(x, h, self.halting_eps, raw_h)
+        else:
+          x = _zero_halted(
+              block(
+                  _zero_halted(x, state.active), keys, deterministic=not train
+              ),
+              state.active,
+          )
+          state = state.update(x, self.halting_score(x, i), self.halting_eps)
       gate_inputs.append(x[..., 0].astype(jnp.float32))
     logits, aux = self.finish(state)
     aux['gate_inputs'] = jnp.stack(gate_inputs)
