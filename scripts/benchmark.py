@@ -139,9 +139,8 @@ def _candidates(config, label: str) -> tuple[dict, dict, str]:
   # Inference runs on a copy of the first weights: the train step donates
   # (deletes) the state's as it updates them.
   weights = jax.tree.map(lambda x: x.copy(), state.params)
-  inference = {
-      'infer': (classification.model_logits(model), {'params': weights})
-  }
+  served = classification.Predictor.of_float_weights(model, weights)
+  inference = {'infer': (served.logits, served.variables)}
   if _INT8.value:
     # The frozen int8 server of these weights, as `--mode=eval
     # --config.eval.quant=int8` serves a checkpoint.

@@ -65,9 +65,11 @@ def _row(report: dict, speed: dict, batch: int) -> dict:
 
   c, t = report['cost'], report['test']
   q = report.get('quantization', {})
-  # Bytes stored: parameters stay float32 in a bfloat16 model; int8 stores
-  # its kernels in int8 with float32 scales, the rest in float32.
-  weight_bytes = q.get('int8_model_bytes', 4 * c['parameters'])
+  # Bytes served (reports from before `weight_bytes` existed: float32, or
+  # int8 kernels with float32 scales and the rest float32).
+  weight_bytes = c.get(
+      'weight_bytes', q.get('int8_model_bytes', 4 * c['parameters'])
+  )
   minutes = report.get('train_seconds', float('nan')) / 60
   ratio = lambda at: (
       report_lib.format_spread(speed['speedup'][at], 'x')
@@ -227,7 +229,9 @@ def main(argv):
           '- float32: every operation in float32.',
           '- bfloat16: matmuls and convolutions on bfloat16 inputs (with '
           'float32 accumulation on the CPU kernels), softmax, GELU and the '
-          'logits in float32; parameters stored in float32.',
+          'logits in float32; the weights that only these matmuls, '
+          'convolutions and embeddings read are held in bfloat16 (cast '
+          "once from the float32 checkpoint), LayerNorm's in float32.",
           f"- int8 ({_INT8_PATH.value} path, aqtp): the blocks' q, k, v, "
           'attention-output and MLP Dense layers as int8 x int8 -> int32 '
           'dots (weights: int8 with a float32 scale per output channel, '
@@ -236,8 +240,8 @@ def main(argv):
           "einsums, softmax, GELU, DynamicViT's predictors and the head "
           'in float32, whatever the run trained in (from bfloat16 they '
           'measured slower: vitjax/quantization.py'
-          + '). weight MB: the bytes of the arrays stored (int8 kernels '
-          'with their scales, everything else float32).',
+          + '). weight MB: the bytes of the weights each model serves '
+          'with.',
           '',
       ]
   )

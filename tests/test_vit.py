@@ -11,7 +11,7 @@ from configs import avit as avit_config, common
 from configs import dynamic_vit as dvit_config, vit as vit_config
 from vitjax import errors, models
 from vitjax.evaluators import cost
-from vitjax.models import attention, bf16_dot, dense, vit
+from vitjax.models import attention, bf16_dot, dense, inference_weights, vit
 from vitjax.models.vit import EncoderBlock, ViT
 
 
@@ -134,6 +134,39 @@ def test_gelu_is_flax_gelu_and_memory_bound_for_xla():
   costs = jax.jit(lambda y, b: vit.gelu(y + b)).lower(y, b).compile()
   costs = costs.cost_analysis()
   assert costs['flops'] < costs['bytes accessed']
+
+
+@pytest.mark.parametrize('name', ['vit', 'dynamic_vit', 'avit'])
+def test_weights_cast_once_for_inference_give_the_same_logits(name):
+  model = _model('nano/4', name=name, stem='conv', dtype='bfloat16')
+  params = _params(model)
+  params['head']['kernel'] = jax.random.normal(
+      jax.random.key(2), params['head']['kernel'].shape
+  )
+  cast = inference_weights.cast_for_inference(model, params, (32, 32, 3))
+  dtypes = {
+      '/'.join(k.key for k in path): leaf.dtype
+      for path, leaf in jax.tree_util.tree_leaves_with_path(cast)
+  }
+  for matmul_weight in (
+      'embed/stem_conv_0/kernel',
+      'embed/pos_embedding',
+      'blocks_0/attn/query/bias',
+      'blocks_0/mlp/fc2/kernel',
+      'head/kernel',
+  ):
+    assert dtypes[matmul_weight] == jnp.bfloat16, matmul_weight
+  # flax applies LayerNorm's scale and bias in float32.
+  for norm_weight in ('embed/stem_norm_0/scale', 'blocks_0/norm1/bias'):
+    assert dtypes[norm_weight] == jnp.float32, norm_weight
+  logits = jax.jit(lambda p, x: model.apply({'params': p}, x, train=False)[0])
+  # A-ViT at batch 1 takes its compact path, whose blocks run under nn.switch.
+  x = jax.random.randint(jax.random.key(3), (1, 32, 32, 3), 0, 256)
+  np.testing.assert_array_equal(logits(cast, x), logits(params, x))
+  f32 = model.clone(dtype='float32')
+  assert inference_weights.cast_for_inference(f32, params, (32, 32, 3)) is (
+      params
+  )
 
 
 def test_masked_attention_equals_attention_over_the_kept_tokens():

@@ -62,7 +62,7 @@ def restore_predictors(
     # The run's whole training time is in its latest checkpoint.
     train_seconds = ckpts.read_meta('latest')['train_seconds']
   params = state.eval_params(config.eval.use_ema)
-  float_predictor = Predictor(family.model, {'params': params})
+  float_predictor = Predictor.of_float_weights(family.model, params)
   header = {
       'checkpoint': f'{which} (step {meta["step"]})',
       'workdir': str(workdir),
@@ -82,6 +82,7 @@ def restore_predictors(
     predictor, header['quantization'] = _int8_predictor(
         config,
         float_predictor,
+        params,
         data,
         mesh,
         workdir / 'int8' / str(which),
@@ -99,7 +100,9 @@ def restore_predictors(
   header['compute_dtype'] = predictor.model.dtype
   teacher = None
   if family.teacher is not None:
-    teacher = Predictor(family.teacher.model, {'params': family.teacher.params})
+    teacher = Predictor.of_float_weights(
+        family.teacher.model, family.teacher.params
+    )
     header['teacher'] = {
         'workdir': config.sparse.init_from,
         'step': family.teacher.step,
@@ -269,14 +272,17 @@ def _accuracy(
 def _int8_predictor(
     config: ConfigDict,
     float_predictor: Predictor,
+    params: Any,
     data: sources.Dataset,
     mesh,
     save_dir: Path,
     source: dict[str, Any],
 ) -> tuple[Predictor, dict[str, Any]]:
-  """The int8 predictor of eval.quant_path, and what to report about it."""
+  """The int8 predictor of eval.quant_path, converted from the float32
+  `params` (float_predictor's may be cast to bfloat16), and what to report
+  about it."""
   ev = config.eval
-  model, params = float_predictor.model, float_predictor.params
+  model = float_predictor.model
   calibration = None
   if ev.quant_activations == 'static':
     calibration = quantization.calibration_sample(

@@ -105,7 +105,7 @@ def load(
       return Served(_server_predictor(server), names, description)
     params, _ = ckpts.restore_weights(abstract, step, ema=ema)
   if not int8:
-    return Served(Predictor(model, {'params': params}), names, description)
+    return Served(Predictor.of_float_weights(model, params), names, description)
   images = None
   if quant.quant_activations == 'static':
     # Static scales are calibrated on the run's training images.

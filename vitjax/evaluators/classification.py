@@ -12,7 +12,8 @@ import numpy as np
 import optax
 
 from vitjax import sharding
-from vitjax.data.sources import Split
+from vitjax.data.sources import IMAGE_SHAPE, Split
+from vitjax.models import inference_weights
 
 # (variables, images) -> float32 logits.
 LogitsFn = Callable[[Any, jax.Array], jax.Array]
@@ -50,6 +51,20 @@ class Predictor:
   @property
   def params(self) -> Any:
     return self.variables['params']
+
+  @classmethod
+  def of_float_weights(cls, model: nn.Module, params: Any) -> 'Predictor':
+    """The predictor of a float model's trained (float32) weights, those
+    that the model only ever reads in its compute dtype cast to it once
+    (models/inference_weights.py): the same logits, bit for bit."""
+    return cls(
+        model,
+        {
+            'params': inference_weights.cast_for_inference(
+                model, params, IMAGE_SHAPE
+            )
+        },
+    )
 
 
 def make_predict_fn(logits: LogitsFn, mesh) -> LogitsFn:

@@ -95,6 +95,9 @@ def cost_report(
       'parameters': param_count(
           variables['params'] if float_params is None else float_params
       ),
+      # What the predictor holds in memory to serve: bfloat16 for the
+      # weights cast to it, int8 for quantized kernels.
+      'weight_bytes': int(sum(x.nbytes for x in jax.tree.leaves(variables))),
       **model_macs(model, IMAGE_SHAPE[0], tokens_per_block),
       'xla_flops_per_image': xla_flops(predictor.logits, variables, single),
   }
