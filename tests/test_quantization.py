@@ -1,6 +1,7 @@
 """int8 evaluation with aqtp: fake-quant, frozen serving, the fallback."""
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -172,6 +173,8 @@ def test_a_trained_model_keeps_its_predictions_in_int8(
     assert report['precision'] == 'int8'
     # The same model: the serving tree's missing float kernels still count.
     assert report['cost']['parameters'] == 21_162, path
+    if path == 'serve':  # what it holds: int8 kernels, the rest float32
+      assert report['cost']['weight_bytes'] == q['int8_model_bytes']
   assert q['checkpoint_bytes_on_disk'] > 0
   assert (trained_vit_workdir / 'eval' / 'report_best_int8.json').exists()
   assert (trained_vit_workdir / 'eval' / 'attention_int8.png').exists()
@@ -227,6 +230,26 @@ def test_static_scales_are_calibrated_frozen_per_layer_and_saved(tmp_path):
   if jax.default_backend() == 'cpu':
     assert profiling.s8_dots(compiled.as_text()) == 12
   logits = compiled(variables, x)[0]
+  # Each block's key and value layers read the query layer's input scale
+  # array (the same value), so its input is quantized once, not thrice.
+  twins = sorted(twin for _, twin in server.shared_input_scales)
+  assert twins == ['key', 'key', 'value', 'value']
+  separate = jax.jit(
+      lambda v, x: server.model.apply(
+          {'params': server.prepare(v)['params'], 'aqt': v['aqt']},
+          x,
+          train=False,
+      )
+  )
+  separate = separate.lower(variables, x).compile()
+  np.testing.assert_array_equal(separate(variables, x)[0], logits)
+  int8_arrays = lambda hlo: len(
+      re.findall(r'^\s*(?:ROOT )?%\S+ = s8\[', hlo.split('ENTRY')[1], re.M)
+  )
+  if jax.default_backend() == 'cpu':
+    assert int8_arrays(compiled.as_text()) == (
+        int8_arrays(separate.as_text()) - 2 * 2
+    )
   float_logits = model.apply({'params': params}, x, train=False)[0]
   agree = np.mean(np.argmax(logits, -1) == np.argmax(float_logits, -1))
   assert agree >= 0.9

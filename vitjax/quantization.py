@@ -7,8 +7,11 @@ for the activations (`eval.quant_activations`):
 - 'static' (the default): one scale per layer, frozen. aqtp's static range
   calibration (MeanOfAbsMaxCalibration) averages the absolute maximum of
   the layer's input over batches of training images, and CONVERT freezes
-  it. Serving then quantizes with a constant, which XLA fuses into the op
-  that produces the input (a LayerNorm, GELU): no pass of its own.
+  it. Serving then quantizes with a frozen scale, which XLA fuses into the
+  op that produces the input (a LayerNorm, GELU): no pass of its own. The
+  query, key and value layers, calibrated on the same input, get the same
+  scale, and serving quantizes that input once for the three
+  (`_share_input_scales`).
 - 'per_token': one scale per token, computed on the fly (max, scale,
   rounding: three small ops before every matmul).
 What stays float, and float32 whatever the model's own dtype: patch
@@ -270,6 +273,60 @@ def _with_zero_kernels(params: Any, removed: dict[str, Any]) -> Any:
   return params
 
 
+# Where a layer's frozen input (lhs) scale sits under its module.
+_INPUT_SCALE = ('AqtDotGeneral_0', 'qlhs', 'scale')
+
+
+def _shared_input_scales(frozen: Any) -> list[tuple[tuple[str, ...], str]]:
+  """(attention module path, 'key' or 'value') for each key and value
+  layer whose frozen input scale is the query layer's, bit for bit: all
+  three calibrate on the same input (the block's first LayerNorm), so with
+  static scales they always are."""
+  shared = []
+
+  def walk(tree, path):
+    if not isinstance(tree, dict):
+      return
+    if {'query', 'key', 'value'} <= set(tree):
+      scale = lambda layer: _get(tree[layer], _INPUT_SCALE)
+      if scale('query') is not None:
+        for twin in ('key', 'value'):
+          if np.array_equal(scale(twin), scale('query')):
+            shared.append((path, twin))
+    for k, v in tree.items():
+      walk(v, path + (k,))
+
+  walk(frozen, ())
+  return shared
+
+
+def _get(tree: Any, path: tuple[str, ...]) -> Any:
+  for k in path:
+    if not isinstance(tree, dict) or k not in tree:
+      return None
+    tree = tree[k]
+  return tree
+
+
+def _share_input_scales(
+    frozen: Any, shared: list[tuple[tuple[str, ...], str]]
+) -> Any:
+  """`frozen` with the key and value layers of `shared` reading the query
+  layer's input scale array itself. Inside a jitted function the three
+  layers then quantize their common input with one array, and XLA computes
+  that quantization once instead of three times (the same values)."""
+  if not shared:
+    return frozen
+  frozen = jax.tree.map(lambda x: x, frozen)  # a copy we may change
+  for path, twin in shared:
+    attention = _get(frozen, path)
+    node = attention[twin]
+    for k in _INPUT_SCALE[:-1]:
+      node = node[k]
+    node[_INPUT_SCALE[-1]] = _get(attention['query'], _INPUT_SCALE)
+  return frozen
+
+
 class Int8Server:
   """A frozen int8 model: what CONVERT produced, run with SERVE."""
 
@@ -283,6 +340,7 @@ class Int8Server:
   ):
     self.model = quantized_model(model, quant_cfg, 'serve')
     self.params, self.frozen, self.removed = params, frozen, removed
+    self.shared_input_scales = _shared_input_scales(frozen)
 
   @classmethod
   def convert(
@@ -328,7 +386,7 @@ class Int8Server:
     """
     return {
         'params': _with_zero_kernels(variables['params'], self.removed),
-        'aqt': variables['aqt'],
+        'aqt': _share_input_scales(variables['aqt'], self.shared_input_scales),
     }
 
   def predict(self, images: jax.Array) -> jax.Array:
