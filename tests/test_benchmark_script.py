@@ -1,4 +1,5 @@
-"""scripts/benchmark.py end to end on the smoke config: int8 and profile."""
+"""The timing scripts end to end on the smoke config: benchmark.py with int8
+and profile, block_cost.py."""
 
 import os
 from pathlib import Path
@@ -12,18 +13,9 @@ pytest.importorskip('aqt')
 _ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_benchmark_times_int8_beside_float_and_profiles_both():
+def _script(*args: str) -> str:
   out = subprocess.run(
-      [
-          sys.executable,
-          'scripts/benchmark.py',
-          '--config=configs/vit.py:smoke',
-          '--config.eval.speed_batch=8',
-          '--int8',
-          '--profile',
-          '--repeats=1',
-          '--seconds=0.01',
-      ],
+      [sys.executable, *args],
       cwd=_ROOT,
       env=os.environ | {'PYTHONPATH': str(_ROOT)},
       capture_output=True,
@@ -32,7 +24,19 @@ def test_benchmark_times_int8_beside_float_and_profiles_both():
       check=False,
   )
   assert out.returncode == 0, out.stderr[-3000:]
-  out = out.stdout
+  return out.stdout
+
+
+def test_benchmark_times_int8_beside_float_and_profiles_both():
+  out = _script(
+      'scripts/benchmark.py',
+      '--config=configs/vit.py:smoke',
+      '--config.eval.speed_batch=8',
+      '--int8',
+      '--profile',
+      '--repeats=1',
+      '--seconds=0.01',
+  )
   for name in ('train', 'infer', 'infer@1', 'int8', 'int8@1'):
     assert f'config {name} ' in out, out
   assert 'config int8 over float, batch 1:' in out
@@ -40,3 +44,16 @@ def test_benchmark_times_int8_beside_float_and_profiles_both():
   # (2 blocks x q, k, v, out, fc1, fc2.)
   assert '12 int8 dots in its HLO' in out, out
   assert 'int8 matmul' in out and 'quantize activations' in out
+
+
+def test_block_cost_times_each_token_count_in_both_precisions():
+  out = _script(
+      'scripts/block_cost.py',
+      '--config=configs/vit.py:smoke',
+      '--tokens=65,9',
+      '--repeats=1',
+      '--seconds=0.01',
+  )
+  for dtype in ('float32', 'bfloat16'):
+    assert f'{dtype:9}  65 tokens:' in out and ' 1.00x' in out, out
+    assert f'{dtype:9}   9 tokens:' in out, out
