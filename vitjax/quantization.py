@@ -382,7 +382,10 @@ class Int8Server:
     """{'params': float-free, 'aqt': frozen} -> what SERVE's apply takes.
 
     Call it inside the jitted function: the zero kernels are dead code there
-    and never materialise.
+    and never materialise, and the key and value layers' input scales are
+    the query layer's array (`_share_input_scales`), so that XLA quantizes
+    their common input once. It expects this server's own frozen tree:
+    which scales are shared was decided from it.
     """
     return {
         'params': _with_zero_kernels(variables['params'], self.removed),

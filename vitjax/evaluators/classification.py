@@ -56,7 +56,8 @@ class Predictor:
   def of_float_weights(cls, model: nn.Module, params: Any) -> 'Predictor':
     """The predictor of a float model's trained (float32) weights, those
     that the model only ever reads in its compute dtype cast to it once
-    (models/inference_weights.py): the same logits, bit for bit."""
+    (models/inference_weights.py): the same logits, bit for bit on
+    XLA:CPU."""
     return cls(
         model,
         {

@@ -10,8 +10,12 @@ Only the parameters that a layer reads through that cast alone are cast:
 the kernels and biases of the Dense and Conv layers that compute in the
 model's dtype, and the patch embedding's class token and position table.
 LayerNorm's scale and bias stay float32, since flax applies them in
-float32. The logits are therefore bit for bit those of the float32 weights
-(tests/test_vit.py).
+float32. On XLA:CPU the logits are bit for bit those of the float32
+weights (tests/test_vit.py). That rests on every float matmul returning
+the compute dtype, so that Dense's `bias.astype(y.dtype)` is a cast to it
+(lax.dot_general and Bf16Dot both do); a backend that may keep a bfloat16
+add in float32 (XLA's excess precision, on GPUs without bfloat16 adds)
+can differ in the last bits.
 """
 
 from __future__ import annotations
