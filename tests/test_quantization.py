@@ -232,7 +232,7 @@ def test_static_scales_are_calibrated_frozen_per_layer_and_saved(tmp_path):
   logits = compiled(variables, x)[0]
   # Each block's key and value layers read the query layer's input scale
   # array (the same value), so its input is quantized once, not thrice.
-  twins = sorted(twin for _, twin in server.shared_input_scales)
+  twins = sorted(path[-4] for path in server.shared_input_scales)
   assert twins == ['key', 'key', 'value', 'value']
   separate = jax.jit(
       lambda v, x: server.model.apply(

@@ -40,6 +40,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable
 
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -277,54 +278,34 @@ def _with_zero_kernels(params: Any, removed: dict[str, Any]) -> Any:
 _INPUT_SCALE = ('AqtDotGeneral_0', 'qlhs', 'scale')
 
 
-def _shared_input_scales(frozen: Any) -> list[tuple[tuple[str, ...], str]]:
-  """(attention module path, 'key' or 'value') for each key and value
-  layer whose frozen input scale is the query layer's, bit for bit: all
-  three calibrate on the same input (the block's first LayerNorm), so with
+def _shared_input_scales(frozen: Any) -> dict[tuple[str, ...], tuple[str, ...]]:
+  """{a key or value layer's input-scale path: its query layer's}, for
+  each one whose frozen scale is the query layer's, bit for bit: all three
+  calibrate on the same input (the block's first LayerNorm), so with
   static scales they always are."""
-  shared = []
-
-  def walk(tree, path):
-    if not isinstance(tree, dict):
-      return
-    if {'query', 'key', 'value'} <= set(tree):
-      scale = lambda layer: _get(tree[layer], _INPUT_SCALE)
-      if scale('query') is not None:
-        for twin in ('key', 'value'):
-          if np.array_equal(scale(twin), scale('query')):
-            shared.append((path, twin))
-    for k, v in tree.items():
-      walk(v, path + (k,))
-
-  walk(frozen, ())
+  flat = traverse_util.flatten_dict(frozen)
+  shared = {}
+  for path, scale in flat.items():
+    layer, tail = path[: -len(_INPUT_SCALE)], path[-len(_INPUT_SCALE) :]
+    if tail == _INPUT_SCALE and layer[-1:] in (('key',), ('value',)):
+      query = layer[:-1] + ('query',) + _INPUT_SCALE
+      if query in flat and np.array_equal(scale, flat[query]):
+        shared[path] = query
   return shared
 
 
-def _get(tree: Any, path: tuple[str, ...]) -> Any:
-  for k in path:
-    if not isinstance(tree, dict) or k not in tree:
-      return None
-    tree = tree[k]
-  return tree
-
-
 def _share_input_scales(
-    frozen: Any, shared: list[tuple[tuple[str, ...], str]]
+    frozen: Any, shared: dict[tuple[str, ...], tuple[str, ...]]
 ) -> Any:
-  """`frozen` with the key and value layers of `shared` reading the query
-  layer's input scale array itself. Inside a jitted function the three
-  layers then quantize their common input with one array, and XLA computes
-  that quantization once instead of three times (the same values)."""
+  """`frozen` with the layers of `shared` reading the query layer's input
+  scale array itself. Inside a jitted function the three layers then
+  quantize their common input with one array, and XLA computes that
+  quantization once instead of three times (the same values)."""
   if not shared:
     return frozen
-  frozen = jax.tree.map(lambda x: x, frozen)  # a copy we may change
-  for path, twin in shared:
-    attention = _get(frozen, path)
-    node = attention[twin]
-    for k in _INPUT_SCALE[:-1]:
-      node = node[k]
-    node[_INPUT_SCALE[-1]] = _get(attention['query'], _INPUT_SCALE)
-  return frozen
+  flat = traverse_util.flatten_dict(frozen, keep_empty_nodes=True)
+  flat.update({path: flat[query] for path, query in shared.items()})
+  return traverse_util.unflatten_dict(flat)
 
 
 class Int8Server:

@@ -38,7 +38,10 @@ def cast_for_inference(
 ) -> Any:
   """`params` with the leaves that `model` reads only in its compute dtype
   cast to it; unchanged for a float32 model. image_shape: one image's,
-  to trace the model's inference call (no computation runs)."""
+  to trace the model's inference call (no computation runs), for a
+  symbolic batch: what holds for any batch size, and every layer traced
+  once (A-ViT's compact path, for a known small batch, would trace each
+  block once per width)."""
   dtype = compute_dtype(model.dtype)
   if dtype == jnp.float32:
     return params
@@ -54,14 +57,11 @@ def cast_for_inference(
       casting.add(tuple(module.path))
     return call(*args, **kwargs)
 
+  (batch,) = jax.export.symbolic_shape('batch')
+  images = jax.ShapeDtypeStruct((batch,) + tuple(image_shape), jnp.uint8)
   with nn.intercept_methods(record):
     jax.eval_shape(
-        lambda p: model.apply(
-            {'params': p},
-            jnp.zeros((1,) + tuple(image_shape), jnp.uint8),
-            train=False,
-        ),
-        params,
+        lambda p, x: model.apply({'params': p}, x, train=False), params, images
     )
 
   def cast(path, leaf):
