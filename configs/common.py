@@ -167,6 +167,10 @@ def base() -> ConfigDict:
   # runs, and faster (README, "int8").
   c.eval.quant_activations = 'static'
   c.eval.quant_calibration_images = 1024  # for 'static': how many, seeded
+  # Fold the blocks' LayerNorm scales and biases into the layers they feed
+  # before quantizing (vitjax/models/norm_folding.py): XLA:CPU then keeps
+  # those layers' input quantization on one thread (README, "int8").
+  c.eval.quant_fold_norms = True
   return c
 
 

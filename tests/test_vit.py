@@ -1,5 +1,7 @@
 """The ViT model, its attention and Dense layers, the bf16 dot, its cost."""
 
+import os
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -11,7 +13,8 @@ from configs import avit as avit_config, common
 from configs import dynamic_vit as dvit_config, vit as vit_config
 from vitjax import errors, models
 from vitjax.evaluators import cost
-from vitjax.models import attention, bf16_dot, dense, inference_weights, vit
+from vitjax.models import attention, bf16_dot, dense, inference_weights
+from vitjax.models import norm_folding, vit
 from vitjax.models.vit import EncoderBlock, ViT
 
 
@@ -172,6 +175,45 @@ def test_weights_cast_once_for_inference_give_the_same_logits(name):
   assert inference_weights.cast_for_inference(f32, params, (32, 32, 3)) is (
       params
   )
+
+
+@pytest.mark.parametrize('name', ['vit', 'dynamic_vit', 'avit'])
+def test_folded_block_norms_compute_the_same_function(name):
+  model = _model('nano/4', name=name)
+  leaves, tree = jax.tree.flatten(_params(model))
+  keys = jax.random.split(jax.random.key(3), len(leaves))
+  params = jax.tree.unflatten(  # LayerNorms far from scale 1, bias 0
+      tree,
+      [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)],
+  )
+  folded = norm_folding.fold_block_norms(params)
+  assert set(folded['blocks_0']['norm1']) == {'gain'}
+  assert 'scale' in folded['encoder_norm']  # only the blocks' two norms
+  logits = lambda m, p, x: m.apply({'params': p}, x, train=False)[0]
+  x = jax.random.randint(jax.random.key(4), (2, 32, 32, 3), 0, 256)
+  np.testing.assert_allclose(
+      logits(model.clone(block_norm_affine=False), folded, x),
+      logits(model, params, x),
+      rtol=1e-4,
+      atol=1e-4,
+  )
+
+
+def test_a_bare_norm_fused_with_a_quantization_stays_on_one_thread():
+  # Why int8 serving folds the norms (models/norm_folding.py): XLA:CPU
+  # splits a fused LayerNorm and quantization across threads (the
+  # hand-off costs more than the op at batch 1), a bare one it does not.
+  x = jnp.ones((65, 128))
+  quantize = lambda y: jnp.round(jnp.clip(y, -127, 127)).astype(jnp.int8)
+  split = {}
+  for norm in (norm_folding.Normalize(), nn.LayerNorm(epsilon=1e-6)):
+    params = norm.init(jax.random.key(0), x)
+    program = jax.jit(lambda p, x, norm=norm: quantize(norm.apply(p, x)))
+    hlo = program.lower(params, x).compile().as_text()
+    split[type(norm).__name__] = 'outer_dimension_partitions":["' in hlo
+  assert not split['Normalize']
+  if jax.default_backend() == 'cpu' and len(os.sched_getaffinity(0)) > 1:
+    assert split['LayerNorm']  # what the test would miss otherwise
 
 
 def test_masked_attention_equals_attention_over_the_kept_tokens():

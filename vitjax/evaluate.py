@@ -295,10 +295,15 @@ def _int8_predictor(
       'attention_einsums': ev.quant_attention,
       'activations': ev.quant_activations,
       'calibration_images': 0 if calibration is None else len(calibration),
+      'fold_block_norms': ev.quant_fold_norms,
   }
   if ev.quant_path == 'fake':
+    folded_model, folded = quantization.float_model_to_quantize(
+        model, params, ev
+    )
     predictor = Predictor(
-        quantization.quantized_model(model, ev, 'fake'), {'params': params}
+        quantization.quantized_model(folded_model, ev, 'fake'),
+        {'params': folded},
     )
   else:
     server = quantization.Int8Server.convert(

@@ -9,11 +9,18 @@ for the activations (`eval.quant_activations`):
   the layer's input over batches of training images, and CONVERT freezes
   it. Serving then quantizes with a frozen scale, which XLA fuses into the
   op that produces the input (a LayerNorm, GELU): no pass of its own. The
-  query, key and value layers, calibrated on the same input, get the same
-  scale, and serving quantizes that input once for the three
-  (`_share_input_scales`).
+  frozen scales are compiled into the serving program as constants
+  (`Int8Server.prepare`), so that XLA folds what aqtp derives from them,
+  and the query, key and value layers' common input (same input, same
+  calibrated scale) is quantized once for the three.
 - 'per_token': one scale per token, computed on the fly (max, scale,
   rounding: three small ops before every matmul).
+With `eval.quant_fold_norms` (the default) the blocks' LayerNorm scales
+and biases are first folded into the layers they feed
+(models/norm_folding.py), and with static scales the input scale of those
+layers then moves into the bare normalisation's gain
+(`_absorb_input_scales`): their input quantization fuses into an op that
+XLA:CPU keeps on one thread.
 What stays float, and float32 whatever the model's own dtype: patch
 embedding, LayerNorm, softmax, GELU, residual adds, position and class
 embeddings, DynamicViT's predictors, and (unless `eval.quant_head` /
@@ -49,6 +56,7 @@ import orbax.checkpoint as ocp
 
 from vitjax import errors
 from vitjax.data.sources import IMAGE_SHAPE
+from vitjax.models import norm_folding
 
 # Kernels of these Dense layers are the quantized ones.
 _BLOCK_LAYERS = ('query', 'key', 'value', 'out', 'fc1', 'fc2')
@@ -75,6 +83,11 @@ def _check(quant_cfg) -> None:
         "eval.quant_path='serve' needs eval.quant_backend='aqt' (the "
         "fallback only fake-quantizes: with it, set eval.quant_path='fake' "
         "and eval.quant_activations='per_token')."
+    )
+  if not isinstance(quant_cfg.quant_fold_norms, bool):
+    raise errors.ConfigError(
+        f'eval.quant_fold_norms={quant_cfg.quant_fold_norms!r}: expected '
+        'True or False.'
     )
   scales = quant_cfg.quant_activations
   if scales not in ACTIVATION_SCALES:
@@ -173,6 +186,23 @@ def _einsum_cls(quant_cfg) -> Callable[[], Any] | None:
       _aqt_config(quant_cfg.quant_path == 'fake'),
       prng_name=None,
   )
+
+
+def float_model_to_quantize(
+    model: nn.Module, params: Any, quant_cfg
+) -> tuple[nn.Module, Any]:
+  """The float model and weights that int8 quantizes: with
+  eval.quant_fold_norms, the blocks' LayerNorm affines folded into the
+  layers they feed (the same function; models/norm_folding.py). params may
+  be jax.ShapeDtypeStructs (the folded ones' shapes come back)."""
+  if not quant_cfg.quant_fold_norms:
+    return model, params
+  fold = norm_folding.fold_block_norms
+  if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
+    folded = jax.eval_shape(fold, params)
+  else:
+    folded = jax.jit(fold)(params)
+  return model.clone(block_norm_affine=False), folded
 
 
 def quantized_model(model: nn.Module, quant_cfg, stage: str) -> nn.Module:
@@ -274,38 +304,45 @@ def _with_zero_kernels(params: Any, removed: dict[str, Any]) -> Any:
   return params
 
 
-# Where a layer's frozen input (lhs) scale sits under its module.
+# Where a layer's frozen input (lhs) and weight (rhs) scales sit under it.
 _INPUT_SCALE = ('AqtDotGeneral_0', 'qlhs', 'scale')
+_WEIGHT_SCALE = ('AqtDotGeneral_0', 'qrhs', 'scale')
 
 
-def _shared_input_scales(frozen: Any) -> dict[tuple[str, ...], tuple[str, ...]]:
-  """{a key or value layer's input-scale path: its query layer's}, for
-  each one whose frozen scale is the query layer's, bit for bit: all three
-  calibrate on the same input (the block's first LayerNorm), so with
-  static scales they always are."""
-  flat = traverse_util.flatten_dict(frozen)
-  shared = {}
-  for path, scale in flat.items():
-    layer, tail = path[: -len(_INPUT_SCALE)], path[-len(_INPUT_SCALE) :]
-    if tail == _INPUT_SCALE and layer[-1:] in (('key',), ('value',)):
-      query = layer[:-1] + ('query',) + _INPUT_SCALE
-      if query in flat and np.array_equal(scale, flat[query]):
-        shared[path] = query
-  return shared
+def _absorb_input_scales(params: Any, frozen: Any) -> tuple[Any, Any]:
+  """(float-free params, frozen) of folded block norms with static scales,
+  with each norm's input scale s moved out of its readers' quantization:
+  they calibrate on the same input, so their frozen s is one value. The
+  norm's gain takes 1/s, the readers' weight scales take s, and their input
+  scale becomes 1, which serving multiplies by as a compiled-in constant
+  (`Int8Server.prepare`) and XLA drops. The same quantized values up to
+  float rounding, and one multiply less per element in the op that fuses
+  the norm and the quantization (models/norm_folding.py says why that
+  matters)."""
+  params = traverse_util.flatten_dict(params)
+  frozen = traverse_util.flatten_dict(frozen, keep_empty_nodes=True)
+  blocks = {path[0] for path in params}
+  for block in norm_folding.block_names(blocks):
+    for norm, readers in norm_folding.READERS.items():
+      layers = [(block, *reader) for reader in readers]
+      scales = [np.asarray(frozen[layer + _INPUT_SCALE]) for layer in layers]
+      if not all(np.array_equal(scales[0], x) for x in scales):
+        continue  # not one input scale: leave them to the quantization
+      s = np.float32(scales[0].reshape(()))
+      gain = (block, norm, 'gain')
+      params[gain] = np.float32(np.asarray(params[gain]) / s)
+      for layer in layers:
+        frozen[layer + _INPUT_SCALE] = np.ones_like(scales[0])
+        weight = np.asarray(frozen[layer + _WEIGHT_SCALE])
+        frozen[layer + _WEIGHT_SCALE] = (weight * s).astype(weight.dtype)
+  return (
+      traverse_util.unflatten_dict(params),
+      traverse_util.unflatten_dict(frozen),
+  )
 
 
-def _share_input_scales(
-    frozen: Any, shared: dict[tuple[str, ...], tuple[str, ...]]
-) -> Any:
-  """`frozen` with the layers of `shared` reading the query layer's input
-  scale array itself. Inside a jitted function the three layers then
-  quantize their common input with one array, and XLA computes that
-  quantization once instead of three times (the same values)."""
-  if not shared:
-    return frozen
-  flat = traverse_util.flatten_dict(frozen, keep_empty_nodes=True)
-  flat.update({path: flat[query] for path, query in shared.items()})
-  return traverse_util.unflatten_dict(flat)
+def _is_scale(path: tuple[str, ...]) -> bool:
+  return path[-1] == 'scale'
 
 
 class Int8Server:
@@ -321,7 +358,13 @@ class Int8Server:
   ):
     self.model = quantized_model(model, quant_cfg, 'serve')
     self.params, self.frozen, self.removed = params, frozen, removed
-    self.shared_input_scales = _shared_input_scales(frozen)
+    # The frozen scales as host arrays, compiled into the serving program
+    # as constants (see `prepare`).
+    self.scales = {
+        path: np.asarray(x)
+        for path, x in traverse_util.flatten_dict(frozen).items()
+        if _is_scale(path)
+    }
 
   @classmethod
   def convert(
@@ -334,6 +377,7 @@ class Int8Server:
   ) -> 'Int8Server':
     """calibration_images: uint8 [n, *image_shape], what static activation
     scales are calibrated on (see `calibrate`)."""
+    model, params = float_model_to_quantize(model, params, quant_cfg)
     stats = {}
     if quant_cfg.quant_activations == 'static':
       if calibration_images is None:
@@ -357,20 +401,28 @@ class Int8Server:
         )
     )(params, stats)
     float_free, removed = _split(params, quant_cfg)
-    return cls(model, quant_cfg, float_free, variables['aqt'], removed)
+    frozen = variables['aqt']
+    if quant_cfg.quant_fold_norms and quant_cfg.quant_activations == 'static':
+      float_free, frozen = _absorb_input_scales(float_free, frozen)
+    return cls(model, quant_cfg, float_free, frozen, removed)
 
   def prepare(self, variables: Any) -> Any:
     """{'params': float-free, 'aqt': frozen} -> what SERVE's apply takes.
 
     Call it inside the jitted function: the zero kernels are dead code there
-    and never materialise, and the key and value layers' input scales are
-    the query layer's array (`_share_input_scales`), so that XLA quantizes
-    their common input once. It expects this server's own frozen tree:
-    which scales are shared was decided from it.
+    and never materialise, and the frozen scales are this server's own, as
+    constants of the compiled program rather than arguments (variables'
+    scales are not read): XLA then folds what aqtp computes from them per
+    call (their reciprocals, the input and weight scales' products, the
+    absorbed input scales of 1), and the query, key and value layers'
+    quantizations of their common input become one. It expects variables
+    of this server's model (the int8 kernels are read from them).
     """
+    frozen = traverse_util.flatten_dict(variables['aqt'], keep_empty_nodes=True)
+    frozen.update(self.scales)
     return {
         'params': _with_zero_kernels(variables['params'], self.removed),
-        'aqt': _share_input_scales(variables['aqt'], self.shared_input_scales),
+        'aqt': traverse_util.unflatten_dict(frozen),
     }
 
   def predict(self, images: jax.Array) -> jax.Array:
@@ -406,7 +458,9 @@ class Int8Server:
     traced from them with jax.eval_shape, so the float checkpoint need not
     be read."""
     spec = lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype)
-    params = jax.tree.map(spec, params)
+    model, params = float_model_to_quantize(
+        model, jax.tree.map(spec, params), quant_cfg
+    )
     image = jax.ShapeDtypeStruct((1,) + tuple(image_shape), jnp.uint8)
     stats = {}
     if quant_cfg.quant_activations == 'static':
@@ -526,6 +580,7 @@ def conversion_source(step: int, quant_cfg, ema: bool) -> dict[str, Any]:
           if quant_cfg.quant_activations == 'static'
           else 0
       ),
+      'fold_block_norms': bool(quant_cfg.quant_fold_norms),
   }
 
 
@@ -538,9 +593,11 @@ def weight_bytes(params: Any, server: 'Int8Server') -> dict[str, int]:
       int(np.asarray(x).nbytes) for x in jax.tree.leaves(server.frozen)
   )
   total = sum(4 * int(np.size(x)) for x in jax.tree.leaves(params))
+  # What the server keeps in float (folded LayerNorms hold no weights).
+  float_rest = sum(4 * int(np.size(x)) for x in jax.tree.leaves(server.params))
   return {
       'float32_kernel_bytes': as_float,
       'int8_kernel_bytes': as_int8,
       'float32_model_bytes': total,
-      'int8_model_bytes': total - as_float + as_int8,
+      'int8_model_bytes': float_rest + as_int8,
   }

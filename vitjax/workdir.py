@@ -87,7 +87,11 @@ _ADDED_SINCE = {
     'train': {'resume_from': '', 'final_evaluation': True},
     # How a checkpoint is evaluated in int8 is not part of its training:
     # older runs take today's defaults.
-    'eval': {'quant_activations': 'static', 'quant_calibration_images': 1024},
+    'eval': {
+        'quant_activations': 'static',
+        'quant_calibration_images': 1024,
+        'quant_fold_norms': True,
+    },
 }
 
 

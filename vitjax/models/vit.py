@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from vitjax import errors
 from vitjax.models import attention
+from vitjax.models import norm_folding
 from vitjax.models.dense import Dense
 
 Array = jax.Array
@@ -184,6 +185,7 @@ class EncoderBlock(nn.Module):
   dot_general_cls: DotGeneralCls = None
   einsum_cls: DotGeneralCls = None  # int8 for the two attention einsums
   kernels: str = 'cpu'  # see ViT.kernels
+  norm_affine: bool = True  # see ViT.block_norm_affine
 
   @nn.compact
   def __call__(
@@ -196,7 +198,10 @@ class EncoderBlock(nn.Module):
       deterministic: bool,
   ) -> Array:
     def norm(name: str, x: Array) -> Array:
-      layer = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=name)
+      if self.norm_affine:
+        layer = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=name)
+      else:
+        layer = norm_folding.Normalize(1e-6, self.dtype, name=name)
       if token_mask is None:
         return layer(x)
       m = token_mask[..., None].astype(x.dtype)
@@ -265,6 +270,10 @@ class ViT(nn.Module):
   dot_general_cls: DotGeneralCls = None
   head_dot_general_cls: DotGeneralCls = None
   attention_einsum_cls: DotGeneralCls = None
+  # False: the blocks' two LayerNorms only normalise (with a scalar gain);
+  # their scale and bias live in the layers that read them
+  # (models/norm_folding.py, for int8).
+  block_norm_affine: bool = True
 
   def setup(self):
     dtype = compute_dtype(self.dtype)
@@ -296,6 +305,7 @@ class ViT(nn.Module):
             dot_general_cls=self.dot_general_cls,
             einsum_cls=self.attention_einsum_cls,
             kernels=self.kernels,
+            norm_affine=self.block_norm_affine,
         )
         for i in range(self.depth)
     ]
