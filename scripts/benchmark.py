@@ -193,7 +193,8 @@ def _candidates(config, label: str) -> tuple[dict, dict, str]:
       f'{eval_batch} and 1'
       + (
           ' (int8: aqtp serving, float parts in float32, activation scales '
-          f'{config.eval.quant_activations})'
+          f'{config.eval.quant_activations}, block norms '
+          f'{"folded" if config.eval.quant_fold_norms else "not folded"})'
           if _INT8.value
           else ''
       )

@@ -329,6 +329,8 @@ def _absorb_input_scales(params: Any, frozen: Any) -> tuple[Any, Any]:
       if not all(np.array_equal(scales[0], x) for x in scales):
         continue  # not one input scale: leave them to the quantization
       s = np.float32(scales[0].reshape(()))
+      if not (np.isfinite(s) and s > 0):
+        continue  # aqtp serves such a scale as 1: leave it to aqtp
       gain = (block, norm, 'gain')
       params[gain] = np.float32(np.asarray(params[gain]) / s)
       for layer in layers:
@@ -346,7 +348,12 @@ def _is_scale(path: tuple[str, ...]) -> bool:
 
 
 class Int8Server:
-  """A frozen int8 model: what CONVERT produced, run with SERVE."""
+  """A frozen int8 model: what CONVERT produced, run with SERVE.
+
+  Its frozen scales are read once, when it is built, and compiled into the
+  programs that call `prepare`: to serve other scales, build another
+  server.
+  """
 
   def __init__(
       self,
@@ -416,7 +423,10 @@ class Int8Server:
     call (their reciprocals, the input and weight scales' products, the
     absorbed input scales of 1), and the query, key and value layers'
     quantizations of their common input become one. It expects variables
-    of this server's model (the int8 kernels are read from them).
+    of this server's model (the int8 kernels are read from them). Called
+    outside a jitted function (A-ViT's token removal prepares once and
+    jits each block apart), the scales reach those blocks as arguments:
+    the same values, without those folds.
     """
     frozen = traverse_util.flatten_dict(variables['aqt'], keep_empty_nodes=True)
     frozen.update(self.scales)
@@ -484,9 +494,11 @@ class Int8Server:
 
 def _calibration_model(model: nn.Module) -> nn.Module:
   """The model static scales are calibrated through. A-ViT: its faithful
-  forward, whose masked LayerNorms feed halted tokens' rows as zeros, as
-  token removal (its serving path) leaves them out; otherwise they would
-  count in the layers' maxima. Its predictions are the same."""
+  forward, whose masked LayerNorms feed halted tokens' rows as zeros to the
+  layers they feed (query, key, value, fc1), as token removal (its serving
+  path) leaves them out; otherwise they would count in those layers'
+  maxima (halted rows still count in the attention output's and fc2's).
+  Its predictions are the same."""
   if 'faithful' in {f.name for f in dataclasses.fields(model)}:
     return model.clone(faithful=True)
   return model
@@ -599,5 +611,7 @@ def weight_bytes(params: Any, server: 'Int8Server') -> dict[str, int]:
       'float32_kernel_bytes': as_float,
       'int8_kernel_bytes': as_int8,
       'float32_model_bytes': total,
+      # Folded norms hold a scalar gain where the float model holds a
+      # scale and a bias: a few hundred bytes fewer.
       'int8_model_bytes': float_rest + as_int8,
   }

@@ -136,7 +136,10 @@ def _saved_int8_fits(saved: Path, step: int, quant, ema: bool) -> bool:
   if not saved.is_dir() or not source.exists():
     return False
   wanted = quantization.conversion_source(step, quant, ema)
-  if json.loads(source.read_text()) == wanted:
+  saved_source = json.loads(source.read_text())
+  # Conversions saved before the norms could be folded did not fold them.
+  saved_source.setdefault('fold_block_norms', False)
+  if saved_source == wanted:
     return True
   logging.info(
       'The int8 model in %s was converted from %s, not %s: converting the '

@@ -3,7 +3,9 @@
 A pre-LN block feeds `LN(x) = n(x) * g + b` (n: the normalisation alone) to
 the query, key and value projections (norm1) and to the MLP's first layer
 (norm2). For any such Dense layer, `LN(x) @ W + c = n(x) @ (g[:, None] * W)
-+ (b @ W + c)`: the same function, with the LayerNorm reduced to n. The
++ (b @ W + c)`: the same function, with the LayerNorm reduced to n (A-ViT's
+faithful forward, which zeroes halted tokens' norm outputs, then feeds
+their rows b @ W + c instead of c; it only calibrates int8). The
 model that reads folded weights is the same one with
 `block_norm_affine=False`, whose block norms are `Normalize`: n(x) times
 one scalar gain, 1 after folding.
