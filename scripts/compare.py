@@ -104,6 +104,17 @@ def _activation_scales(reports: dict) -> str:
   return 'a float32 scale per token, computed per call'
 
 
+def _norms(reports: dict) -> str:
+  """How the int8 rows treat the blocks' LayerNorms, in words."""
+  q = next(r['quantization'] for r in reports.values() if 'quantization' in r)
+  if q.get('fold_block_norms'):
+    return (
+        "LayerNorms (the blocks' scales and biases folded into the int8 "
+        'layers they feed)'
+    )
+  return 'LayerNorms'
+
+
 def _over_own(speed: dict, batch: int) -> str:
   from vitjax.evaluators import report as report_lib  # pylint: disable=g-import-not-at-top
 
@@ -236,7 +247,7 @@ def main(argv):
           'attention-output and MLP Dense layers as int8 x int8 -> int32 '
           'dots (weights: int8 with a float32 scale per output channel, '
           f'frozen; activations: int8 with {_activation_scales(reports)}'
-          '); the patch embedding, LayerNorms, attention '
+          f'); the patch embedding, {_norms(reports)}, attention '
           "einsums, softmax, GELU, DynamicViT's predictors and the head "
           'in float32, whatever the run trained in (from bfloat16 they '
           'measured slower: vitjax/quantization.py'
