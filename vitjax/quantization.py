@@ -343,16 +343,13 @@ def _absorb_input_scales(params: Any, frozen: Any) -> tuple[Any, Any]:
   )
 
 
-def _is_scale(path: tuple[str, ...]) -> bool:
-  return path[-1] == 'scale'
-
-
 class Int8Server:
   """A frozen int8 model: what CONVERT produced, run with SERVE.
 
-  Its frozen scales are read once, when it is built, and compiled into the
-  programs that call `prepare`: to serve other scales, build another
-  server.
+  Built by `convert` or `load` from the float model that was quantized
+  (with folded norms, `float_model_to_quantize`'s). Its frozen scales are
+  read once, when it is built, and compiled into the programs that call
+  `prepare`: to serve other scales, build another server.
   """
 
   def __init__(
@@ -370,7 +367,7 @@ class Int8Server:
     self.scales = {
         path: np.asarray(x)
         for path, x in traverse_util.flatten_dict(frozen).items()
-        if _is_scale(path)
+        if path[-1] == 'scale'
     }
 
   @classmethod
