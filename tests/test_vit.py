@@ -33,6 +33,17 @@ def _params(model, seed=0):
   return init(jax.random.key(seed))['params']
 
 
+def _perturbed(params, seed, scale):
+  """Every leaf plus Gaussian noise of `scale`: no zero bias, no LayerNorm
+  at scale 1 and bias 0."""
+  leaves, tree = jax.tree.flatten(params)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  return jax.tree.unflatten(
+      tree,
+      [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)],
+  )
+
+
 @pytest.mark.parametrize(
     'variant, count',
     [
@@ -146,12 +157,7 @@ def test_weights_cast_once_for_inference_give_the_same_logits(name):
   model = _model('nano/4', name=name, stem='conv', dtype='bfloat16')
   # Every weight non-zero (biases and the class token start at zero), so
   # that one read in float32 would change the logits.
-  leaves, tree = jax.tree.flatten(_params(model))
-  keys = jax.random.split(jax.random.key(2), len(leaves))
-  params = jax.tree.unflatten(
-      tree,
-      [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)],
-  )
+  params = _perturbed(_params(model), seed=2, scale=0.1)
   cast = inference_weights.cast_for_inference(model, params, (32, 32, 3))
   float32 = {
       '/'.join(k.key for k in path)
@@ -180,12 +186,7 @@ def test_weights_cast_once_for_inference_give_the_same_logits(name):
 @pytest.mark.parametrize('name', ['vit', 'dynamic_vit', 'avit'])
 def test_folded_block_norms_compute_the_same_function(name):
   model = _model('nano/4', name=name)
-  leaves, tree = jax.tree.flatten(_params(model))
-  keys = jax.random.split(jax.random.key(3), len(leaves))
-  params = jax.tree.unflatten(  # LayerNorms far from scale 1, bias 0
-      tree,
-      [x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)],
-  )
+  params = _perturbed(_params(model), seed=3, scale=0.3)
   folded = norm_folding.fold_block_norms(params)
   assert set(folded['blocks_0']['norm1']) == {'gain'}
   assert 'scale' in folded['encoder_norm']  # only the blocks' two norms

@@ -603,7 +603,9 @@ def weight_bytes(params: Any, server: 'Int8Server') -> dict[str, int]:
   )
   total = sum(4 * int(np.size(x)) for x in jax.tree.leaves(params))
   # What the server keeps in float (folded LayerNorms hold no weights).
-  float_rest = sum(4 * int(np.size(x)) for x in jax.tree.leaves(server.params))
+  float_rest = sum(
+      int(np.asarray(x).nbytes) for x in jax.tree.leaves(server.params)
+  )
   return {
       'float32_kernel_bytes': as_float,
       'int8_kernel_bytes': as_int8,
