@@ -82,13 +82,15 @@ def main(argv):
       f' against {tokens[0]} tokens'
   )
   for dtype in ('float32', 'bfloat16'):
-    full = timings.ms_per_item(f'{dtype} {tokens[0]}').median
+    full = f'{dtype} {tokens[0]}'
     for n in tokens:
       spread = timings.ms_per_item(f'{dtype} {n}')
+      # Its share of the full cost, round by round: full's speed over its.
+      share = timings.ratio(full, f'{dtype} {n}')
       print(
           f'  {dtype:9} {n:3d} tokens: {1e3 * spread.median:6.1f} us'
           f' ({1e3 * spread.q25:.1f}-{1e3 * spread.q75:.1f}),'
-          f' {spread.median / full:5.2f}x'
+          f' {share.format("x")}'
       )
 
 

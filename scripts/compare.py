@@ -17,6 +17,7 @@ side by side).
 import json
 import os
 from pathlib import Path
+import subprocess
 
 from absl import app, flags, logging
 
@@ -115,14 +116,33 @@ def _norms(reports: dict) -> str:
   return 'LayerNorms'
 
 
-def _over_own(speed: dict, batch: int) -> str:
+def _over(speed: dict, key: str, batch: int) -> str:
+  """A speed-up of `speed_report`'s 'speedup_over_<key>', in words."""
   from vitjax.evaluators import report as report_lib  # pylint: disable=g-import-not-at-top
 
-  own = speed['speedup_over_own']
+  over = speed[f'speedup_over_{key}']
   return (
-      f'{report_lib.format_spread(own[f"batch {batch}"], "x")} at batch '
-      f'{batch}, {report_lib.format_spread(own["batch 1"], "x")} at batch 1'
+      f'{report_lib.format_spread(over[f"batch {batch}"], "x")} at batch '
+      f'{batch}, {report_lib.format_spread(over["batch 1"], "x")} at batch 1'
   )
+
+
+def _commit() -> str:
+  """The code's git commit ('-dirty' with uncommitted changes), or
+  'unknown' outside a git checkout: what a figure was measured at."""
+  git = lambda *a: subprocess.run(
+      ['git', *a],
+      capture_output=True,
+      text=True,
+      check=True,
+      cwd=Path(__file__).parent,
+  ).stdout.strip()
+  try:
+    commit = git('rev-parse', '--short', 'HEAD')
+    dirty = git('status', '--porcelain', '--untracked-files=no')
+  except (OSError, subprocess.CalledProcessError):
+    return 'unknown'
+  return commit + ('-dirty' if dirty else '')
 
 
 def main(argv):
@@ -193,21 +213,32 @@ def main(argv):
       rounds=_ROUNDS.value,
       seconds=_SECONDS.value,
       baseline=baseline,
-      # Each model's bfloat16 and int8 against its own float32.
-      own_baselines={
-          f'{w.name} {p}': f'{w.name} float32'
-          for w in workdirs
-          for p in PRECISIONS[1:]
+      more_baselines={
+          # Each model's bfloat16 and int8 against its own float32.
+          'own': {
+              f'{w.name} {p}': f'{w.name} float32'
+              for w in workdirs
+              for p in PRECISIONS[1:]
+          },
+          # The others against the first model in the same precision (in
+          # float32 that is the table's speed-up).
+          'first': {
+              f'{w.name} {p}': f'{workdirs[0].name} {p}'
+              for w in workdirs[1:]
+              for p in PRECISIONS[1:]
+          },
       },
   )
   batch = speeds[baseline]['batch']
-  against_float32 = [
-      f'- {name}: {_over_own(speeds[name], batch)}'
+  against = lambda key: [
+      f'- {name}: {_over(speeds[name], key, batch)}'
       for name in speeds
-      if 'speedup_over_own' in speeds[name]
+      if f'speedup_over_{key}' in speeds[name]
   ]
+  commit = _commit()
   for name, report in reports.items():
     report['speed'] = {'model': speeds[name]}
+    report['commit'] = commit
   rows = [_row(reports[n], speeds[n], batch) for n in reports]
   header = [
       f'{c} bs{batch}' if c in ('images/s', 'speed-up') else c for c in COLUMNS
@@ -218,6 +249,8 @@ def main(argv):
   text = '\n'.join(
       [
           f'# Accuracy against cost ({machine.summary(first["machine"])})',
+          '',
+          f'Code at commit {commit}.',
           '',
           'Best checkpoint of each run, test set '
           f'({first["test"]["num_images"]:,} images). Every model was timed '
@@ -234,7 +267,11 @@ def main(argv):
           '',
           'Against the same model in float32 (per-round ratios, same '
           'sitting):',
-          *against_float32,
+          *against('own'),
+          '',
+          f'Against {workdirs[0].name} in the same precision (per-round '
+          'ratios, same sitting):',
+          *against('first'),
           '',
           'What each precision computes:',
           '- float32: every operation in float32.',

@@ -7,9 +7,9 @@ Each shape MxKxN is [M, K] x [K, N], the sizes of the models' layers at
 batch 256 by default (tokens x width x output width): int8 x int8 -> int32
 (what the int8 serving path runs), bfloat16 x bfloat16 -> float32 (what
 `model.dtype=bfloat16` runs) and float32. The three are timed interleaved
-(vitjax/timing.py) and printed in G multiply-adds per second: what a
-quantized layer can gain over float on this CPU before any quantization
-cost.
+(vitjax/timing.py) and printed in G multiply-adds per second, with
+their ratios (medians of per-round ratios): what a quantized layer can gain
+over float on this CPU before any quantization cost.
 """
 
 import os
@@ -85,8 +85,14 @@ def main(argv):
             f'{name} {r.median / 1e9:6.1f} ({r.q25 / 1e9:.0f}-{r.q75 / 1e9:.0f})'
             for name, r in rates.items()
         )
-        + f'  int8/float32 {t.ratio("int8", "float32").median:.2f}x'
     )
+    # Per-round ratios, as every speed-up the project prints.
+    for name, over in (
+        ('int8', 'float32'),
+        ('bfloat16', 'float32'),
+        ('int8', 'bfloat16'),
+    ):
+      print(f'{"":>16}{name} over {over}: {t.ratio(name, over).format("x")}')
 
 
 if __name__ == '__main__':

@@ -128,6 +128,7 @@ def test_avit_calibrates_its_gate_and_reports_depths(
   assert sp['token_removal_agreement'] == 1.0
   speed = report['speed']['model']
   assert speed['masked_images_per_second']['median'] > 0
+  assert speed['token_removal_over_masked']['median'] > 0
   assert speed['path'].startswith('token removal')
   assert len(sp['tokens_per_block']) == 2
   assert (tmp_path / 'avit' / 'eval' / 'halting.png').exists()

@@ -104,7 +104,7 @@ def test_speed_report_gives_each_model_its_own_baseline_too(monkeypatch):
       rounds=3,
       seconds=0.0,
       baseline='a',
-      own_baselines={'c': 'b'},
+      more_baselines={'own': {'c': 'b'}, 'first': {'b': 'a', 'c': 'a'}},
   )
   assert report['b']['speedup']['batch 4']['median'] == pytest.approx(1.5)
   assert report['c']['speedup']['batch 1']['median'] == pytest.approx(3.0)
@@ -112,5 +112,9 @@ def test_speed_report_gives_each_model_its_own_baseline_too(monkeypatch):
   assert own['over'] == 'b'
   assert own['batch 4']['median'] == pytest.approx(2.0)
   assert own['batch 1']['median'] == pytest.approx(2.0)
+  assert report['b']['speedup_over_first']['batch 1']['median'] == (
+      pytest.approx(1.5)
+  )
   assert 'speedup_over_own' not in report['a']
   assert 'speedup_over_own' not in report['b']
+  assert 'speedup_over_first' not in report['a']

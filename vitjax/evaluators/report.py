@@ -110,10 +110,10 @@ def format_table(report: dict[str, Any], class_names: tuple[str, ...]) -> str:
         f'token removal agrees on {sp["token_removal_agreement"]:.4f} '
         'of images'
         + (
-            f'; {speed["masked_images_per_second"]["median"]:.0f} images/s '
-            f'masked vs {speed["images_per_second"]["median"]:.0f} with '
-            'token removal'
-            if speed
+            f'; token removal {speed["images_per_second"]["median"]:.0f} '
+            f'images/s, {format_spread(speed["token_removal_over_masked"], "x")}'
+            f' the masked path ({speed["masked_images_per_second"]["median"]:.0f})'
+            if speed and 'token_removal_over_masked' in speed
             else ''
         )
     )

@@ -97,7 +97,7 @@ def speed_report(
     rounds: int,
     seconds: float,
     baseline: str | None = None,
-    own_baselines: Mapping[str, str] | None = None,
+    more_baselines: Mapping[str, Mapping[str, str]] | None = None,
 ) -> dict[str, Any]:
   """Images/s at `batch` and batch-1 latency of every predictor.
 
@@ -105,9 +105,11 @@ def speed_report(
   there are fewer) is timed, since the test set is sorted by class and
   A-ViT's cost depends on the images. With `baseline`, every other
   predictor's speed-up over it at both batches, as the median and
-  interquartile range of per-round ratios; with `own_baselines` ({name:
-  its baseline}, e.g. a model's int8 predictor: the same model in float32),
-  those speed-ups too ('speedup_over_own').
+  interquartile range of per-round ratios; with `more_baselines` ({key:
+  {name: its baseline}}), those speed-ups too, under 'speedup_over_<key>'
+  (e.g. 'own': a model's int8 predictor over the same model in float32;
+  'dense': a lighter model over the dense one in the same precision).
+  A-ViT's token removal is also given over its masked path, the same way.
   Returns {name: {...}} as plain JSON-able numbers.
   """
   batch = max(batch // mesh.size, 1) * mesh.size
@@ -140,6 +142,9 @@ def speed_report(
     }
     if f'{name} masked@{batch}' in candidates:
       r['masked_images_per_second'] = t.rate(f'{name} masked@{batch}').as_dict()
+      r['token_removal_over_masked'] = t.ratio(
+          f'{name}@{batch}', f'{name} masked@{batch}'
+      ).as_dict()
     speedup = lambda base: {
         f'batch {batch}': (
             t.ratio(f'{name}@{batch}', f'{base}@{batch}').as_dict()
@@ -149,9 +154,8 @@ def speed_report(
     if baseline is not None and name != baseline:
       r['speedup_over'] = baseline
       r['speedup'] = speedup(baseline)
-    if own_baselines and name in own_baselines:
-      r['speedup_over_own'] = {'over': own_baselines[name]} | speedup(
-          own_baselines[name]
-      )
+    for key, over in (more_baselines or {}).items():
+      if name in over:
+        r[f'speedup_over_{key}'] = {'over': over[name]} | speedup(over[name])
     report[name] = r
   return report
