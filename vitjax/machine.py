@@ -89,8 +89,9 @@ def summary(machine: dict[str, Any]) -> str:
     cpu += f' (family/model {machine["cpu_family_model"]})'
   features = ' '.join(machine['cpu_features']) or 'no AVX2'
   accelerator = machine['accelerator']
+  cores = machine['cpu_cores']
   return (
-      f'{cpu}, {machine["cpu_cores"]} cores, {features}; '
+      f'{cpu}, {cores} core{"" if cores == 1 else "s"}, {features}; '
       f'{"no accelerator" if accelerator == "none" else accelerator}; '
       f'jax {machine["jax"]}'
   )
