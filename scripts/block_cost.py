@@ -79,7 +79,7 @@ def main(argv):
       f'{config.model.depth} blocks of width {config.model.hidden_dim} in a'
       ' row, batch 1; microseconds per block, median of'
       f' {_REPEATS.value} interleaved rounds (interquartile range), and'
-      f' against {tokens[0]} tokens'
+      f' the share of the {tokens[0]}-token cost (per-round ratios)'
   )
   for dtype in ('float32', 'bfloat16'):
     full = f'{dtype} {tokens[0]}'
@@ -90,7 +90,7 @@ def main(argv):
       print(
           f'  {dtype:9} {n:3d} tokens: {1e3 * spread.median:6.1f} us'
           f' ({1e3 * spread.q25:.1f}-{1e3 * spread.q75:.1f}),'
-          f' {share.format("x")}'
+          f' share {share.format()}'
       )
 
 

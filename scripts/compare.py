@@ -17,7 +17,6 @@ side by side).
 import json
 import os
 from pathlib import Path
-import subprocess
 
 from absl import app, flags, logging
 
@@ -127,24 +126,6 @@ def _over(speed: dict, key: str, batch: int) -> str:
   )
 
 
-def _commit() -> str:
-  """The code's git commit ('-dirty' with uncommitted changes), or
-  'unknown' outside a git checkout: what a figure was measured at."""
-  git = lambda *a: subprocess.run(
-      ['git', *a],
-      capture_output=True,
-      text=True,
-      check=True,
-      cwd=Path(__file__).parent,
-  ).stdout.strip()
-  try:
-    commit = git('rev-parse', '--short', 'HEAD')
-    dirty = git('status', '--porcelain', '--untracked-files=no')
-  except (OSError, subprocess.CalledProcessError):
-    return 'unknown'
-  return commit + ('-dirty' if dirty else '')
-
-
 def main(argv):
   # pylint: disable=g-import-not-at-top
   import numpy as np
@@ -230,15 +211,17 @@ def main(argv):
       },
   )
   batch = speeds[baseline]['batch']
-  against = lambda key: [
-      f'- {name}: {_over(speeds[name], key, batch)}'
-      for name in speeds
-      if f'speedup_over_{key}' in speeds[name]
-  ]
-  commit = _commit()
+
+  def against(key: str, heading: str) -> list[str]:
+    lines = [
+        f'- {name}: {_over(speeds[name], key, batch)}'
+        for name in speeds
+        if f'speedup_over_{key}' in speeds[name]
+    ]
+    return [heading, *lines, ''] if lines else []
+
   for name, report in reports.items():
     report['speed'] = {'model': speeds[name]}
-    report['commit'] = commit
   rows = [_row(reports[n], speeds[n], batch) for n in reports]
   header = [
       f'{c} bs{batch}' if c in ('images/s', 'speed-up') else c for c in COLUMNS
@@ -249,8 +232,6 @@ def main(argv):
   text = '\n'.join(
       [
           f'# Accuracy against cost ({machine.summary(first["machine"])})',
-          '',
-          f'Code at commit {commit}.',
           '',
           'Best checkpoint of each run, test set '
           f'({first["test"]["num_images"]:,} images). Every model was timed '
@@ -265,14 +246,17 @@ def main(argv):
           '',
           *table,
           '',
-          'Against the same model in float32 (per-round ratios, same '
-          'sitting):',
-          *against('own'),
-          '',
-          f'Against {workdirs[0].name} in the same precision (per-round '
-          'ratios, same sitting):',
-          *against('first'),
-          '',
+          *against(
+              'own',
+              'Against the same model in float32 (per-round ratios, same '
+              'sitting):',
+          ),
+          *against(
+              'first',
+              f'Against {workdirs[0].name} in the same precision, bfloat16 '
+              'and int8 (per-round ratios, same sitting; in float32 it is '
+              "the table's speed-up):",
+          ),
           'What each precision computes:',
           '- float32: every operation in float32.',
           '- bfloat16: matmuls and convolutions on bfloat16 inputs (with '

@@ -35,7 +35,7 @@ _SHAPES = flags.DEFINE_list(
     ],
     'MxKxN matmul shapes.',
 )
-_REPEATS = flags.DEFINE_integer('repeats', 5, 'Interleaved timing rounds.')
+_REPEATS = flags.DEFINE_integer('repeats', 10, 'Interleaved timing rounds.')
 _SECONDS = flags.DEFINE_float('seconds', 0.5, 'Length of one timing.')
 
 

@@ -1,5 +1,7 @@
 """Every figure names its machine: what machine.py reads and prints."""
 
+import re
+
 import pytest
 
 from configs import vit as vit_config
@@ -20,10 +22,29 @@ def test_the_cpu_is_named_with_its_family_and_features(monkeypatch):
   assert m['cpu_features'] == ['avx2', 'avx512f', 'avx512_bf16']
   assert m['accelerator'] == 'none'  # the tests run on CPU devices
   assert m['cpu_cores'] >= 1 and m['jax'] and m['jaxlib']
-  assert machine.summary(m).startswith(
-      'AMD EPYC (family/model 25/17), '
-      f'{m["cpu_cores"]} cores, avx2 avx512f avx512_bf16; no accelerator; jax '
+  cores = f'{m["cpu_cores"]} core' + ('' if m['cpu_cores'] == 1 else 's')
+  assert machine.summary(m) == (
+      f'AMD EPYC (family/model 25/17), {cores}, avx2 avx512f avx512_bf16; '
+      f'no accelerator; jax {m["jax"]}; code {m["code"]}'
   )
+
+
+def test_the_code_is_named_by_its_commit_or_unknown(monkeypatch):
+  # The tests run from a git checkout (CI clones one): a short hash.
+  assert re.fullmatch(r'[0-9a-f]{7,}(-dirty)?', machine.code_version())
+
+  def no_git(*args, **kwargs):
+    raise FileNotFoundError('git')
+
+  machine.code_version.cache_clear()
+  monkeypatch.setattr(machine.subprocess, 'run', no_git)
+  try:
+    assert machine.code_version() == 'unknown'
+  finally:
+    machine.code_version.cache_clear()
+  # A report saved before the code was recorded is still summarised.
+  old = {k: v for k, v in machine.describe().items() if k != 'code'}
+  assert 'code' not in machine.summary(old)
 
 
 def test_a_cpu_without_avx2_or_cpuinfo_is_still_described(monkeypatch):

@@ -115,6 +115,27 @@ def test_speed_report_gives_each_model_its_own_baseline_too(monkeypatch):
   assert report['b']['speedup_over_first']['batch 1']['median'] == (
       pytest.approx(1.5)
   )
+  assert report['c']['speedup_over_first']['over'] == 'a'
+  assert report['c']['speedup_over_first']['batch 4']['median'] == (
+      pytest.approx(3.0)
+  )
   assert 'speedup_over_own' not in report['a']
   assert 'speedup_over_own' not in report['b']
   assert 'speedup_over_first' not in report['a']
+
+
+def test_speed_report_refuses_a_baseline_it_does_not_time():
+  # pylint: disable=g-import-not-at-top
+  from vitjax import sharding
+  from vitjax.evaluators import speed
+
+  with pytest.raises(ValueError, match=r"more_baselines\['own'\].*'d'"):
+    speed.speed_report(
+        {'a': None},
+        sharding.make_mesh(),
+        np.zeros((8, 32, 32, 3), np.uint8),
+        4,
+        rounds=1,
+        seconds=0.0,
+        more_baselines={'own': {'a': 'd'}},
+    )

@@ -1,5 +1,5 @@
-"""The machine a figure was measured on: every timing the project prints or
-saves names it.
+"""The machine a figure was measured on, and the code: every timing the
+project prints or saves names both.
 
 The same "AMD EPYC" can be a Zen 3 (AVX2 only) or a Zen 4 (AVX-512 with
 bfloat16), which time this project 2-3x apart, so the CPU is named by its
@@ -9,9 +9,11 @@ which kernels XLA can use here.
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 import platform
+import subprocess
 from typing import Any
 
 import jax
@@ -35,9 +37,32 @@ def _cpuinfo() -> dict[str, str]:
   return fields
 
 
+@functools.cache
+def code_version() -> str:
+  """This package's git commit, '-dirty' when tracked files differ from it
+  (read once per process), or 'unknown': no git, or a copy installed
+  outside its checkout."""
+  root = Path(__file__).resolve().parent.parent
+  git = lambda *args: subprocess.run(
+      ['git', '-C', str(root), *args],
+      capture_output=True,
+      text=True,
+      check=True,
+      timeout=30,
+  ).stdout.strip()
+  try:
+    if Path(git('rev-parse', '--show-toplevel')).resolve() != root:
+      return 'unknown'
+    commit = git('rev-parse', '--short', 'HEAD')
+    dirty = git('status', '--porcelain', '--untracked-files=no')
+  except (OSError, subprocess.SubprocessError):
+    return 'unknown'
+  return commit + ('-dirty' if dirty else '')
+
+
 def describe() -> dict[str, Any]:
-  """The CPU, its usable cores and features, the accelerators, and the
-  versions of jax and jaxlib."""
+  """The CPU, its usable cores and features, the accelerators, the
+  versions of jax and jaxlib, and the code's commit."""
   info = _cpuinfo()
   flags = set(info.get('flags', '').split())
   devices = jax.devices()
@@ -61,6 +86,7 @@ def describe() -> dict[str, Any]:
       ),
       'jax': jax.__version__,
       'jaxlib': jaxlib.__version__,
+      'code': code_version(),
   }
 
 
@@ -83,7 +109,7 @@ def native_bfloat16(machine: dict[str, Any] | None = None) -> tuple[bool, str]:
 
 def summary(machine: dict[str, Any]) -> str:
   """One line, e.g. 'AMD EPYC (family/model 25/17), 2 cores, avx2 avx512f
-  avx512_bf16; no accelerator; jax 0.10.2'."""
+  avx512_bf16; no accelerator; jax 0.10.2; code 6ac86a8'."""
   cpu = machine['cpu']
   if machine.get('cpu_family_model'):
     cpu += f' (family/model {machine["cpu_family_model"]})'
@@ -94,4 +120,6 @@ def summary(machine: dict[str, Any]) -> str:
       f'{cpu}, {cores} core{"" if cores == 1 else "s"}, {features}; '
       f'{"no accelerator" if accelerator == "none" else accelerator}; '
       f'jax {machine["jax"]}'
+      # Reports saved before the code was recorded have no 'code'.
+      + (f'; code {machine["code"]}' if 'code' in machine else '')
   )

@@ -107,8 +107,9 @@ def speed_report(
   predictor's speed-up over it at both batches, as the median and
   interquartile range of per-round ratios; with `more_baselines` ({key:
   {name: its baseline}}), those speed-ups too, under 'speedup_over_<key>'
-  (e.g. 'own': a model's int8 predictor over the same model in float32;
-  'dense': a lighter model over the dense one in the same precision).
+  (scripts/compare.py: 'own', a model's int8 predictor over the same model
+  in float32; 'first', a lighter model over the dense one in the same
+  precision).
   A-ViT's token removal is also given over its masked path, the same way.
   Returns {name: {...}} as plain JSON-able numbers.
   """
@@ -118,6 +119,13 @@ def speed_report(
         f'eval.speed_batch={batch}: time a batch of at least 2 images (batch'
         ' 1 is timed beside it anyway).'
     )
+  for key, over in (more_baselines or {}).items():
+    unknown = sorted((set(over) | set(over.values())) - set(predictors))
+    if unknown:
+      raise ValueError(
+          f'more_baselines[{key!r}] names {unknown}, which are not among '
+          f'the predictors timed ({sorted(predictors)}).'
+      )
   pick = np.random.default_rng(0).permutation(len(images))
   sample = images[np.sort(pick[:batch])]
   sample = np.take(sample, np.arange(batch) % len(sample), 0)
