@@ -55,5 +55,8 @@ def test_block_cost_times_each_token_count_in_both_precisions():
       '--seconds=0.01',
   )
   for dtype in ('float32', 'bfloat16'):
-    assert f'{dtype:9}  17 tokens:' in out and ' 1.00x' in out, out
+    # The full token count's share of its own cost is 1 in every round.
+    assert f'{dtype:9}  17 tokens:' in out, out
+    assert 'share 1.00 (IQR 1.00-1.00)' in out, out
     assert f'{dtype:9}   5 tokens:' in out, out
+  assert 'code ' in out.splitlines()[0], out
