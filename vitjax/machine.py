@@ -63,6 +63,12 @@ def code_version() -> str:
 def describe() -> dict[str, Any]:
   """The CPU, its usable cores and features, the accelerators, the
   versions of jax and jaxlib, and the code's commit."""
+  return _hardware() | {'code': code_version()}
+
+
+def _hardware() -> dict[str, Any]:
+  """describe() without the code's commit: what choosing a dtype reads,
+  without running git at every model's creation."""
   info = _cpuinfo()
   flags = set(info.get('flags', '').split())
   devices = jax.devices()
@@ -86,14 +92,13 @@ def describe() -> dict[str, Any]:
       ),
       'jax': jax.__version__,
       'jaxlib': jaxlib.__version__,
-      'code': code_version(),
   }
 
 
 def native_bfloat16(machine: dict[str, Any] | None = None) -> tuple[bool, str]:
   """Whether the machine computes bfloat16 natively, and why (what
   model.dtype='auto' follows)."""
-  machine = machine or describe()
+  machine = machine or _hardware()
   if machine['accelerator'] != 'none':
     return True, f'{machine["accelerator"]} computes bfloat16 natively'
   native = [

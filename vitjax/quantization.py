@@ -201,6 +201,7 @@ def float_model_to_quantize(
   if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
     folded = jax.eval_shape(fold, params)
   else:
+    # Jitted, the folded leaves keep the params' placement on the mesh.
     folded = jax.jit(fold)(params)
   return model.clone(block_norm_affine=False), folded
 
