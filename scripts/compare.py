@@ -64,13 +64,8 @@ def _row(report: dict, speed: dict, batch: int) -> dict:
   from vitjax.evaluators import report as report_lib  # pylint: disable=g-import-not-at-top
 
   c, t = report['cost'], report['test']
-  q = report.get('quantization', {})
-  # Bytes served (reports from before `weight_bytes` existed: float32, or
-  # int8 kernels with float32 scales and the rest float32).
-  weight_bytes = c.get(
-      'weight_bytes', q.get('int8_model_bytes', 4 * c['parameters'])
-  )
-  minutes = report.get('train_seconds', float('nan')) / 60
+  weight_bytes = c['weight_bytes']
+  minutes = report['train_seconds'] / 60
   ratio = lambda at: (
       report_lib.format_spread(speed['speedup'][at], 'x')
       if 'speedup' in speed
@@ -107,7 +102,7 @@ def _activation_scales(reports: dict) -> str:
 def _norms(reports: dict) -> str:
   """How the int8 rows treat the blocks' LayerNorms, in words."""
   q = next(r['quantization'] for r in reports.values() if 'quantization' in r)
-  if q.get('fold_block_norms'):
+  if q['fold_block_norms']:
     return (
         "LayerNorms (the blocks' scales and biases folded into the int8 "
         'layers they feed)'
@@ -129,7 +124,8 @@ def _over(speed: dict, key: str, batch: int) -> str:
 def main(argv):
   # pylint: disable=g-import-not-at-top
   import numpy as np
-  from vitjax import evaluate, machine, metric_writers, sharding
+  from vitjax import evaluate, parallel
+  from vitjax.measure import machine
   from vitjax import workdir as workdir_lib
   from vitjax.data import sources
   from vitjax.evaluators import speed
@@ -149,7 +145,7 @@ def main(argv):
     )
   out = Path(_OUT.value)
   out.mkdir(parents=True, exist_ok=True)
-  mesh = sharding.make_mesh()
+  mesh = parallel.make_mesh()
   reports, predictors = {}, {}
   for workdir in workdirs:
     cfg_path = workdir / 'config.json'
@@ -157,7 +153,6 @@ def main(argv):
       raise app.UsageError(f'{workdir} holds no run (no config.json).')
     data = None
     for precision in PRECISIONS:
-      # Its config.json, with the fields added since set (workdir.py).
       config = workdir_lib.saved_config(workdir)
       if _DATA_ROOT.value:
         config.data.root = _DATA_ROOT.value
@@ -271,7 +266,7 @@ def main(argv):
           f'); the patch embedding, {_norms(reports)}, attention '
           "einsums, softmax, GELU, DynamicViT's predictors and the head "
           'in float32, whatever the run trained in (from bfloat16 they '
-          'measured slower: vitjax/quantization.py'
+          'measured slower: vitjax/quant/layers.py'
           + '). weight MB: the bytes of the weights each model serves '
           'with.',
           '',
@@ -327,7 +322,7 @@ def main(argv):
       1, len(workdirs), figsize=(5 * len(workdirs), 4), squeeze=False
   )
   for ax, workdir in zip(axes[0], workdirs):
-    records = metric_writers.read_records(workdir / 'metrics.jsonl')
+    records = workdir_lib.read_records(workdir / 'metrics.jsonl')
     for split, style in (('train', '-'), ('val', 'o-')):
       rows_ = [r for r in records if r['split'] == split]
       ax.plot(

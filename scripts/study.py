@@ -428,7 +428,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   # pylint: disable=g-import-not-at-top
   from ml_collections import ConfigDict
-  from vitjax import machine
+  from vitjax.measure import machine
   from vitjax.data import sources
 
   by_name = {t.name: t for t in TREATMENTS}

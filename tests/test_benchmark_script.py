@@ -1,5 +1,5 @@
-"""The timing scripts end to end on the smoke config: benchmark.py with int8
-and profile, block_cost.py."""
+"""scripts/benchmark.py end to end on the smoke configs: int8 and its
+profile, a fine-tune's training step, the block measure."""
 
 import os
 from pathlib import Path
@@ -46,10 +46,24 @@ def test_benchmark_times_int8_beside_float_and_profiles_both():
   assert 'int8 matmul' in out and 'quantize activations' in out
 
 
-def test_block_cost_times_each_token_count_in_both_precisions():
+@pytest.mark.parametrize('config', ['dynamic_vit', 'avit'])
+def test_benchmark_times_a_fine_tunes_training_step(config):
   out = _script(
-      'scripts/block_cost.py',
+      'scripts/benchmark.py',
+      f'--config=configs/{config}.py:smoke',
+      '--config.eval.speed_batch=8',
+      '--repeats=1',
+      '--seconds=0.01',
+  )
+  assert f'config: model {config} ' in out, out
+  assert 'config train ' in out and 'images/s' in out, out
+
+
+def test_the_block_measure_times_each_token_count_in_both_precisions():
+  out = _script(
+      'scripts/benchmark.py',
       '--config=configs/vit.py:smoke',
+      '--measure=blocks',
       '--tokens=17,5',
       '--repeats=1',
       '--seconds=0.01',

@@ -50,9 +50,3 @@ def test_unvalidated_steps_are_never_the_best(tmp_path):
         checkpoint.CheckpointError, match='no validated checkpoint'
     ):
       ckpts.restore({'w': jax.ShapeDtypeStruct((3,), np.float32)}, 'best')
-
-
-def test_the_earlier_layout_is_named(tmp_path):
-  (tmp_path / 'checkpoints' / 'latest').mkdir(parents=True)
-  with pytest.raises(checkpoint.CheckpointError, match='earlier vitjax'):
-    checkpoint.Checkpoints(tmp_path)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vitjax import plots
+from vitjax.evaluators import plots
 from vitjax.data.sources import Split
 from vitjax.evaluators import decisions
 from vitjax.evaluators.classification import Predictor

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from configs import avit as avit_config, dynamic_vit as dvit_config
-from vitjax import checkpoint, errors, evaluate, optimizers, serving, sharding, train
+from vitjax import checkpoint, errors, evaluate, parallel, serving, train
+from vitjax import trainer
 from vitjax.data import sources
 
 
@@ -61,7 +62,7 @@ def test_the_predictors_train_at_the_full_rate_the_backbone_frozen_first():
       'predictors_0': {'in_conv': {'kernel': 1.0}},
   }
   dense = {k: v for k, v in params.items() if k != 'predictors_0'}
-  assert optimizers.param_groups(params, dense, ('cls',)) == {
+  assert trainer.param_groups(params, dense, ('cls',)) == {
       'embed': {'kernel': 'backbone'},
       'cls': 'frozen',
       'blocks_0': {'kernel': 'backbone'},
@@ -70,7 +71,7 @@ def test_the_predictors_train_at_the_full_rate_the_backbone_frozen_first():
   c = dvit_config.get_config('smoke')
   c.optim.warmup_epochs = 0.0
   c.sparse.freeze_backbone_fraction = 0.5
-  optimizer = optimizers.finetune_optimizer(
+  optimizer = trainer.finetune(
       c.optim,
       c.sparse,
       params,
@@ -79,11 +80,13 @@ def test_the_predictors_train_at_the_full_rate_the_backbone_frozen_first():
       dense=dense,
       frozen_names=('cls',),
   )
-  # Frozen for the first half of a 10-step schedule: at position 2.
-  tx = optimizer.at(optimizer.schedules(10)(2.0))
   params = jax.tree.map(lambda v: np.full((2, 2), v, np.float32), params)
   grads = jax.tree.map(np.ones_like, params)
-  updates, _ = tx.update(grads, tx.init(params), params)
+  # Frozen for the first half of a 10-step schedule: at position 2.
+  opt_state = optimizer.tx.init(params)
+  rates = optimizer.schedules(10)(2.0)
+  opt_state = opt_state._replace(hyperparams=opt_state.hyperparams | rates)
+  updates, _ = optimizer.tx.update(grads, opt_state, params)
   assert np.all(updates['predictors_0']['in_conv']['kernel'] != 0)
   assert not np.any(updates['blocks_0']['kernel'])
   assert not np.any(updates['cls'])
@@ -146,7 +149,7 @@ def test_avit_calibrates_its_gate_and_reports_depths(
       tmp_path / 'avit',
       'best',
       data=sources.load(c.data, c.seed),
-      mesh=sharding.make_mesh(),
+      mesh=parallel.make_mesh(),
   )
   images = sources.load(c.data, c.seed).test.images[:16]
   np.testing.assert_allclose(

@@ -9,7 +9,7 @@ tf = pytest.importorskip('tensorflow')  # absent on the GPU image
 import tensorflow.experimental.numpy as tnp  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
-from vitjax import sharding  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vitjax import parallel  # pylint: disable=g-import-not-at-top,wrong-import-position
 from vitjax.data import augment, device_pipeline, sampling, tf_pipeline  # pylint: disable=g-import-not-at-top,wrong-import-position
 from vitjax.data.sources import Split
 
@@ -120,8 +120,8 @@ def test_each_host_gets_its_slice_of_the_global_batch(split):
 
 def test_a_process_feeds_the_rows_its_devices_hold_in_the_mesh():
   devices = jax.devices()
-  mesh = sharding.make_mesh(devices)
-  assert sharding.process_rows(mesh, 8 * len(devices)) == (
+  mesh = parallel.make_mesh(devices)
+  assert parallel.process_rows(mesh, 8 * len(devices)) == (
       0,
       8 * len(devices),
   )

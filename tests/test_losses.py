@@ -6,23 +6,24 @@ import numpy as np
 import pytest
 
 from configs import common
-from vitjax import losses, mixing
+from vitjax import objectives
+from vitjax.data import mixing
 
 COUNTS = np.array([400, 200, 100, 50])
 
 
 def test_class_weight_schemes():
-  inv = losses.class_weights(COUNTS, 'inverse')
+  inv = objectives.class_weights(COUNTS, 'inverse')
   np.testing.assert_allclose(inv, COUNTS.sum() / (4 * COUNTS), rtol=1e-6)
   # The course's weights keep the mean weight per training image at 1.
   assert np.isclose((inv * COUNTS).sum() / COUNTS.sum(), 1.0)
-  eff = losses.class_weights(COUNTS, 'effective', beta=0.99)
+  eff = objectives.class_weights(COUNTS, 'effective', beta=0.99)
   raw = (1 - 0.99) / (1 - 0.99**COUNTS)
   np.testing.assert_allclose(eff, raw * 4 / raw.sum(), rtol=1e-5)
   assert eff[3] > eff[0]
-  np.testing.assert_array_equal(losses.class_weights(COUNTS, 'none'), 1.0)
+  np.testing.assert_array_equal(objectives.class_weights(COUNTS, 'none'), 1.0)
   with pytest.raises(ValueError, match='loss.class_weights'):
-    losses.class_weights(COUNTS, 'inverted')
+    objectives.class_weights(COUNTS, 'inverted')
 
 
 def _batch(seed=0):
@@ -35,7 +36,7 @@ def _batch(seed=0):
 def test_weighted_ce_matches_the_pytorch_definition():
   logits, targets, labels = _batch()
   w = jnp.array([0.5, 1.0, 2.0, 4.0])
-  got = losses.weighted_loss(logits, targets, w, name='ce')
+  got = objectives.weighted_loss(logits, targets, w, name='ce')
   nll = -jax.nn.log_softmax(logits)[jnp.arange(8), labels]
   want = (w[labels] * nll).sum() / w[labels].sum()
   np.testing.assert_allclose(got, want, rtol=1e-6)
@@ -44,12 +45,12 @@ def test_weighted_ce_matches_the_pytorch_definition():
 def test_focal_with_gamma_zero_is_ce_and_down_weights_easy_examples():
   logits, targets, _ = _batch()
   ones = jnp.ones(4)
-  ce = losses.weighted_loss(logits, targets, ones, name='ce')
-  f0 = losses.weighted_loss(
+  ce = objectives.weighted_loss(logits, targets, ones, name='ce')
+  f0 = objectives.weighted_loss(
       logits, targets, ones, name='focal', focal_gamma=0.0
   )
   np.testing.assert_allclose(f0, ce, rtol=1e-6)
-  f2 = losses.weighted_loss(
+  f2 = objectives.weighted_loss(
       logits, targets, ones, name='focal', focal_gamma=2.0
   )
   assert f2 < ce
@@ -62,7 +63,7 @@ def test_focal_with_gamma_zero_is_ce_and_down_weights_easy_examples():
 
   np.testing.assert_allclose(f2, ref(logits), rtol=1e-5)
   g = jax.grad(
-      lambda lg: losses.weighted_loss(
+      lambda lg: objectives.weighted_loss(
           lg, targets, ones, name='focal', focal_gamma=2.0
       )
   )(logits)
@@ -72,7 +73,7 @@ def test_focal_with_gamma_zero_is_ce_and_down_weights_easy_examples():
 def test_logit_adjusted_loss_shifts_logits_by_the_log_prior():
   logits, targets, _ = _batch()
   log_prior = jnp.log(jnp.asarray(COUNTS / COUNTS.sum(), jnp.float32))
-  got = losses.weighted_loss(
+  got = objectives.weighted_loss(
       logits,
       targets,
       jnp.ones(4),
@@ -80,7 +81,7 @@ def test_logit_adjusted_loss_shifts_logits_by_the_log_prior():
       log_prior=log_prior,
       logit_adjust_tau=1.5,
   )
-  want = losses.weighted_loss(
+  want = objectives.weighted_loss(
       logits + 1.5 * log_prior, targets, jnp.ones(4), name='ce'
   )
   np.testing.assert_allclose(got, want, rtol=1e-6)
@@ -89,13 +90,13 @@ def test_logit_adjusted_loss_shifts_logits_by_the_log_prior():
 def test_deferred_reweighting_switches_on_at_its_epoch():
   cfg = common.base().loss
   cfg.class_weights, cfg.reweight_from_epoch = 'inverse', 2.0
-  fn = losses.make_classification_loss(cfg, COUNTS, steps_per_epoch=10)
+  fn = objectives.make_classification_loss(cfg, COUNTS, steps_per_epoch=10)
   logits, targets, _ = _batch()
-  plain = losses.weighted_loss(logits, targets, jnp.ones(4), name='ce')
-  weighted = losses.weighted_loss(
+  plain = objectives.weighted_loss(logits, targets, jnp.ones(4), name='ce')
+  weighted = objectives.weighted_loss(
       logits,
       targets,
-      jnp.asarray(losses.class_weights(COUNTS, 'inverse')),
+      jnp.asarray(objectives.class_weights(COUNTS, 'inverse')),
       name='ce',
   )
   np.testing.assert_allclose(fn(logits, targets, jnp.int32(19)), plain)
@@ -114,20 +115,20 @@ def test_corrections_fit_what_the_sampler_draws(sampling):
   # Logit adjustment: the prior of the drawn classes (uniform when
   # balanced, which leaves plain cross-entropy).
   cfg.name = 'logit_adjusted'
-  fn = losses.make_classification_loss(cfg, COUNTS, 10, sampling)
+  fn = objectives.make_classification_loss(cfg, COUNTS, 10, sampling)
   log_prior = jnp.log(jnp.asarray(drawn / drawn.sum(), jnp.float32))
-  want = losses.weighted_loss(
+  want = objectives.weighted_loss(
       logits + log_prior, targets, jnp.ones(4), name='ce'
   )
   np.testing.assert_allclose(fn(logits, targets, step), want, rtol=1e-6)
   if sampling == 'balanced':
-    plain = losses.weighted_loss(logits, targets, jnp.ones(4), name='ce')
+    plain = objectives.weighted_loss(logits, targets, jnp.ones(4), name='ce')
     np.testing.assert_allclose(fn(logits, targets, step), plain, rtol=1e-6)
   # Inverse weights: of the drawn counts (all 1 when balanced).
   cfg.name, cfg.class_weights = 'ce', 'inverse'
-  fn = losses.make_classification_loss(cfg, COUNTS, 10, sampling)
-  w = jnp.asarray(losses.class_weights(drawn, 'inverse'))
-  want = losses.weighted_loss(logits, targets, w, name='ce')
+  fn = objectives.make_classification_loss(cfg, COUNTS, 10, sampling)
+  w = jnp.asarray(objectives.class_weights(drawn, 'inverse'))
+  want = objectives.weighted_loss(logits, targets, w, name='ce')
   np.testing.assert_allclose(fn(logits, targets, step), want, rtol=1e-6)
 
 
@@ -137,7 +138,7 @@ def test_class_weights_apply_to_each_share_of_a_soft_target():
   # A 0.7 / 0.3 mixup of classes 0 and 3 in every row, then smoothing 0.1.
   targets = jnp.zeros((8, 4)).at[:, 0].set(0.7).at[:, 3].set(0.3)
   targets = targets * 0.9 + 0.1 / 4
-  got = losses.weighted_loss(logits, targets, w, name='ce')
+  got = objectives.weighted_loss(logits, targets, w, name='ce')
   logp = jax.nn.log_softmax(logits)
   want = -(w * targets * logp).sum() / (w * targets).sum()
   np.testing.assert_allclose(got, want, rtol=1e-6)
@@ -147,7 +148,7 @@ def test_unknown_loss_is_named():
   cfg = common.base().loss
   cfg.name = 'hinge'
   with pytest.raises(ValueError, match="loss.name='hinge'"):
-    losses.make_classification_loss(cfg, COUNTS, 10)
+    objectives.make_classification_loss(cfg, COUNTS, 10)
 
 
 @pytest.mark.parametrize('mixup, cutmix', [(0.8, 0.0), (0.0, 1.0), (0.8, 1.0)])

@@ -7,7 +7,8 @@ import pytest
 pytest.importorskip('aqt')
 
 from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
-from vitjax import models, profiling, quantization  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vitjax import models, quant  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vitjax.measure import profiling  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _nano_model(batch: int):
@@ -27,7 +28,7 @@ def _int8_server():
   # Per-token scales: each quantization is its own ops (a static scale's
   # may fuse into the op before it).
   c.eval.quant_activations = 'per_token'
-  server = quantization.Int8Server.convert(model, c.eval, params)
+  server = quant.Int8Server.convert(model, c.eval, params)
   variables = {'params': server.params, 'aqt': server.frozen}
   serve = jax.jit(
       lambda v, x: server.model.apply(server.prepare(v), x, train=False)[0]

@@ -11,8 +11,10 @@ import pytest
 pytest.importorskip('aqt')
 
 from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
-from vitjax import evaluate, models, profiling, quantization  # pylint: disable=g-import-not-at-top,wrong-import-position
-from vitjax.models import avit  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vitjax import evaluate, models, quant  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vitjax.measure import profiling  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vitjax.quant import server as quant_server  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vitjax.models import token_removal  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def _quant_cfg(**kw):
@@ -46,9 +48,9 @@ def _images(n=32, seed=0):
 def test_fake_quant_and_serving_give_the_same_predictions():
   model, params = _random_model()
   x = _images()
-  fake = quantization.quantized_model(model, _quant_cfg(), 'fake')
+  fake = quant.quantized_model(model, _quant_cfg(), 'fake')
   fake_logits = fake.apply({'params': params}, x, train=False)[0]
-  server = quantization.Int8Server.convert(
+  server = quant.Int8Server.convert(
       model, _quant_cfg(quant_path='serve'), params, (32, 32, 3)
   )
   serve_logits = server.predict(x)
@@ -66,9 +68,9 @@ def test_bfloat16_models_serve_int8_dots_in_float32_and_agree_with_fake_quant(
 ):
   model, params = _random_model(name=name, dtype='bfloat16')
   x = _images()
-  fake = quantization.quantized_model(model, _quant_cfg(), 'fake')
+  fake = quant.quantized_model(model, _quant_cfg(), 'fake')
   fake_logits = fake.apply({'params': params}, x, train=False)[0]
-  server = quantization.Int8Server.convert(
+  server = quant.Int8Server.convert(
       model, _quant_cfg(quant_path='serve'), params, (32, 32, 3)
   )
   # The float parts of an int8 model compute in float32 (see
@@ -90,7 +92,7 @@ def test_bfloat16_models_serve_int8_dots_in_float32_and_agree_with_fake_quant(
   scale = np.abs(fake_logits).max()
   assert np.abs(fake_logits - serve_logits).max() <= 0.01 * scale
   if name == 'avit':  # its batch path: token removal, also in int8
-    removal_logits, _ = avit.token_removal_apply(
+    removal_logits, _ = token_removal.token_removal_apply(
         server.model, server.prepare(variables), x
     )
     assert np.abs(removal_logits - serve_logits).max() <= 0.03 * scale
@@ -101,8 +103,8 @@ def test_bfloat16_models_serve_int8_dots_in_float32_and_agree_with_fake_quant(
 def test_the_fallback_reproduces_aqt_fake_quant():
   model, params = _random_model()
   x = _images()
-  aqt = quantization.quantized_model(model, _quant_cfg(), 'fake')
-  fallback = quantization.quantized_model(
+  aqt = quant.quantized_model(model, _quant_cfg(), 'fake')
+  fallback = quant.quantized_model(
       model, _quant_cfg(quant_backend='fallback'), 'fake'
   )
   np.testing.assert_allclose(
@@ -117,10 +119,10 @@ def test_saved_int8_restores_without_float_kernels(tmp_path):
   # ratio is 1/4 + 1/K; the tiny test width would make it 0.28.
   model, params = _random_model(hidden_dim=128, num_heads=4)
   cfg = _quant_cfg(quant_path='serve')
-  server = quantization.Int8Server.convert(model, cfg, params, (32, 32, 3))
+  server = quant.Int8Server.convert(model, cfg, params, (32, 32, 3))
   disk = server.save(tmp_path / 'int8', {'step': 1})
   assert json.loads((tmp_path / 'int8.json').read_text()) == {'step': 1}
-  restored = quantization.Int8Server.load(
+  restored = quant.Int8Server.load(
       tmp_path / 'int8', model, cfg, params, (32, 32, 3)
   )
   x = _images()
@@ -131,14 +133,14 @@ def test_saved_int8_restores_without_float_kernels(tmp_path):
   assert not [n for n in names if n.endswith(('fc1/kernel', 'query/kernel'))]
   assert any(v.dtype == jnp.int8 for v in jax.tree.leaves(restored.frozen))
   # ... so the int8 kernels and their scales are about a quarter of float32.
-  sizes = quantization.weight_bytes(params, server)
+  sizes = quant.weight_bytes(params, server)
   assert sizes['int8_kernel_bytes'] <= 0.27 * sizes['float32_kernel_bytes']
   assert disk < sizes['float32_model_bytes']
 
 
 def test_each_layer_gets_its_own_frozen_weights():
   model, params = _random_model()
-  server = quantization.Int8Server.convert(
+  server = quant.Int8Server.convert(
       model, _quant_cfg(quant_path='serve'), params, (32, 32, 3)
   )
   frozen = [
@@ -183,7 +185,7 @@ def test_a_trained_model_keeps_its_predictions_in_int8(
 def test_bad_quant_settings_are_named():
   model, _ = _random_model()
   with pytest.raises(ValueError, match="eval.quant_path='serve' needs"):
-    quantization.quantized_model(
+    quant.quantized_model(
         model, _quant_cfg(quant_path='serve', quant_backend='fallback'), 'serve'
     )
 
@@ -203,10 +205,8 @@ def test_static_scales_are_calibrated_frozen_per_layer_and_saved(
       }
   cfg = _quant_cfg(quant_path='serve', quant_activations='static')
   calibration = np.asarray(_images(n=256, seed=1))  # 2 batches of 128
-  folded_model, folded = quantization.float_model_to_quantize(
-      model, params, cfg
-  )
-  stats = quantization.calibrate(folded_model, cfg, folded, calibration)
+  folded_model, folded = quant.float_model_to_quantize(model, params, cfg)
+  stats = quant.calibrate(folded_model, cfg, folded, calibration)
   counts = [
       int(v)
       for p, v in jax.tree_util.tree_leaves_with_path(stats)
@@ -215,7 +215,7 @@ def test_static_scales_are_calibrated_frozen_per_layer_and_saved(
   # One calibrator per quantized layer, for its input; each saw both
   # batches (creating the statistics counts none).
   assert len(counts) == 2 * 6 and set(counts) == {2}
-  server = quantization.Int8Server.convert(
+  server = quant.Int8Server.convert(
       model, cfg, params, (32, 32, 3), calibration_images=calibration
   )
   # The scale of each layer's input is its calibrated bound / 127.5: frozen
@@ -276,17 +276,17 @@ def test_static_scales_are_calibrated_frozen_per_layer_and_saved(
       lambda p, v: 2 * v if "['qlhs']" in jax.tree_util.keystr(p) else v,
       server.frozen,
   )
-  other = quantization.Int8Server(
+  other = quant.Int8Server(
       server.model, cfg, server.params, doubled, server.removed
   )
   assert not np.allclose(other.predict(x), logits)
   # Moving the input scales into the norms' gains serves the same values.
   monkeypatch.setattr(
-      quantization,
+      quant_server,
       '_absorb_input_scales',
       lambda params, frozen: (params, frozen),
   )
-  unabsorbed = quantization.Int8Server.convert(
+  unabsorbed = quant.Int8Server.convert(
       model, cfg, params, (32, 32, 3), calibration_images=calibration
   )
   np.testing.assert_allclose(unabsorbed.predict(x), logits, atol=1e-5)
@@ -296,7 +296,7 @@ def test_static_scales_are_calibrated_frozen_per_layer_and_saved(
   unfolded_cfg = _quant_cfg(
       quant_path='serve', quant_activations='static', quant_fold_norms=False
   )
-  unfolded = quantization.Int8Server.convert(
+  unfolded = quant.Int8Server.convert(
       model, unfolded_cfg, params, (32, 32, 3), calibration_images=calibration
   )
   assert 'scale' in unfolded.params['blocks_0']['norm1']
@@ -307,7 +307,7 @@ def test_static_scales_are_calibrated_frozen_per_layer_and_saved(
   assert np.mean(np.argmax(unfolded_logits, -1) == np.argmax(logits, -1)) >= 0.9
   # Saved and loaded without calibrating again (its tree from eval_shape).
   server.save(tmp_path / 'int8', {'step': 1})
-  restored = quantization.Int8Server.load(
+  restored = quant.Int8Server.load(
       tmp_path / 'int8', model, cfg, params, (32, 32, 3)
   )
   np.testing.assert_array_equal(restored.predict(x), server.predict(x))
@@ -316,11 +316,11 @@ def test_static_scales_are_calibrated_frozen_per_layer_and_saved(
   avit_model, avit_params = _random_model(name='avit')
   _, aux = avit_model.apply({'params': avit_params}, x, train=False)
   assert np.min(aux['depth']) < avit_model.depth  # some tokens halt
-  avit_server = quantization.Int8Server.convert(
+  avit_server = quant.Int8Server.convert(
       avit_model, cfg, avit_params, (32, 32, 3), calibration_images=calibration
   )
   masked = avit_server.predict(x)
-  removed, _ = avit.token_removal_apply(
+  removed, _ = token_removal.token_removal_apply(
       avit_server.model,
       avit_server.prepare(
           {'params': avit_server.params, 'aqt': avit_server.frozen}
@@ -333,17 +333,13 @@ def test_static_scales_are_calibrated_frozen_per_layer_and_saved(
 def test_static_scales_need_the_serving_path_and_calibration_images():
   model, params = _random_model()
   with pytest.raises(ValueError, match="use it with eval.quant_path='serve'"):
-    quantization.quantized_model(
-        model, _quant_cfg(quant_activations='static'), 'fake'
-    )
+    quant.quantized_model(model, _quant_cfg(quant_activations='static'), 'fake')
   with pytest.raises(ValueError, match='calibrates on training images'):
-    quantization.Int8Server.convert(
+    quant.Int8Server.convert(
         model,
         _quant_cfg(quant_path='serve', quant_activations='static'),
         params,
         (32, 32, 3),
     )
   with pytest.raises(ValueError, match='quant_activations=.hourly'):
-    quantization.quantized_model(
-        model, _quant_cfg(quant_activations='hourly'), 'fake'
-    )
+    quant.quantized_model(model, _quant_cfg(quant_activations='hourly'), 'fake')

@@ -12,8 +12,8 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from vitjax import checkpoint, errors, evaluate, predict, quantization
-from vitjax import serving, sharding
+from vitjax import checkpoint, errors, evaluate, quant
+from vitjax import serving, parallel
 from vitjax.data import sources
 
 
@@ -37,7 +37,7 @@ def test_a_run_serves_the_weights_evaluation_restores(
   assert served.description['checkpoint'].startswith('best (step ')
   # What evaluation restores, with the data, the optimizer and the state.
   restored = evaluate.restore_predictors(
-      config, trained_vit_workdir, 'best', data=data, mesh=sharding.make_mesh()
+      config, trained_vit_workdir, 'best', data=data, mesh=parallel.make_mesh()
   )
   assert jax.tree.structure(served.predictor.params) == jax.tree.structure(
       restored.float_predictor.params
@@ -56,25 +56,25 @@ def test_int8_serves_the_saved_int8_model_without_the_float_weights(
 ):
   config = _run_config(trained_vit_workdir)
   float_served = serving.load(trained_vit_workdir)
-  quant = serving._int8_config(config)  # pylint: disable=protected-access
-  assert quant.quant_activations == 'static'  # the default
+  quant_cfg = serving._int8_config(config)  # pylint: disable=protected-access
+  assert quant_cfg.quant_activations == 'static'  # the default
   train_images = sources.load(config.data, config.seed).train.images
-  server = quantization.Int8Server.convert(
+  server = quant.Int8Server.convert(
       float_served.predictor.model,
-      quant,
+      quant_cfg,
       float_served.predictor.params,
-      calibration_images=quantization.calibration_sample(
-          train_images, quant, config.seed
+      calibration_images=quant.calibration_sample(
+          train_images, quant_cfg, config.seed
       ),
   )
   with checkpoint.Checkpoints(trained_vit_workdir) as ckpts:
     step = ckpts.step_of('best')
   saved = trained_vit_workdir / 'int8' / 'best'
-  server.save(saved, quantization.conversion_source(step + 1, quant, False))
+  server.save(saved, quant.conversion_source(step + 1, quant_cfg, False))
   # Converted from another step: not served; the float weights are.
   other = serving.load(trained_vit_workdir, int8=True)
   assert other.description['int8_from'] == 'converted from the float weights'
-  server.save(saved, quantization.conversion_source(step, quant, False))
+  server.save(saved, quant.conversion_source(step, quant_cfg, False))
 
   def no_float(*args, **kwargs):
     raise AssertionError('read the float weights')
@@ -186,17 +186,17 @@ def test_images_are_read_upright_in_8_bits_and_folders_searched(tmp_path):
   exif[0x0112] = 6
   stored.save(tmp_path / 'a' / 'turned.jpg', exif=exif, quality=100)
   (tmp_path / 'notes.txt').write_text('text')
-  files = predict.image_files(
+  files = serving.image_files(
       [str(tmp_path / 'a'), str(tmp_path / 'notes.txt')]
   )
   assert [f.name for f in files] == ['grey16.png', 'turned.jpg', 'notes.txt']
-  grey = predict.read_image(files[0])
+  grey = serving.read_image(files[0])
   assert grey.shape == (32, 32, 3) and abs(int(grey.mean()) - 127) <= 1
-  upright = predict.read_image(files[1]).astype(int)
+  upright = serving.read_image(files[1]).astype(int)
   assert upright[:, -8:].mean() < 60 and upright[:, :8].mean() > 195
-  assert predict.read_image(files[2]).startswith('not an image')
+  assert serving.read_image(files[2]).startswith('not an image')
   with pytest.raises(errors.UserError, match='no such file'):
-    predict.image_files([str(tmp_path / 'missing.jpg')])
+    serving.image_files([str(tmp_path / 'missing.jpg')])
 
 
 def test_int8_without_a_saved_model_or_the_data_says_how_to_serve(

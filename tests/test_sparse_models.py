@@ -8,7 +8,7 @@ import pytest
 from configs import common
 from vitjax import models, objectives
 from vitjax.evaluators import cost
-from vitjax.models import avit, dynamic_vit
+from vitjax.models import avit, dynamic_vit, token_removal
 from vitjax.models.vit import EncoderBlock, ViT
 
 SIZES = dict(
@@ -255,7 +255,7 @@ def test_masked_and_token_removal_paths_agree():
   model, params, _, _ = _calibrated(2.0)
   x = _images(16, seed=7)
   l1, a1 = model.apply({'params': params}, x, train=False)
-  l2, a2 = avit.token_removal_apply(model, {'params': params}, x)
+  l2, a2 = token_removal.token_removal_apply(model, {'params': params}, x)
   np.testing.assert_array_equal(np.argmax(l1, -1), np.argmax(l2, -1))
   np.testing.assert_allclose(l1, l2, atol=1e-4)
   np.testing.assert_array_equal(a1['depth'], a2['depth'])
@@ -297,14 +297,14 @@ def test_token_removal_in_pieces_of_different_widths():
   x = _images(16, seed=7)
   l1, a1 = model.apply({'params': params}, x, train=False)
   # Pieces of 3 images: the last one is short, and widths differ by piece.
-  l2, a2 = avit.token_removal_apply(
+  l2, a2 = token_removal.token_removal_apply(
       model, {'params': params}, x, images_per_piece=3
   )
   np.testing.assert_allclose(l1, l2, atol=1e-4)
   np.testing.assert_array_equal(a1['depth'], a2['depth'])
   widths = set()
   for active in np.asarray(a1['active'])[1:]:
-    pieces, where = avit.removal_plan(active, 3)
+    pieces, where = token_removal.removal_plan(active, 3)
     widths |= {p.rows.shape[1] for p in pieces}
     assert all(
         p.rows.shape[1] % 8 == 0 or p.rows.shape[1] == active.shape[1]

@@ -9,6 +9,9 @@ from absl import app
 import numpy as np
 import pytest
 
+import vitjax
+from vitjax import workdir
+
 _SPEC = importlib.util.spec_from_file_location(
     'study', Path(__file__).parent.parent / 'scripts' / 'study.py'
 )
@@ -57,6 +60,9 @@ def test_a_workdir_with_other_settings_is_refused(tmp_path):
       study.run_overrides(BY_NAME['focal'], seed, 1.0, []),
   )
   (tmp_path / 'config.json').write_text(make(0).to_json_best_effort())
+  (tmp_path / workdir.RUN_FILE).write_text(
+      json.dumps({'vitjax_version': vitjax.__version__})
+  )
   assert not study.is_finished(tmp_path, make(0))  # no report yet
   with pytest.raises(SystemExit, match='seed was 0, now 1'):
     study.is_finished(tmp_path, make(1))

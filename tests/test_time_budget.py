@@ -6,15 +6,14 @@ import time
 import numpy as np
 import pytest
 
-from vitjax import checkpoint, errors, optimizers, time_budget, train
+from configs import common
+from vitjax import checkpoint, errors, time_budget, train, trainer
 from vitjax.data import pipelines
 
 
 def test_a_fixed_plan_runs_step_s_at_position_s():
   plan = time_budget.Plan.fixed(100)
   assert [plan.position(s) for s in (0, 1, 57, 99)] == [0.0, 1.0, 57.0, 99.0]
-  # Checkpoints saved before plans were kept resume as fixed plans.
-  assert time_budget.Plan.from_meta({'total_steps': 100}) == plan
 
 
 @pytest.mark.parametrize('new_end', [60, 130])
@@ -29,8 +28,8 @@ def test_a_new_plan_goes_on_from_where_the_schedule_is(new_end):
   np.testing.assert_allclose(
       np.diff([later.position(s) for s in steps]), 60 / (new_end - 40)
   )
-  meta = {'plan': json.loads(json.dumps(later.__dict__)), 'total_steps': 0}
-  assert time_budget.Plan.from_meta(meta) == later
+  # As a checkpoint keeps it, and a resume reads it.
+  assert time_budget.Plan(**json.loads(json.dumps(later.__dict__))) == later
 
 
 def test_a_plan_that_stops_where_it_stands_ends_its_schedule_there():
@@ -86,16 +85,23 @@ def test_the_step_time_follows_the_recent_windows():
 
 
 def test_a_budget_without_room_for_a_validation_is_refused():
-  batches = iter([{}] * time_budget.STEPS_TIMED)
+  config = common.base()
+  config.train.time_budget_minutes = 0.01  # 0.6 s, from now
+  timed = lambda: time_budget.time_steps(
+      run_step=lambda batch: time.sleep(0.001),
+      batches=iter([{}] * time_budget.STEPS_TIMED),
+      validate=lambda: time.sleep(0.6),  # would only fit steps
+  )
   with pytest.raises(errors.ConfigError, match='too little for a step'):
-    time_budget.first_plan(
-        0.01,  # 0.6 s, from now
-        time.monotonic(),
-        run_step=lambda batch: time.sleep(0.001),
-        batches=batches,
-        validate=lambda: time.sleep(0.6),  # would only fit steps
+    time_budget.start(
+        config,
+        t_start=time.monotonic(),
+        num_train=1000,
         eval_every=10_000,
         final_seconds=lambda t: 0.0,
+        saved=None,
+        start_step=0,
+        timed=timed,
     )
 
 
@@ -123,14 +129,15 @@ def _before_each_step(monkeypatch, hook):
 def _recording_first_plans(monkeypatch) -> list[int]:
   """The last steps that the next runs' first plans choose."""
   plans = []
-  first_plan = time_budget.first_plan
+  start = time_budget.start
 
   def recording(*args, **kwargs):
-    end_step, deadline = first_plan(*args, **kwargs)
-    plans.append(end_step)
-    return end_step, deadline
+    budget = start(*args, **kwargs)
+    if kwargs['saved'] is None:  # not a resume's
+      plans.append(budget.end_step)
+    return budget
 
-  monkeypatch.setattr(time_budget, 'first_plan', recording)
+  monkeypatch.setattr(time_budget, 'start', recording)
   return plans
 
 
@@ -153,12 +160,12 @@ def test_a_run_that_slows_down_still_ends_in_its_budget(
   assert elapsed <= budget_minutes * 60
   with checkpoint.Checkpoints(tmp_path) as ckpts:
     meta = ckpts.read_meta('latest')
-  plan = time_budget.Plan.from_meta(meta)
+  plan = time_budget.Plan(**meta['plan'])
   # Re-planned after the slow-down began, and the schedule completed on
   # the last step.
   assert first[0] // 3 < plan.anchor_step <= meta['step'] == plan.end_step
   assert plan.horizon == first[0]
-  schedule = optimizers.learning_rate_schedule(
+  schedule = trainer.learning_rate_schedule(
       smoke_config.optim, plan.horizon, 16, smoke_config.train.batch_size
   )
   records = [
@@ -205,7 +212,7 @@ def test_a_budgeted_run_resumes_its_plan_with_what_is_left(
   assert len(first) == 1
   with checkpoint.Checkpoints(tmp_path) as ckpts:
     meta = ckpts.read_meta('latest')
-  plan = time_budget.Plan.from_meta(meta)
-  assert plan.horizon == time_budget.Plan.from_meta(saved).horizon == first[0]
+  plan = time_budget.Plan(**meta['plan'])
+  assert plan.horizon == time_budget.Plan(**saved['plan']).horizon == first[0]
   assert 32 < meta['step'] == plan.end_step
   assert meta['budget_seconds_used'] <= budget_minutes * 60

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from vitjax import timing
+from vitjax.measure import timing
 
 
 class _FakeMachine:
@@ -73,7 +73,7 @@ def test_speed_report_gives_each_model_its_own_baseline_too(monkeypatch):
   import jax.numpy as jnp
 
   from configs import common
-  from vitjax import models, sharding
+  from vitjax import models, parallel
   from vitjax.evaluators import speed
   from vitjax.evaluators.classification import Predictor
 
@@ -98,7 +98,7 @@ def test_speed_report_gives_each_model_its_own_baseline_too(monkeypatch):
   monkeypatch.setattr(speed, '_serving_fn', serving_fn)
   report = speed.speed_report(
       predictors,
-      sharding.make_mesh(),
+      parallel.make_mesh(),
       np.zeros((8, 32, 32, 3), np.uint8),
       4,
       rounds=3,
@@ -126,13 +126,13 @@ def test_speed_report_gives_each_model_its_own_baseline_too(monkeypatch):
 
 def test_speed_report_refuses_a_baseline_it_does_not_time():
   # pylint: disable=g-import-not-at-top
-  from vitjax import sharding
+  from vitjax import parallel
   from vitjax.evaluators import speed
 
   with pytest.raises(ValueError, match=r"more_baselines\['own'\].*'d'"):
     speed.speed_report(
         {'a': None},
-        sharding.make_mesh(),
+        parallel.make_mesh(),
         np.zeros((8, 32, 32, 3), np.uint8),
         4,
         rounds=1,

@@ -13,9 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vitjax import checkpoint, errors, evaluate, families, models, objectives
-from vitjax import losses as losses_lib, optimizers, sharding, train
-from vitjax import stopping, train_state, workdir
+from vitjax import checkpoint, errors, evaluate, families, models, parallel
+from vitjax import train, trainer
 from vitjax.data import pipelines, sources
 
 
@@ -24,15 +23,11 @@ def _run(config, workdir):
 
 
 def _latest_params(config, workdir):
-  data = sources.load(config.data, config.seed)
-  model = models.create(config.model, data.num_classes)
-  tx = optimizers.make_optimizer(config.optim, 1, 1).structure()
-  abstract = train_state.abstract(
-      model, tx, False, sharding.replicated(sharding.make_mesh())
-  )
+  model = models.create(config.model, 10)
+  abstract = trainer.abstract_params(model)
   with checkpoint.Checkpoints(workdir) as ckpts:
-    state, meta = ckpts.restore(abstract, 'latest')
-  return state.params, meta
+    params, step = ckpts.restore_weights(abstract, 'latest')
+    return params, ckpts.read_meta(step)
 
 
 def test_a_run_writes_checkpoints_metrics_and_report(smoke_config, tmp_path):
@@ -141,7 +136,7 @@ def test_a_run_continues_from_another_with_a_changed_config(
   train = [r for r in records if r['split'] == 'train' and r['step'] > 16]
   assert train[0]['step'] == 20 and train[-1]['step'] == 31
   # From step 16 on, under the new learning rate.
-  schedule = optimizers.learning_rate_schedule(smoke_config.optim, 31, 16, 16)
+  schedule = trainer.learning_rate_schedule(smoke_config.optim, 31, 16, 16)
   np.testing.assert_allclose(train[0]['learning_rate'], schedule(19), rtol=1e-6)
   with checkpoint.Checkpoints(tmp_path / 'second') as ckpts:
     assert ckpts.latest_step() == 31
@@ -186,14 +181,6 @@ def test_a_rerun_with_another_config_is_refused(smoke_config, tmp_path):
     _run(smoke_config, tmp_path / 'run')
 
 
-def test_a_live_workdir_is_locked(tmp_path):
-  lock = workdir.WorkdirLock(tmp_path)
-  with pytest.raises(errors.UserError, match='in use by a live run'):
-    workdir.WorkdirLock(tmp_path)
-  lock.release()
-  workdir.WorkdirLock(tmp_path).release()
-
-
 def test_divergence_stops_with_the_steps_and_saves_no_nan_state(
     smoke_config, tmp_path
 ):
@@ -224,7 +211,7 @@ def test_a_late_divergence_says_how_to_continue_from_the_last_checkpoint(
     return dataclasses.replace(family, objective=nan_later)
 
   monkeypatch.setattr(families, 'build', diverging_after_step_18)
-  with pytest.raises(stopping.DivergedError) as err:
+  with pytest.raises(errors.DivergedError) as err:
     _run(smoke_config, tmp_path / 'run')
   message = str(err.value)
   assert 'steps 17-20' in message and 'checkpoint, step 16,' in message
@@ -236,36 +223,18 @@ def test_a_late_divergence_says_how_to_continue_from_the_last_checkpoint(
 def test_two_devices_give_the_same_loss_as_one(smoke_config):
   assert jax.device_count() == 2
   data = sources.load(smoke_config.data, 0)
-  model = models.create(smoke_config.model, data.num_classes)
   batch = {'image': data.train.images[:16], 'label': data.train.labels[:16]}
   losses = []
   for devices in (jax.devices()[:1], jax.devices()):
-    mesh = sharding.make_mesh(devices)
-    optimizer = optimizers.make_optimizer(smoke_config.optim, 1, 16)
-    rates = {'learning_rate': jnp.float32(1e-3)}
-    state = jax.jit(
-        lambda key: train_state.create(
-            model,
-            train_state.init_params(model, key),
-            optimizer.structure(),
-            False,
-        ),
-        out_shardings=sharding.replicated(mesh),
-    )(jax.random.key(0))
-    objective = objectives.Classification(
-        model,
-        losses_lib.make_classification_loss(
-            smoke_config.loss, data.train.counts(10), 10
-        ),
-    )
-    step = train.make_train_step(
-        objective, optimizer, smoke_config, 10, jax.random.key(1), mesh
-    )
-    metrics = train.make_metrics_cls(()).empty()
+    mesh = parallel.make_mesh(devices)
+    family = families.build(smoke_config, data, 10, mesh, None)
+    train_ = trainer.build(smoke_config, family, 10, mesh, jax.random.key(1))
+    state, metrics = train_.init(jax.random.key(0)), train_.metrics.empty()
+    rates = train_.rates_along(100)(50.0)
     for _ in range(2):
-      state, metrics = step(
+      state, metrics = train_.step(
           state,
-          sharding.host_batch_to_global(batch, sharding.batch_sharding(mesh)),
+          parallel.host_batch_to_global(batch, parallel.batch_sharding(mesh)),
           metrics,
           rates,
       )
@@ -379,7 +348,7 @@ def test_a_signal_before_the_first_step_stops_after_it_saved(
     return make_pipeline(*args, **kwargs)
 
   monkeypatch.setattr(pipelines, 'make', pipeline_then_sigterm)
-  with pytest.raises(stopping.Stopped, match='stopped by SIGTERM at step 1'):
+  with pytest.raises(errors.Stopped, match='stopped by SIGTERM at step 1'):
     _run(smoke_config, tmp_path / 'run')
   with checkpoint.Checkpoints(tmp_path / 'run') as ckpts:
     assert ckpts.latest_step() == 1

@@ -14,7 +14,8 @@ from configs import dynamic_vit as dvit_config, vit as vit_config
 from vitjax import errors, models
 from vitjax.evaluators import cost
 from vitjax.models import attention, bf16_dot, dense, inference_weights
-from vitjax.models import norm_folding, vit
+from vitjax.quant import norm_folding
+from vitjax.models import vit
 from vitjax.models.vit import EncoderBlock, ViT
 
 
@@ -201,13 +202,13 @@ def test_folded_block_norms_compute_the_same_function(name):
 
 
 def test_a_bare_norm_fused_with_a_quantization_stays_on_one_thread():
-  # Why int8 serving folds the norms (models/norm_folding.py): XLA:CPU
+  # Why int8 serving folds the norms (vitjax/quant/norm_folding.py): XLA:CPU
   # splits a fused LayerNorm and quantization across threads (the
   # hand-off costs more than the op at batch 1), a bare one it does not.
   x = jnp.ones((65, 128))
   quantize = lambda y: jnp.round(jnp.clip(y, -127, 127)).astype(jnp.int8)
   split = {}
-  for norm in (norm_folding.Normalize(), nn.LayerNorm(epsilon=1e-6)):
+  for norm in (vit.Normalize(), nn.LayerNorm(epsilon=1e-6)):
     params = norm.init(jax.random.key(0), x)
     program = jax.jit(lambda p, x, norm=norm: quantize(norm.apply(p, x)))
     hlo = program.lower(params, x).compile().as_text()

@@ -34,16 +34,6 @@ def _rank(metrics: dict[str, Any]) -> tuple[float, int]:
   return metrics[_SCORE], -metrics['step']
 
 
-def check_layout(workdir: Path) -> None:
-  """Refuses a workdir written by vitjax before checkpoints moved to steps/."""
-  if (Path(workdir) / 'checkpoints' / 'latest').is_dir():
-    raise CheckpointError(
-        f'{str(workdir)!r} holds checkpoints in the layout of an earlier '
-        'vitjax (checkpoints/latest, checkpoints/best); this one keeps them '
-        f'in {STEPS_DIR}/. Train again in a new --workdir.'
-    )
-
-
 def saved_steps(workdir: Path) -> list[int]:
   """The workdir's finished saves (orbax names them by step; a save in
   progress has a temporary name)."""
@@ -61,7 +51,6 @@ class Checkpoints:
   """The saved steps of one workdir."""
 
   def __init__(self, workdir: Path, keep: int = 2):
-    check_layout(workdir)
     # orbax's asynchronous writers need absolute paths; `--workdir` is
     # usually relative (checkpoints/vit_cpu).
     self.directory = Path(workdir).absolute() / STEPS_DIR

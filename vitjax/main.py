@@ -11,29 +11,77 @@ from pathlib import Path
 import sys
 
 from absl import app, flags, logging
-from ml_collections import config_flags
+from ml_collections import ConfigDict, config_flags
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')  # TF only feeds data
 
-_CONFIG = config_flags.DEFINE_config_file(
-    'config',
-    None,
-    'Config file, optionally with an argument: file.py:arg.',
-    lock_config=True,
-)
-_WORKDIR = flags.DEFINE_string(
-    'workdir',
-    None,
-    'Run folder: checkpoints, metrics, TensorBoard events, reports.',
-)
-_MODE = flags.DEFINE_enum(
-    'mode',
-    'train',
-    ['train', 'eval'],
-    'train (resumes if the workdir has a checkpoint), '
-    'or eval (restores eval.checkpoint).',
-)
-flags.mark_flags_as_required(['config', 'workdir'])
+FLAGS = flags.FLAGS
+
+
+def define_flags(values: flags.FlagValues = FLAGS) -> None:
+  config_flags.DEFINE_config_file(
+      'config',
+      None,
+      'Config file, optionally with an argument: file.py:arg.',
+      flag_values=values,
+      lock_config=True,
+  )
+  flags.DEFINE_string(
+      'workdir',
+      None,
+      'Run folder: checkpoints, metrics, TensorBoard events, reports.',
+      flag_values=values,
+  )
+  flags.DEFINE_enum(
+      'mode',
+      'train',
+      ['train', 'eval'],
+      'train (resumes if the workdir has a checkpoint), '
+      'or eval (restores eval.checkpoint).',
+      flag_values=values,
+  )
+  flags.mark_flags_as_required(['config', 'workdir'], flag_values=values)
+
+
+define_flags()
+
+
+def run(config: ConfigDict, workdir: str, mode: str) -> int:
+  """Trains or evaluates; returns the exit status. A user's mistake prints
+  its message alone (status 2), a stop signal after its save says how to
+  resume (128 + its number); a bug keeps its traceback."""
+  # pylint: disable=g-import-not-at-top
+  from vitjax import errors, evaluate, parallel, time_budget, train
+  from vitjax import workdir as workdir_lib
+  from vitjax.measure import machine
+
+  # A time budget counts from the command's start, imports included.
+  t_start = time_budget.process_start()
+  try:
+    if config.train.distributed:
+      if mode == 'train':
+        # Refused before joining: a second job must not reach the live
+        # job's coordinator, which would take it down.
+        workdir_lib.WorkdirLock.check_free(Path(workdir).expanduser())
+      parallel.initialize()  # before anything asks JAX for its devices
+    try:
+      from vitjax.data import tf_pipeline
+
+      tf_pipeline.hide_accelerators_from_tf()
+    except ImportError:  # no TensorFlow: the device pipeline needs none
+      pass
+    logging.info('Running on %s.', machine.summary(machine.describe()))
+    if mode == 'train':
+      train.train_and_evaluate(config, workdir, t_start)
+    else:
+      evaluate.evaluate_checkpoint(config, workdir, config.eval.checkpoint)
+  except errors.UserError as e:
+    print(f'vitjax: {e}', file=sys.stderr, flush=True)
+    return 2
+  except errors.Stopped as e:
+    print(f'vitjax: {e}', file=sys.stderr, flush=True)
+    return e.exit_code
+  return 0
 
 
 def _quiet_orbax(record: std_logging.LogRecord) -> bool:
@@ -51,48 +99,14 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_quiet_orbax)
-  # pylint: disable=g-import-not-at-top
-  from vitjax import distributed, errors, evaluate, stopping, train
-  from vitjax import machine, time_budget, workdir as workdir_lib
-
-  config = _CONFIG.value
-  try:
-    if config.train.distributed:
-      if _MODE.value == 'train':
-        # Refused before joining: a second job must not reach the live
-        # job's coordinator, which would take it down.
-        workdir_lib.WorkdirLock.check_free(Path(_WORKDIR.value).expanduser())
-      distributed.initialize()  # before anything asks JAX for its devices
-    try:
-      from vitjax.data import tf_pipeline
-
-      tf_pipeline.hide_accelerators_from_tf()
-    except ImportError:  # no TensorFlow: the device pipeline needs none
-      pass
-    logging.info('Running on %s.', machine.summary(machine.describe()))
-    if _MODE.value == 'train':
-      # A time budget counts from the command's start, imports included.
-      train.train_and_evaluate(
-          config, _WORKDIR.value, time_budget.process_start()
-      )
-    else:
-      evaluate.evaluate_checkpoint(
-          config, _WORKDIR.value, config.eval.checkpoint
-      )
-  except errors.UserError as e:
-    # A mistake the message explains: no traceback (a bug keeps its own).
-    print(f'vitjax: {e}', file=sys.stderr, flush=True)
-    sys.exit(2)
-  except stopping.Stopped as e:
-    print(f'vitjax: {e}', file=sys.stderr, flush=True)
-    sys.exit(e.exit_code)
+  sys.exit(run(FLAGS.config, FLAGS.workdir, FLAGS.mode))
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
+def parse_flags(argv: list[str], values: flags.FlagValues = FLAGS) -> list[str]:
   """absl's flag parsing, with a mistake reported as one line and status 2
   (ml_collections puts a config file's whole traceback in its message)."""
   try:
-    return flags.FLAGS(argv)
+    return values(argv)
   except flags.Error as e:
     lines = [l.strip() for l in str(e).splitlines() if l.strip()]
     if len(lines) > 1 and any(l.startswith('Traceback') for l in lines):
@@ -100,16 +114,16 @@ def _parse_flags(argv: list[str]) -> list[str]:
       lines = [
           lines[0].removesuffix('Error whilst parsing config file:') + cause
       ]
-    print(f'vitjax: {" ".join(lines)}', file=sys.stderr, flush=True)
-    sys.exit(2)
+    message = ' '.join(lines)
   except (AttributeError, KeyError) as e:  # an override of no such field
     cause = e
     while cause.args and isinstance(cause.args[0], BaseException):
       cause = cause.args[0]  # ml_collections wraps its KeyError
     text = ' '.join(str(cause.args[0] if cause.args else cause).split())
-    print(f'vitjax: no such config field: {text}', file=sys.stderr, flush=True)
-    sys.exit(2)
+    message = f'no such config field: {text}'
+  print(f'vitjax: {message}', file=sys.stderr, flush=True)
+  sys.exit(2)
 
 
 if __name__ == '__main__':
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=parse_flags)

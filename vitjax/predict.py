@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-from pathlib import Path
 import sys
 
 from absl import app, flags
@@ -37,7 +36,7 @@ _CHECKPOINT = flags.DEFINE_string(
     'checkpoint', 'best', "'best', 'latest' or a step number."
 )
 _INT8 = flags.DEFINE_bool(
-    'int8', False, 'Serve the frozen int8 model (vitjax/quantization.py).'
+    'int8', False, 'Serve the frozen int8 model (vitjax/quant).'
 )
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON document.')
 _TOP = flags.DEFINE_integer('top', 3, 'Classes printed per image.')
@@ -46,65 +45,6 @@ _EXPORT = flags.DEFINE_string(
 )
 _BATCH = 256  # images per forward pass
 flags.mark_flag_as_required('workdir')
-
-
-def image_files(paths: list[str]) -> list[Path]:
-  """The files named, and every file under the folders named (hidden
-  files and folders left out), in order. A missing path is a UserError."""
-  from vitjax import errors  # pylint: disable=g-import-not-at-top
-
-  files = []
-  for arg in paths:
-    path = Path(arg).expanduser()
-    if path.is_dir():
-      files += sorted(
-          p
-          for p in path.rglob('*')
-          if p.is_file()
-          and not any(
-              part.startswith('.') for part in p.relative_to(path).parts
-          )
-      )
-    elif path.exists():
-      files.append(path)
-    else:
-      raise errors.UserError(f'{arg!r}: no such file or folder.')
-  return files
-
-
-def read_image(path: Path):
-  """uint8 [32, 32, 3], or why the file is not an image (a str).
-
-  Turned upright by its EXIF orientation; 16-bit greyscale scaled to 8
-  bits; transparent pixels over white.
-  """
-  # pylint: disable=g-import-not-at-top
-  import numpy as np
-  from PIL import Image, ImageOps, UnidentifiedImageError
-  from vitjax.data.sources import IMAGE_SHAPE
-
-  try:
-    with Image.open(path) as im:
-      im = ImageOps.exif_transpose(im)
-      if im.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
-        im = Image.fromarray(
-            (np.asarray(im, np.float64) / 257.0).clip(0, 255).astype(np.uint8)
-        )
-      if im.mode in ('RGBA', 'LA', 'PA') or 'transparency' in im.info:
-        rgba = im.convert('RGBA')
-        im = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
-        im.alpha_composite(rgba)
-      im = im.convert('RGB').resize(
-          IMAGE_SHAPE[1::-1], Image.Resampling.BICUBIC
-      )
-      return np.asarray(im, np.uint8)
-  except (
-      UnidentifiedImageError,
-      Image.DecompressionBombError,
-      OSError,
-      ValueError,
-  ) as e:
-    return f'not an image ({e.__class__.__name__}: {e})'
 
 
 def _fail(message: str) -> None:
@@ -120,7 +60,7 @@ def main(argv):
   if _TOP.value < 1:
     _fail(f'--top={_TOP.value}: expected at least 1.')
   try:
-    files = image_files(argv[1:])
+    files = serving.image_files(argv[1:])
     if not files and not _EXPORT.value:
       _fail(
           'no files to classify'
@@ -137,7 +77,7 @@ def main(argv):
       return
   images, kept, skipped = [], [], []
   for f in files:
-    image = read_image(f)
+    image = serving.read_image(f)
     if isinstance(image, str):
       skipped.append({'file': str(f), 'error': image})
       print(f'vitjax: skipped {f}: {image}', file=sys.stderr, flush=True)

@@ -10,6 +10,9 @@ no saved int8 model that fits, the float weights are converted, and static
 activation scales are then calibrated on the run's training images, the
 one case that reads the data.
 
+`image_files` and `read_image` read your own images as the model takes
+them (vitjax/predict.py is the command line).
+
 `export` writes the serving function, with its weights, as a jax.export
 artifact (StableHLO with a symbolic batch size, for the platform it was
 exported on), which jax alone runs, without this package:
@@ -24,13 +27,13 @@ import json
 from pathlib import Path
 from typing import Any
 
-from absl import logging
 import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from vitjax import checkpoint, families, models, quantization
+from vitjax import checkpoint, errors, families, quant, trainer
 from vitjax import workdir as workdir_lib
 from vitjax.data import sources
 from vitjax.data.sources import IMAGE_SHAPE
@@ -60,41 +63,26 @@ def load(
 ) -> Served:
   """The run in `workdir` at checkpoint `which` ('best', 'latest', a step)."""
   workdir = Path(workdir).expanduser()
-  if not (workdir / 'config.json').exists():
-    raise checkpoint.CheckpointError(
-        f'{str(workdir)!r} holds no run (no config.json): pass the --workdir '
-        'of a trained model (python -m vitjax.main ... --workdir=DIR).'
-    )
-  if not checkpoint.has_steps(workdir):
-    raise checkpoint.CheckpointError(
-        f'{str(workdir)!r} has no checkpoint yet: train it first.'
-    )
   config = workdir_lib.saved_config(workdir)
   names = workdir_lib.class_names(workdir)
-  model = models.create(
-      config.model, len(names), **families.model_overrides(config, workdir)
-  )
-  abstract = jax.eval_shape(
-      lambda: model.init(
-          jax.random.key(0),
-          jnp.zeros((1,) + IMAGE_SHAPE, jnp.uint8),
-          train=False,
-      )['params']
-  )
-  ema = config.optim.ema_decay > 0 and config.eval.use_ema
+  model = families.inference_model(config, len(names), workdir)
+  abstract = trainer.abstract_params(model)
+  ema = families.uses_ema(config)
   description = {
       'workdir': str(workdir),
       'model': config.model.name,
       'precision': 'int8' if int8 else model.dtype,
   }
-  quant = _int8_config(config)
+  quant_cfg = _int8_config(config)
   with checkpoint.Checkpoints(workdir) as ckpts:
     step = ckpts.step_of(which)
     description['checkpoint'] = f'{which} (step {step})'
     saved = workdir / 'int8' / str(which)
-    if int8 and _saved_int8_fits(saved, step, quant, ema):
+    if int8 and quant.saved_fits(
+        saved, quant.conversion_source(step, quant_cfg, ema)
+    ):
       try:
-        server = quantization.Int8Server.load(saved, model, quant, abstract)
+        server = quant.Int8Server.load(saved, model, quant_cfg, abstract)
       except ValueError as e:  # orbax: the saved tree is not the model's
         raise checkpoint.CheckpointError(
             f'the int8 model in {str(saved)!r} does not fit the model of '
@@ -102,53 +90,29 @@ def load(
             'again.'
         ) from None
       description['int8_from'] = str(saved)
-      return Served(_server_predictor(server), names, description)
+      return Served(server.predictor(), names, description)
     params, _ = ckpts.restore_weights(abstract, step, ema=ema)
   if not int8:
     return Served(Predictor.of_float_weights(model, params), names, description)
   images = None
-  if quant.quant_activations == 'static':
+  if quant_cfg.quant_activations == 'static':
     # Static scales are calibrated on the run's training images.
     try:
-      train_images = sources.load(config.data, config.seed).train.images
+      data = sources.load(config.data, config.seed)
     except sources.DataError as e:
       raise sources.DataError(
           f'{e}\nint8 with static activation scales is calibrated on the '
-          f"run's training images, and no calibrated int8 model of this "
+          "run's training images, and no calibrated int8 model of this "
           f'checkpoint is saved in {str(saved)!r}: evaluate it in int8 where '
           'the data is (python -m vitjax.main --mode=eval '
           '--config.eval.quant=int8 ...), which saves one.'
       ) from None
-    images = quantization.calibration_sample(train_images, quant, config.seed)
-  server = quantization.Int8Server.convert(
-      model, quant, params, calibration_images=images
+    images = quant.calibration_sample(data.train.images, quant_cfg, config.seed)
+  server = quant.Int8Server.convert(
+      model, quant_cfg, params, calibration_images=images
   )
   description['int8_from'] = 'converted from the float weights'
-  return Served(_server_predictor(server), names, description)
-
-
-def _saved_int8_fits(saved: Path, step: int, quant, ema: bool) -> bool:
-  """Whether the int8 model saved at `saved` was converted from this step
-  with these settings (an evaluation of another step, or with other
-  eval.quant_* settings, may have written it); if not, the float weights
-  are converted instead."""
-  source = quantization.source_file(saved)
-  if not saved.is_dir() or not source.exists():
-    return False
-  wanted = quantization.conversion_source(step, quant, ema)
-  saved_source = json.loads(source.read_text())
-  # Conversions saved before the norms could be folded did not fold them.
-  saved_source.setdefault('fold_block_norms', False)
-  if saved_source == wanted:
-    return True
-  logging.info(
-      'The int8 model in %s was converted from %s, not %s: converting the '
-      'float weights.',
-      saved,
-      source.read_text(),
-      wanted,
-  )
-  return False
+  return Served(server.predictor(), names, description)
 
 
 def _int8_config(config: ConfigDict) -> ConfigDict:
@@ -157,14 +121,6 @@ def _int8_config(config: ConfigDict) -> ConfigDict:
   with ev.unlocked():
     ev.quant, ev.quant_path, ev.quant_backend = 'int8', 'serve', 'aqt'
   return ev
-
-
-def _server_predictor(server: quantization.Int8Server) -> Predictor:
-  return Predictor(
-      server.model,
-      {'params': server.params, 'aqt': server.frozen},
-      prepare=server.prepare,
-  )
 
 
 def export(served: Served, path: str | Path) -> Path:
@@ -187,3 +143,55 @@ def export(served: Served, path: str | Path) -> Path:
   meta['platforms'] = list(exported.platforms)
   Path(f'{path}.json').write_text(json.dumps(meta, indent=1))
   return path
+
+
+def image_files(paths: list[str]) -> list[Path]:
+  """The files named, and every file under the folders named (hidden
+  files and folders left out), in order. A missing path is a UserError."""
+  files = []
+  for arg in paths:
+    path = Path(arg).expanduser()
+    if path.is_dir():
+      files += sorted(
+          p
+          for p in path.rglob('*')
+          if p.is_file()
+          and not any(
+              part.startswith('.') for part in p.relative_to(path).parts
+          )
+      )
+    elif path.exists():
+      files.append(path)
+    else:
+      raise errors.UserError(f'{arg!r}: no such file or folder.')
+  return files
+
+
+def read_image(path: Path):
+  """uint8 [32, 32, 3], or why the file is not an image (a str).
+
+  Turned upright by its EXIF orientation; 16-bit greyscale scaled to 8
+  bits; transparent pixels over white.
+  """
+  try:
+    with Image.open(path) as im:
+      im = ImageOps.exif_transpose(im)
+      if im.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
+        im = Image.fromarray(
+            (np.asarray(im, np.float64) / 257.0).clip(0, 255).astype(np.uint8)
+        )
+      if im.mode in ('RGBA', 'LA', 'PA') or 'transparency' in im.info:
+        rgba = im.convert('RGBA')
+        im = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
+        im.alpha_composite(rgba)
+      im = im.convert('RGB').resize(
+          IMAGE_SHAPE[1::-1], Image.Resampling.BICUBIC
+      )
+      return np.asarray(im, np.uint8)
+  except (
+      UnidentifiedImageError,
+      Image.DecompressionBombError,
+      OSError,
+      ValueError,
+  ) as e:
+    return f'not an image ({e.__class__.__name__}: {e})'

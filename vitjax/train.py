@@ -1,102 +1,45 @@
-"""Training: the jitted step and the loop, `train_and_evaluate`.
+"""Training: `train_and_evaluate`, the loop, then the final evaluation.
 
-A run is a pure function of (config, seed): batches, dropout and mixing keys
-all derive from the step number, so killing a run and rerunning the same
-command resumes from the latest checkpoint and ends with the same
-parameters and metrics as an uninterrupted run.
+A run of fixed length (`train.epochs`) is a function of its config: batches,
+dropout and mixing keys all derive from (seed, step), so killing it and
+rerunning the same command resumes from the latest checkpoint and ends with
+the same parameters and the same validation and test figures as a run that
+was never stopped. A time-budgeted run resumes too, with its steps
+re-planned from its clock (vitjax/time_budget.py), so how many it takes
+depends on the machine and its load.
+
+SIGTERM or a first Ctrl-C lets the step finish (one while the run starts:
+its first step; with several processes, their next log step); the loop then
+saves it and raises errors.Stopped. A second signal kills at once. Once
+training is done and saved, the final evaluation gets signals as a program
+normally does. A NaN or infinite training metric raises DivergedError,
+which says how to continue from the last good checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
+import functools
 import math
 from pathlib import Path
+import signal
 import time
 from typing import Any, Callable
 
 from absl import logging
-from clu import metrics, parameter_overview, periodic_actions
+from clu import parameter_overview
 import jax
-import jax.numpy as jnp
 from ml_collections import ConfigDict
-import optax
 
-from vitjax import checkpoint, distributed, errors, evaluate, families
-from vitjax import metric_writers, models, optimizers
-from vitjax import mixing, sharding, stopping, time_budget, train_state
-from vitjax import workdir as workdir_lib
+from vitjax import checkpoint, errors, evaluate, families, models, parallel
+from vitjax import time_budget, trainer, workdir as workdir_lib
 from vitjax.data import pipelines, sources
 from vitjax.evaluators import classification
 
 # What each validation logs (the report has more: per-class recall, ...).
 VAL_METRICS = ('loss', 'accuracy', 'balanced_accuracy', 'worst_class_recall')
-
-
-def make_metrics_cls(extra: tuple[str, ...]) -> type[metrics.Collection]:
-  """Loss, accuracy, gradient norm and the objective's extras, averaged over
-  a log window; the learning rate at its end."""
-  names = ('loss', 'accuracy', 'grad_norm') + tuple(extra)
-  fields = {n: metrics.Average.from_output(n) for n in names}
-  fields['learning_rate'] = metrics.LastValue.from_output('learning_rate')
-  return metrics.Collection.create(**fields)
-
-
-def make_train_step(
-    objective,
-    optimizer: optimizers.Optimizer,
-    config: ConfigDict,
-    num_classes: int,
-    base_key: jax.Array,
-    mesh,
-) -> Callable:
-  """The jitted (state, batch, metrics, rates) -> (state, metrics) update;
-  rates: the optimizer's learning rates for the step (its schedules at the
-  step's position, vitjax/time_budget.py)."""
-  aug = config.aug
-  ema_decay = config.optim.ema_decay
-  metrics_cls = make_metrics_cls(objective.extra_metrics)
-
-  def step_fn(state: train_state.TrainState, batch, metrics_acc, rates):
-    # Every random choice of the step derives from the step number alone.
-    key = jax.random.fold_in(base_key, state.step)
-    k_mix, k_dropout, k_model = jax.random.split(key, 3)
-    labels = batch['label']
-    targets = optax.smooth_labels(
-        jax.nn.one_hot(labels, num_classes), aug.label_smoothing
-    )
-    images, targets = mixing.mix(k_mix, batch['image'], targets, aug)
-    rngs = {'dropout': k_dropout, 'gumbel': k_model}
-
-    def loss_of(params):
-      return objective(params, images, targets, state.step, rngs)
-
-    (loss, (logits, extras)), grads = jax.value_and_grad(loss_of, has_aux=True)(
-        state.params
-    )
-    new_state = state.apply_gradients_with(optimizer.at(rates), grads)
-    if state.ema_params is not None:
-      new_state = new_state.replace(
-          ema_params=optax.incremental_update(
-              new_state.params, state.ema_params, 1.0 - ema_decay
-          )
-      )
-    step_metrics = metrics_cls.single_from_model_output(
-        loss=loss,
-        accuracy=jnp.mean(jnp.argmax(logits, -1) == labels),
-        grad_norm=optax.tree.norm(grads),
-        learning_rate=rates['learning_rate'],
-        **extras,
-    )
-    return new_state, metrics_acc.merge(step_metrics)
-
-  repl, data = sharding.replicated(mesh), sharding.batch_sharding(mesh)
-  return jax.jit(
-      step_fn,
-      donate_argnums=(0, 2),
-      in_shardings=(repl, data, repl, repl),
-      out_shardings=(repl, repl),
-  )
+# A budgeted run's batches: the pipelines make them step by step, this far.
+_UNBOUNDED = 2**31 - 1
 
 
 def train_and_evaluate(
@@ -111,245 +54,121 @@ def train_and_evaluate(
   t_start = time.monotonic() if t_start is None else t_start
   workdir = Path(workdir).expanduser()
   if config.train.distributed:
-    distributed.initialize()  # main.py has, before its first JAX call
+    parallel.initialize()  # main.py has, before its first JAX call
   config = models.with_machine_choices(config)
   # Closes what the run opened in reverse, also when it fails: the signal
   # handlers, the lock, the checkpoints (after the save in flight), the
   # metric writers.
   with contextlib.ExitStack() as run:
     # From here a stop signal waits for the next step to save and stop.
-    stop = run.enter_context(stopping.StopRequest())
-    start_error, mesh, data = None, None, None
-    try:
-      mesh, data = _open_run(config, workdir, run)
-    except (errors.UserError, OSError) as e:
-      start_error = e
-    # With several processes, none goes on alone into the collectives.
-    distributed.raise_together(
-        start_error, 'the run did not start on another process (see its log).'
-    )
-    distributed.check_same(
-        repr(
-            (
-                config.to_json_best_effort(),
-                data.split_id,
-                checkpoint.saved_steps(workdir),
-            )
-        ),
-        'config, data split or saved checkpoints',
-    )
-    data.log_counts()
-    batch_size = config.train.batch_size
-    steps_per_epoch = math.ceil(len(data.train) / batch_size)
+    stop = run.enter_context(StopRequest())
+    mesh, data = _open_run(config, workdir, run)
+    steps_per_epoch = math.ceil(len(data.train) / config.train.batch_size)
     eval_every = max(1, round(config.train.eval_every_epochs * steps_per_epoch))
     log_every = config.train.log_every_steps
     family = families.build(config, data, steps_per_epoch, mesh, workdir)
     pipeline = pipelines.make(config, data, mesh)
     pipelines.log_sampled_classes(pipeline, config, data)
     init_key, step_key = jax.random.split(jax.random.key(config.seed))
-    use_ema = config.optim.ema_decay > 0
-    metrics_cls = make_metrics_cls(family.objective.extra_metrics)
-    predict_fn = classification.make_predict_fn(
-        classification.model_logits(family.model), mesh
-    )
-
-    def validate(params) -> dict[str, Any]:
-      return classification.evaluate_split(
-          predict_fn,
-          {'params': params},
-          data.val,
-          config.eval.batch_size,
-          mesh,
-          data.num_classes,
-      )
-
-    def final_seconds(timings: time_budget.Timings) -> float:
-      if not config.train.final_evaluation:
-        return 0.0
-      return evaluate.expected_seconds(
-          config,
-          data,
-          has_teacher=family.teacher is not None,
-          validation_seconds=timings.validation_seconds,
-          compile_seconds=timings.compile_seconds,
-      )
-
-    optimizer = family.optimizer
-    tx = optimizer.structure()
-    train_step = make_train_step(
-        family.objective, optimizer, config, data.num_classes, step_key, mesh
-    )
-    init = jax.jit(
-        lambda key: train_state.create(
-            family.model, family.init_params(key), tx, use_ema
-        ),
-        out_shardings=sharding.replicated(mesh),
-    )
-
-    def rates_along(horizon: int) -> Callable:
-      return jax.jit(
-          optimizer.schedules(horizon),
-          out_shardings=sharding.replicated(mesh),
-      )
-
+    train = trainer.build(config, family, data.num_classes, mesh, step_key)
+    validate = _validation(config, family.model, data, mesh)
     ckpts = run.enter_context(
         checkpoint.Checkpoints(workdir, config.train.keep_checkpoints)
     )
-    origin, origin_meta = _starting_point(ckpts, config, workdir, data)
-    if origin is not None and origin is not ckpts:
-      run.enter_context(origin)  # closed once restored, or on a failure
-    budget = config.train.time_budget_minutes * 60.0
-    deadline, budget_used = None, 0.0
-    if origin is ckpts:  # a resume: the plan it made
-      plan = time_budget.Plan.from_meta(origin_meta)
-      if budget > 0 and 'timings' in origin_meta:
-        budget_used = float(origin_meta['budget_seconds_used'])
-        deadline = time_budget.Deadline(
-            t_start + budget - budget_used,
-            budget,
-            time_budget.Timings(**origin_meta['timings']),
-            eval_every=eval_every,
-            final_seconds=final_seconds,
-        )
-        start = int(origin_meta['step'])
-        plan = _replan(plan, deadline, start, validating=False)
-        logging.info(
-            'The time budget has %.0f s left of %.0f: the run goes on to '
-            'step %d.',
-            deadline.ends_at - time.monotonic(),
-            budget,
-            plan.end_step,
-        )
-      elif budget > 0:
-        logging.info(
-            'This run was saved before time budgets were re-planned: it '
-            'resumes its fixed plan of %d steps.',
-            plan.end_step,
-        )
-    elif budget > 0:
-      end_step, deadline = _first_plan(
-          config,
-          train_step,
-          init,
-          rates_along,
-          init_key,
-          metrics_cls,
-          pipeline,
-          validate,
-          eval_every,
-          len(data.train),
-          t_start,
-          final_seconds,
-          # train.resume_from: the steps from the other run's on.
-          start=int(origin_meta['step']) if origin is not None else 0,
-      )
-      plan = time_budget.Plan.fixed(end_step)
-    else:
-      plan = time_budget.Plan.fixed(
-          math.ceil(config.train.epochs * len(data.train) / batch_size)
-      )
-    rates_at = rates_along(plan.horizon)
+    origin, saved = _starting_point(ckpts, config, workdir, data, run)
+    budget = time_budget.start(
+        config,
+        t_start=t_start,
+        num_train=len(data.train),
+        eval_every=eval_every,
+        final_seconds=functools.partial(
+            time_budget.final_evaluation_seconds,
+            config,
+            data,
+            family.teacher is not None,
+        ),
+        saved=saved if origin is ckpts else None,
+        start_step=int(saved['step']) if saved else 0,
+        timed=lambda: _time_steps(train, init_key, pipeline, validate, config),
+    )
+    rates_at = train.rates_along(budget.horizon)
     best = ckpts.best_score()  # -inf before the first validation
-    if origin is not None:
-      state, meta = origin.restore(
-          train_state.abstract(
-              family.model, tx, use_ema, sharding.replicated(mesh)
-          ),
-          'latest',
-      )
-      start, train_seconds = int(meta['step']), float(meta['train_seconds'])
-      if origin is not ckpts and start >= plan.end_step:
-        raise errors.ConfigError(
-            f'train.resume_from={config.train.resume_from!r} is at step '
-            f'{start}, and this config trains {plan.end_step} steps; raise '
-            'train.epochs or train.time_budget_minutes.'
-        )
-      logging.info(
-          'Resuming from step %d of %d%s (best validation balanced '
-          'accuracy so far %s).',
-          start,
-          plan.end_step,
-          '' if origin is ckpts else f' of {origin.directory.parent}',
-          f'{best:.4f}' if best > -math.inf else 'none yet',
-      )
+    if origin is None:
+      state, start, train_seconds = train.init(init_key), 0, 0.0
     else:
-      state, start, train_seconds = init(init_key), 0, 0.0
+      state, saved = origin.restore(train.abstract(), 'latest')
+      start, train_seconds = int(saved['step']), float(saved['train_seconds'])
+      _log_resume(config, origin is ckpts, start, budget.end_step, best)
     parameter_overview.log_parameter_overview(state.params, include_stats=False)
     logging.info(
         'Model %s: %d steps of %d images (%.1f epochs, %d steps per epoch)%s.',
         config.model.name,
-        plan.end_step,
-        batch_size,
-        plan.end_step / steps_per_epoch,
+        budget.end_step,
+        config.train.batch_size,
+        budget.end_step / steps_per_epoch,
         steps_per_epoch,
-        ', re-planned against the time budget as the run goes'
-        if deadline
-        else '',
+        ', re-planned against the time budget' if budget.deadline else '',
     )
-
-    writer = metric_writers.create(workdir, resume_step=start)
+    # A budgeted run's end moves: its re-plans stand for the ETA.
+    writer, report_progress = workdir_lib.writers(
+        workdir, start, None if budget.deadline else budget.end_step
+    )
     run.callback(writer.close)
-    # A budgeted run's end moves: the plan's log lines stand for the ETA.
-    report_progress = periodic_actions.ReportProgress(
-        num_train_steps=None if deadline else plan.end_step,
-        every_steps=log_every,
-        every_secs=None,
-    )
     # A window: the steps between two log lines, whose metrics accumulate.
-    window, window_start = metrics_cls.empty(), start
-    t_window = time.monotonic()
+    window, window_start, t_window = (
+        train.metrics.empty(),
+        start,
+        time.monotonic(),
+    )
     # Several processes agree on a stop at log steps only: asking the others
     # waits for the step, which one process need not do.
     stop_every_step = jax.process_count() == 1
-    # A budgeted run's batches go on until its plan ends.
-    batches = pipeline.batches(start, _UNBOUNDED if deadline else plan.end_step)
-    step, logged_plan = start, plan
-    while step < plan.end_step:
-      state, window = train_step(
-          state, next(batches), window, rates_at(plan.position(step))
-      )
+    batches = pipeline.batches(
+        start, _UNBOUNDED if budget.deadline else budget.end_step
+    )
+    step = start
+    while step < budget.end_step:
+      rates = rates_at(budget.position(step))
+      state, window = train.step(state, next(batches), window, rates)
       step += 1
       log_now = step % log_every == 0
-      validate_now = step % eval_every == 0 or step == plan.end_step
+      validate_now = step % eval_every == 0 or step == budget.end_step
       stop_now = (
           stop.agreed() if stop_every_step or log_now or validate_now else None
       )
-      stopping_now = stop_now is not None
-      if log_now or validate_now or stopping_now:
+      if log_now or validate_now or stop_now is not None:
         # Steps run asynchronously: float() waits for them, then the clock.
         scalars = {k: float(v) for k, v in window.compute().items()}
         now = time.monotonic()
-        seconds = now - t_window
-        stopping.stop_if_diverged(scalars, window_start, step, ckpts, config)
-        train_seconds += seconds
-        scalars.update(
-            epoch=step / steps_per_epoch,
-            images_per_second=(step - window_start)
-            * batch_size
-            / max(seconds, 1e-9),
+        _stop_if_diverged(scalars, window_start, step, ckpts, config)
+        train_seconds += now - t_window
+        scalars['epoch'] = step / steps_per_epoch
+        scalars['images_per_second'] = (
+            (step - window_start) * config.train.batch_size / (now - t_window)
         )
         writer.write_scalars(
             step, {f'train/{k}': v for k, v in scalars.items()}
         )
-        if deadline and (log_now or validate_now):
-          deadline.observe_window(step - window_start, seconds)
-          plan = _replan(
-              plan, deadline, step, validating=step % eval_every == 0
+        if log_now or validate_now:
+          budget.observe_window(
+              step,
+              step - window_start,
+              now - t_window,
+              validating=step % eval_every == 0,
           )
-          logged_plan = _log_plan(logged_plan, plan, deadline, step)
-          validate_now = step % eval_every == 0 or step == plan.end_step
-        window, window_start = metrics_cls.empty(), step
+          validate_now = step % eval_every == 0 or step == budget.end_step
         # The windows tile the clock: logging and re-planning count as
         # training time.
-        t_window = now
+        window, window_start, t_window = train.metrics.empty(), step, now
       report_progress(step)
-      if validate_now or stopping_now:
-        val_score = None
+      if validate_now or stop_now is not None:
+        score = None
         if validate_now:
           with report_progress.timed('validation', False):
             val = validate(state.eval_params(config.eval.use_ema))
-          val_score = val['balanced_accuracy']
-          best = max(best, val_score)
+          score, best = val['balanced_accuracy'], max(
+              best, val['balanced_accuracy']
+          )
           writer.write_scalars(
               step,
               {f'val/{k}': val[k] for k in VAL_METRICS}
@@ -358,22 +177,15 @@ def train_and_evaluate(
                   'val/best_balanced_accuracy': best,
               },
           )
-        meta = {
-            'step': step,
-            'total_steps': plan.end_step,
-            'plan': dataclasses.asdict(plan),
-            'train_seconds': train_seconds,
-        }
-        if deadline:
-          meta |= deadline.as_meta(budget_used + time.monotonic() - t_start)
-        ckpts.save(state, meta, val_score)
+        meta = {'step': step, 'train_seconds': train_seconds}
+        ckpts.save(state, meta | budget.meta(), score)
         writer.flush()
-        if deadline and validate_now:
-          deadline.observe_validation(time.monotonic() - t_window)
+        if validate_now:
+          budget.observe_validation(time.monotonic() - t_window)
         t_window = time.monotonic()  # validating and saving are not training
-      if stopping_now:
+      if stop_now is not None:
         ckpts.wait()  # the save is asynchronous; finish it first
-        raise stopping.Stopped(stop_now, step, workdir)
+        raise errors.Stopped(stop_now, step, workdir)
     ckpts.wait()
     writer.flush()
     if not config.train.final_evaluation:
@@ -382,154 +194,62 @@ def train_and_evaluate(
     # A signal after the last step's check: training is saved, stop before
     # evaluating. From here signals act as they normally do.
     if (stop_now := stop.agreed()) is not None:
-      raise stopping.Stopped(stop_now, step, workdir)
+      raise errors.Stopped(stop_now, step, workdir)
     stop.release()
     t_eval = time.monotonic()
     report = evaluate.evaluate_checkpoint(
         config, workdir, 'best', data=data, mesh=mesh, family=family
     )
-    if deadline:
-      now = time.monotonic()
-      logging.info(
-          'The final evaluation took %.0f s (%.0f s were kept for it); the '
-          'run ends %.0f s %s its time budget.',
-          now - t_eval,
-          final_seconds(deadline.timings),
-          abs(deadline.ends_at - now),
-          'inside' if now <= deadline.ends_at else 'past',
-      )
+    budget.log_final_evaluation(time.monotonic() - t_eval)
     return report
-
-
-# A budgeted run's batches: the pipelines make them step by step, this far.
-_UNBOUNDED = 2**31 - 1
-
-
-def _replan(
-    plan: time_budget.Plan,
-    deadline: time_budget.Deadline,
-    step: int,
-    *,
-    validating: bool,
-) -> time_budget.Plan:
-  """The plan that ends in time from `step` (validating: the step's own
-  validation is still to run): process 0's clock decides for every process.
-  A plan at its end stays there."""
-  if step >= plan.end_step:
-    return plan
-  end_step = distributed.from_process_0(
-      deadline.last_step(step, validating=validating)
-  )
-  if end_step == plan.end_step:
-    return plan
-  return plan.ending_at(step, end_step)
-
-
-def _log_plan(
-    logged: time_budget.Plan,
-    plan: time_budget.Plan,
-    deadline: time_budget.Deadline,
-    step: int,
-) -> time_budget.Plan:
-  """Logs a plan that moved the end by over 5% since the last logged;
-  returns the plan last logged."""
-  if abs(plan.end_step - logged.end_step) <= 0.05 * logged.end_step:
-    return logged
-  t = deadline.timings
-  logging.info(
-      'Re-planned at step %d: the run ends at step %d (was %d), %.0f s from '
-      'now at %.3f s/step, %.1f s per validation, %.0f s kept for the '
-      'final evaluation and slack; the schedule goes on from position '
-      '%.0f of %d.',
-      step,
-      plan.end_step,
-      logged.end_step,
-      deadline.ends_at - time.monotonic(),
-      t.step_seconds,
-      t.validation_seconds,
-      deadline.reserved_seconds(),
-      plan.position(step),
-      plan.horizon,
-  )
-  return plan
-
-
-def _first_plan(
-    config: ConfigDict,
-    train_step: Callable,
-    init: Callable,
-    rates_along: Callable,
-    key,
-    metrics_cls,
-    pipeline: pipelines.Pipeline,
-    validate: Callable,
-    eval_every: int,
-    num_train: int,
-    t_start: float,
-    final_seconds: Callable,
-    start: int,
-) -> tuple[int, time_budget.Deadline]:
-  """The last step that fits from step `start`, timed on steps of a
-  throwaway state (see vitjax/time_budget.py). Every process times the same
-  steps; process 0's clock decides for all."""
-  provisional = math.ceil(
-      config.train.epochs * num_train / config.train.batch_size
-  )
-  rates = rates_along(provisional)(0.0)
-  state, window = init(key), metrics_cls.empty()
-
-  def run_step(batch):
-    nonlocal state, window
-    state, window = train_step(state, batch, window, rates)
-    return state.step
-
-  steps, deadline, error = 0, None, None
-  try:
-    steps, deadline = time_budget.first_plan(
-        config.train.time_budget_minutes,
-        t_start,
-        run_step=run_step,
-        batches=pipeline.batches(0, time_budget.STEPS_TIMED),
-        validate=lambda: validate(state.params),
-        eval_every=eval_every,
-        final_seconds=final_seconds,
-        start=start,
-    )
-  except errors.UserError as e:
-    error = e
-  distributed.raise_together(error, 'the time budget is too short (process 0).')
-  return distributed.from_process_0(steps), deadline
 
 
 def _open_run(
     config: ConfigDict, workdir: Path, run: contextlib.ExitStack
 ) -> tuple[Any, sources.Dataset]:
   """Locks the workdir (process 0), checks it against the config and the
-  data; returns the mesh and the data."""
-  if jax.process_index() == 0:
-    run.enter_context(workdir_lib.WorkdirLock(workdir))
-  checkpoint.check_layout(workdir)  # before the config: its fields moved
-  fresh = not checkpoint.has_steps(workdir)
-  workdir_lib.save_or_check_config(config, workdir, fresh=fresh)
-  mesh = sharding.make_mesh()
-  _check_before_start(config, mesh)
-  data = sources.load(config.data, config.seed)
-  workdir_lib.check_split(workdir, data.split_id, record=fresh)
-  if jax.process_index() == 0:
-    workdir_lib.record_class_names(workdir, data.class_names)
+  data, records a fresh run; returns the mesh and the data. With several
+  processes, none goes on alone into the collectives: a start that fails
+  on one fails on all, and processes whose configs, data splits or saved
+  checkpoints differ refuse to start."""
+  error, mesh, data = None, None, None
+  try:
+    if jax.process_index() == 0:
+      run.enter_context(workdir_lib.WorkdirLock(workdir))
+    fresh = not checkpoint.has_steps(workdir)
+    if not fresh:
+      workdir_lib.check_config(config, workdir)
+    mesh = parallel.make_mesh()
+    if config.data.val_fraction <= 0:
+      raise errors.ConfigError(
+          f'data.val_fraction={config.data.val_fraction:g} leaves no '
+          'validation images, on which training picks its best checkpoint; '
+          'use e.g. 0.1.'
+      )
+    parallel.check_batch(config.train.batch_size, mesh, 'train.batch_size')
+    parallel.check_batch(config.eval.batch_size, mesh, 'eval.batch_size')
+    data = sources.load(config.data, config.seed)
+    if fresh:
+      workdir_lib.record(workdir, config, data)
+    else:
+      workdir_lib.check_split(workdir, data.split_id)
+  except (errors.UserError, OSError) as e:
+    error = e
+  parallel.raise_together(
+      error, 'the run did not start on another process (see its log).'
+  )
+  parallel.check_same(
+      repr(
+          (
+              config.to_json_best_effort(),
+              data.split_id,
+              checkpoint.saved_steps(workdir),
+          )
+      ),
+      'config, data split or saved checkpoints',
+  )
+  data.log_counts()
   return mesh, data
-
-
-def _check_before_start(config: ConfigDict, mesh) -> None:
-  """What would otherwise fail hours into a run."""
-  if config.data.val_fraction <= 0:
-    raise errors.ConfigError(
-        f'data.val_fraction={config.data.val_fraction:g} leaves no '
-        'validation images, on which training picks its best checkpoint; '
-        'use e.g. 0.1.'
-    )
-  sharding.check_batch(config.train.batch_size, mesh, 'train.batch_size')
-  sharding.check_batch(config.eval.batch_size, mesh, 'eval.batch_size')
 
 
 def _starting_point(
@@ -537,6 +257,7 @@ def _starting_point(
     config: ConfigDict,
     workdir: Path,
     data: sources.Dataset,
+    run: contextlib.ExitStack,
 ) -> tuple[checkpoint.Checkpoints | None, dict[str, Any] | None]:
   """The checkpoints to start from and their latest step's meta: this
   run's own (a resume), another run's (train.resume_from, at a first start),
@@ -549,11 +270,145 @@ def _starting_point(
     raise checkpoint.CheckpointError(
         f'train.resume_from={config.train.resume_from!r} holds no checkpoint.'
     )
-  workdir_lib.check_split(source, data.split_id, record=False)
-  origin = checkpoint.Checkpoints(source)
+  workdir_lib.check_split(source, data.split_id)
+  origin = run.enter_context(checkpoint.Checkpoints(source))
   meta = origin.read_meta('latest')
   # Its training curves up to that step continue in this run's.
-  metric_writers.copy_records(
-      source / 'metrics.jsonl', workdir / 'metrics.jsonl', int(meta['step'])
-  )
+  workdir_lib.copy_records(source, workdir, int(meta['step']))
   return origin, meta
+
+
+def _log_resume(
+    config: ConfigDict, own: bool, start: int, end_step: int, best: float
+) -> None:
+  if not own and start >= end_step:
+    raise errors.ConfigError(
+        f'train.resume_from={config.train.resume_from!r} is at step {start}, '
+        f'and this config trains {end_step} steps; raise train.epochs or '
+        'train.time_budget_minutes.'
+    )
+  logging.info(
+      'Resuming from step %d of %d%s (best validation balanced accuracy so '
+      'far %s).',
+      start,
+      end_step,
+      '' if own else f' of {config.train.resume_from}',
+      f'{best:.4f}' if best > -math.inf else 'none yet',
+  )
+
+
+def _validation(
+    config: ConfigDict, model, data: sources.Dataset, mesh
+) -> Callable[[Any], dict[str, Any]]:
+  """params -> the validation split's metrics."""
+  predict_fn = classification.make_predict_fn(
+      classification.model_logits(model), mesh
+  )
+  return lambda params: classification.evaluate_split(
+      predict_fn,
+      {'params': params},
+      data.val,
+      config.eval.batch_size,
+      mesh,
+      data.num_classes,
+  )
+
+
+def _time_steps(
+    train: trainer.Trainer, key, pipeline, validate, config: ConfigDict
+) -> time_budget.Timings:
+  """The step and validation times a time budget plans with, measured on a
+  throwaway state (every process times the same steps)."""
+  rates = train.rates_along(1)(0.0)  # any rates cost the same
+  state, window = train.init(key), train.metrics.empty()
+
+  def run_step(batch):
+    nonlocal state, window
+    state, window = train.step(state, batch, window, rates)
+    return state.step
+
+  return time_budget.time_steps(
+      run_step,
+      pipeline.batches(0, time_budget.STEPS_TIMED),
+      lambda: validate(state.eval_params(config.eval.use_ema)),
+  )
+
+
+class StopRequest:
+  """SIGTERM or a first Ctrl-C: finish the step, save, stop; a second one
+  kills at once. Signals are left alone off the main thread."""
+
+  _SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+  def __init__(self):
+    self.requested = ''  # the signal's name, once one came
+    self._previous = {}
+
+  def __enter__(self) -> 'StopRequest':
+    try:
+      self._previous = {
+          s: signal.signal(s, self._handle) for s in self._SIGNALS
+      }
+    except ValueError:  # not the main thread
+      self._previous = {}
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.release()
+
+  def release(self) -> None:
+    """Gives the signals back to their previous handlers."""
+    for s, handler in self._previous.items():
+      signal.signal(s, handler)
+    self._previous = {}
+
+  def agreed(self) -> str | None:
+    """Whether any process of the run received a stop signal: its name here,
+    '' if another process did, None if none did. Every process calls it at
+    the same step."""
+    if not parallel.any_process(bool(self.requested)):
+      return None
+    return self.requested
+
+  def _handle(self, signum, frame):
+    del frame
+    self.requested = signal.Signals(signum).name
+    logging.warning(
+        '%s: saving the latest step, then stopping.', self.requested
+    )
+    signal.signal(signum, signal.SIG_DFL)
+
+
+def _stop_if_diverged(
+    scalars: dict[str, float],
+    window_start: int,
+    step: int,
+    ckpts: checkpoint.Checkpoints,
+    config: ConfigDict,
+) -> None:
+  """Raises DivergedError if a training metric is not finite, saying where
+  the run can continue from."""
+  if all(math.isfinite(v) for v in scalars.values()):
+    return
+  lr, clip = config.optim.lr, config.optim.grad_clip_norm
+  last = ckpts.latest_step()
+  where = (
+      f'The last good checkpoint, step {last}, is kept in '
+      f'{str(ckpts.directory)!r}. A rerun of this config diverges again; '
+      'continue from that checkpoint in a new workdir'
+      if last is not None
+      else 'No checkpoint was saved before; start again'
+  )
+  resume = (
+      f' --config.train.resume_from={str(ckpts.directory.parent)!r}'
+      if last is not None
+      else ''
+  )
+  raise errors.DivergedError(
+      f'training diverged: loss {scalars["loss"]} over steps '
+      f'{window_start + 1}-{step}. {where} with a lower peak learning rate '
+      f'(optim.lr, now {lr:g}) or tighter gradient clipping '
+      f'(optim.grad_clip_norm, now {clip:g}), e.g. python -m vitjax.main '
+      '--config=<the same config and overrides> --workdir=<a new workdir>'
+      f'{resume} --config.optim.lr={lr / 2:g}'
+  )

@@ -12,7 +12,7 @@ at a fixed magnitude m in [0, 10] with a random sign. Geometric ops share
 one nearest-neighbour affine warp (gray fill); Equalize is left out because
 a per-image 256-bin histogram costs more than the rest together here.
 Mixup and cutmix mix whole batches and labels, so they live in the train
-step (`vitjax.mixing`), shared by both pipelines too.
+step (`vitjax/data/mixing.py`), shared by both pipelines too.
 """
 
 from __future__ import annotations

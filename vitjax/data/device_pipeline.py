@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vitjax import errors, sharding
+from vitjax import errors, parallel
 from vitjax.data import augment, sampling
 from vitjax.data.sources import Split
 
@@ -42,7 +42,7 @@ class DevicePipeline:
     replicated = (
         None
         if batch_sharding is None
-        else sharding.replicated(batch_sharding.mesh)
+        else parallel.replicated(batch_sharding.mesh)
     )
     put = lambda a: jax.device_put(a, replicated)
     self._tables = {

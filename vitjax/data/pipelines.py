@@ -21,7 +21,7 @@ from jax.sharding import Mesh
 from ml_collections import ConfigDict
 import numpy as np
 
-from vitjax import errors, sharding
+from vitjax import errors, parallel
 from vitjax.data import sampling
 from vitjax.data.sources import Dataset
 
@@ -46,7 +46,7 @@ def make(config: ConfigDict, data: Dataset, mesh: Mesh) -> Pipeline:
   common = dict(
       seed=config.seed,
       global_batch=config.train.batch_size,
-      batch_sharding=sharding.batch_sharding(mesh),
+      batch_sharding=parallel.batch_sharding(mesh),
   )
   # pylint: disable=g-import-not-at-top
   if config.data.pipeline == 'tf':
@@ -56,7 +56,7 @@ def make(config: ConfigDict, data: Dataset, mesh: Mesh) -> Pipeline:
         split,
         plan,
         config.aug,
-        rows=sharding.process_rows(mesh, config.train.batch_size),
+        rows=parallel.process_rows(mesh, config.train.batch_size),
         **common,
     )
   if config.data.pipeline == 'device':
@@ -79,7 +79,7 @@ def log_sampled_classes(
   steps = math.ceil(n / config.train.batch_size)
   labels = np.concatenate(
       [
-          np.asarray(sharding.to_host(b['label']))
+          np.asarray(parallel.to_host(b['label']))
           for b in pipeline.batches(0, steps)
       ]
   )[:n]

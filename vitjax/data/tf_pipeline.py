@@ -16,7 +16,7 @@ from typing import Iterator
 import jax
 import numpy as np
 
-from vitjax import errors, sharding
+from vitjax import errors, parallel
 from vitjax.data import augment, sampling
 from vitjax.data.sources import Split
 
@@ -44,7 +44,7 @@ class TfPipeline:
       batch_sharding: jax.sharding.Sharding | None = None,
   ):
     """rows: [start, stop) of each global batch that this host feeds (its
-    devices' rows, sharding.process_rows); by default all."""
+    devices' rows, parallel.process_rows); by default all."""
     if global_batch > plan.num_examples:
       raise errors.ConfigError(
           f'train.batch_size={global_batch} exceeds the '
@@ -125,7 +125,7 @@ class TfPipeline:
     options.autotune.enabled = False
     for batch in ds.with_options(options).prefetch(2).as_numpy_iterator():
       yield batch if self._sharding is None else (
-          sharding.host_batch_to_global(batch, self._sharding)
+          parallel.host_batch_to_global(batch, self._sharding)
       )
 
 

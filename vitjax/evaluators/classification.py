@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from vitjax import sharding
+from vitjax import parallel
 from vitjax.data.sources import IMAGE_SHAPE, Split
 from vitjax.models import inference_weights
 
@@ -72,8 +72,8 @@ def make_predict_fn(logits: LogitsFn, mesh) -> LogitsFn:
   """`logits` jitted with the batch sharded over the mesh."""
   return jax.jit(
       logits,
-      in_shardings=(sharding.replicated(mesh), sharding.batch_sharding(mesh)),
-      out_shardings=sharding.batch_sharding(mesh),
+      in_shardings=(parallel.replicated(mesh), parallel.batch_sharding(mesh)),
+      out_shardings=parallel.batch_sharding(mesh),
   )
 
 
@@ -85,8 +85,8 @@ def predict(
     mesh,
 ) -> np.ndarray:
   """Logits for every image; the last batch is padded, then trimmed."""
-  sharding.check_batch(batch_size, mesh, 'eval.batch_size')
-  placement = sharding.batch_sharding(mesh)
+  parallel.check_batch(batch_size, mesh, 'eval.batch_size')
+  placement = parallel.batch_sharding(mesh)
   out = []
   for start in range(0, len(images), batch_size):
     chunk = images[start : start + batch_size]
@@ -96,7 +96,7 @@ def predict(
           [chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)]
       )
     logits = predict_fn(variables, jax.device_put(chunk, placement))
-    out.append(sharding.to_host(logits)[:n])
+    out.append(parallel.to_host(logits)[:n])
   return np.concatenate(out)
 
 

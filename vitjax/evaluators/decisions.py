@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import jax
 import numpy as np
 
-from vitjax import plots
+from vitjax.evaluators import plots
 from vitjax.data.sources import Split
 from vitjax.evaluators.classification import Predictor
 from vitjax.models import avit, dynamic_vit

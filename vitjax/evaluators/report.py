@@ -8,7 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from vitjax import machine, metric_writers, plots, timing
+from vitjax.measure import machine, timing
+from vitjax import workdir as workdir_lib
+from vitjax.evaluators import plots
 
 
 def write_report(
@@ -46,7 +48,7 @@ def write_report(
         out_dir / 'halting.png',
         f'{name}: mean depth {sp["mean_depth_per_token"]:.2f} blocks/token',
     )
-  records = metric_writers.read_records(metrics_jsonl)
+  records = workdir_lib.read_records(metrics_jsonl)
   if records:
     plots.training_curves(
         records,
@@ -129,14 +131,11 @@ def _token_removal_speed(speed: dict[str, Any] | None) -> str:
   """A-ViT's token removal against its masked path, timed interleaved."""
   if not speed or 'masked_images_per_second' not in speed:
     return ''
-  text = (
+  return (
       f'; token removal {speed["images_per_second"]["median"]:.0f} '
       f'images/s, masked path {speed["masked_images_per_second"]["median"]:.0f}'
+      f' ({format_spread(speed["token_removal_over_masked"], "x")})'
   )
-  # Reports from before the per-round ratio was kept give the two medians.
-  if 'token_removal_over_masked' in speed:
-    text += f' ({format_spread(speed["token_removal_over_masked"], "x")})'
-  return text
 
 
 def format_spread(spread: dict[str, float], unit: str = '', digits=2) -> str:

@@ -14,7 +14,7 @@ import numpy as np
 
 from vitjax.data.sources import Split
 from vitjax.evaluators.classification import Predictor
-from vitjax.models import avit, dynamic_vit
+from vitjax.models import avit, dynamic_vit, token_removal
 
 
 def sparsity_report(
@@ -39,7 +39,7 @@ def sparsity_report(
     return {}
   masked = jax.jit(predictor.apply)
   ready = jax.jit(predictor.prepare)(predictor.variables)  # for removal
-  removal = lambda v, x: avit.token_removal_apply(model, v, x)
+  removal = lambda v, x: token_removal.token_removal_apply(model, v, x)
   preds, removal_preds, depth, active = [], [], [], []
   for start in range(0, len(images), batch_size):
     x = images[start : start + batch_size]

@@ -18,9 +18,10 @@ from typing import Any, Callable, Mapping
 import jax
 import numpy as np
 
-from vitjax import errors, sharding, timing
+from vitjax import errors, parallel
+from vitjax.measure import timing
 from vitjax.evaluators.classification import Predictor, make_predict_fn
-from vitjax.models import avit
+from vitjax.models import avit, token_removal
 
 
 def _with_model(predictor: Predictor, model) -> Predictor:
@@ -34,7 +35,7 @@ def _serving_fn(
   if isinstance(predictor.model, avit.AViT) and batch > 1:
     model = predictor.model
     # Its variables come prepared (see _candidates): it runs from the host.
-    return lambda v, x: avit.token_removal_apply(model, v, x)[0]
+    return lambda v, x: token_removal.token_removal_apply(model, v, x)[0]
   if isinstance(predictor.model, avit.AViT):
     # The faithful mode predicts the same; it only records more, masked.
     predictor = _with_model(predictor, predictor.model.clone(faithful=False))
@@ -58,7 +59,7 @@ def _candidates(
   call serving them one after another, each waited for."""
   batch = len(images)
   serve = _serving_fn(predictor, mesh, batch)
-  batched = jax.device_put(images, sharding.batch_sharding(mesh))
+  batched = jax.device_put(images, parallel.batch_sharding(mesh))
   singles = [jax.device_put(x[None]) for x in singles]
   serve_one = _serving_fn(predictor, mesh, 1)
   v = predictor.variables

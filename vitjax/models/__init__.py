@@ -9,7 +9,8 @@ import flax.linen as nn
 import jax
 from ml_collections import ConfigDict
 
-from vitjax import errors, machine
+from vitjax import errors
+from vitjax.measure import machine
 from vitjax.models.avit import AViT
 from vitjax.models.bf16_dot import Bf16Dot
 from vitjax.models.dynamic_vit import DynamicViT
@@ -24,8 +25,7 @@ MODELS: dict[str, type[nn.Module]] = {
 
 def resolve_machine_choices(model_cfg: dict) -> dict:
   """model_cfg with dtype and kernels 'auto' made concrete for this machine
-  (logged with the reason); a config without `kernels` (runs before it
-  existed) counts as 'auto'."""
+  (logged with the reason)."""
   model_cfg = dict(model_cfg)
   if model_cfg.get('dtype') == 'auto':
     native, why = machine.native_bfloat16()
@@ -33,7 +33,7 @@ def resolve_machine_choices(model_cfg: dict) -> dict:
     logging.log_first_n(
         logging.INFO, 'model.dtype=auto: %s, as %s.', 1, model_cfg['dtype'], why
     )
-  kernels = model_cfg.get('kernels', 'auto')
+  kernels = model_cfg['kernels']
   if kernels == 'auto':
     # Measured faster on XLA:CPU (README, "Speed and cost"); elsewhere the
     # libraries' kernels are what their compilers are tuned for.
@@ -65,6 +65,12 @@ def with_machine_choices(config: ConfigDict) -> ConfigDict:
   return config
 
 
+def fields(name: str) -> set[str]:
+  """The fields of model `name`: what config.model may set, and what
+  `create` overrides."""
+  return {f.name for f in dataclasses.fields(MODELS[name])} - {'parent', 'name'}
+
+
 def create(model_cfg, num_classes: int, **overrides) -> nn.Module:
   """Builds config.model (a flat dict of the class's fields) into a Module.
 
@@ -80,12 +86,11 @@ def create(model_cfg, num_classes: int, **overrides) -> nn.Module:
         f'model.name={name!r}: expected one of {sorted(MODELS)}.'
     )
   cls = MODELS[name]
-  fields = {f.name for f in dataclasses.fields(cls)} - {'parent', 'name'}
-  unknown = sorted(set(kwargs) - fields)
+  unknown = sorted(set(kwargs) - fields(name))
   if unknown:
     raise errors.ConfigError(
         f'config.model has fields {unknown} that {cls.__name__} '
-        f'does not take (it takes {sorted(fields)}).'
+        f'does not take (it takes {sorted(fields(name))}).'
     )
   if kwargs.get('dtype') == 'bfloat16' and kwargs['kernels'] == 'cpu':
     # Fast bf16 matmuls with float32 accumulation (see bf16_dot.py).

@@ -29,17 +29,20 @@ Three inference paths give the same predictions:
   the active tokens are gathered into a buffer of the next multiple of 8,
   and lax.switch runs the block compiled for that width, all in one jitted
   program: what serves one image at a time;
-- `token_removal_apply` for large batches: the host reads the active mask
-  before each block and gathers the active tokens into buffers padded to a
-  multiple of 8, one per piece of the batch sorted by active count, so later
-  blocks really run on fewer tokens.
+- `token_removal.token_removal_apply` for large batches: the host reads
+  the active mask before each block and gathers the active tokens into
+  buffers padded to a multiple of 8, one per piece of the batch sorted by
+  active count, so later blocks really run on fewer tokens.
+
+The gate's beta must fit the dense model it starts from: the paper's
+constants saturate the sigmoid on a fresh CIFAR model (h ~ 1e-13, no ponder
+gradient), so `calibrate_gate` chooses it on that model's own gate inputs.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
 from typing import Any
+
 
 import flax
 import flax.linen as nn
@@ -106,7 +109,7 @@ class HaltState:
     )
 
 
-def _zero_halted(x: Array, active: Array) -> Array:
+def zero_halted(x: Array, active: Array) -> Array:
   return jnp.where(active[..., None], x, jnp.zeros((), x.dtype))
 
 
@@ -171,15 +174,15 @@ class AViT(ViT):
         if self.faithful:
           # Zeros forward, identity backward: the official `out.data *=
           # mask`.
-          x = x + jax.lax.stop_gradient(_zero_halted(x, state.active) - x)
+          x = x + jax.lax.stop_gradient(zero_halted(x, state.active) - x)
           x = block(x, keys, token_mask=state.active, deterministic=not train)
           raw_h = self.gate(x)
           h = self.halting_score(x, i) if i == self.depth - 1 else raw_h
           state = state.update(x, h, self.halting_eps, raw_h)
         else:
-          x = _zero_halted(
+          x = zero_halted(
               block(
-                  _zero_halted(x, state.active), keys, deterministic=not train
+                  zero_halted(x, state.active), keys, deterministic=not train
               ),
               state.active,
           )
@@ -226,7 +229,7 @@ class AViT(ViT):
         )
         # Back in token order; halted tokens read the appended zero row.
         y = jnp.concatenate(
-            [_zero_halted(y, valid), jnp.zeros((b, 1) + y.shape[2:], y.dtype)],
+            [zero_halted(y, valid), jnp.zeros((b, 1) + y.shape[2:], y.dtype)],
             1,
         )
         where = jnp.where(active, slot, width)
@@ -264,147 +267,6 @@ def compact_widths(tokens: int) -> tuple[int, ...]:
   return (0,) + tuple(range(8, tokens, 8)) + (tokens,)
 
 
-# Images per piece in the token-removal path. The batch is sorted by active
-# count and cut into pieces that each run a block at their own width, so a few
-# busy images do not set everyone's width (at batch 256 the busiest image
-# usually still has all 65 tokens active). 32 images keep each matmul large.
-IMAGES_PER_PIECE = 32
-
-
-@dataclasses.dataclass(frozen=True)
-class RemovalPiece:
-  """One piece of a block's token-removal plan."""
-
-  rows: np.ndarray  # int32 [images, width]: flat indices b * n + token
-  valid: np.ndarray  # bool [images, width]: False for padding
-  offset: int  # where its outputs start in the block's output rows
-
-
-def removal_plan(
-    active: np.ndarray, images_per_piece: int = IMAGES_PER_PIECE
-) -> tuple[list[RemovalPiece], np.ndarray]:
-  """Host-side layout of one block's token-removal pass.
-
-  active: bool [b, n]. Images are sorted by active count and cut into pieces;
-  each piece gathers its images' active tokens (in token order) into a
-  buffer whose width is the piece's largest count rounded up to a multiple of
-  8. Returns the pieces and `where` [b, n]: each token's row in the block's
-  output buffer, or b * n (the buffer's trailing zero row) for tokens that
-  skip the block. The pieces' rows never exceed b * n in total.
-  """
-  b, n = active.shape
-  counts = active.sum(1)
-  by_count = np.argsort(-counts, kind='stable')
-  active_first = np.argsort(~active, axis=1, kind='stable')
-  zero_row = b * n
-  where = np.full((b, n), zero_row, np.int32)
-  pieces, offset = [], 0
-  for start in range(0, b, images_per_piece):
-    imgs = by_count[start : start + images_per_piece]
-    width = min(-(-int(counts[imgs].max()) // 8) * 8, n)
-    if width == 0:  # every token of these images has halted
-      continue
-    tokens = active_first[imgs, :width]
-    valid = np.take_along_axis(active[imgs], tokens, 1)
-    slots = offset + np.arange(imgs.size * width).reshape(imgs.size, width)
-    where[imgs[:, None], tokens] = np.where(valid, slots, zero_row)
-    pieces.append(
-        RemovalPiece(
-            (imgs[:, None] * n + tokens).astype(np.int32), valid, offset
-        )
-    )
-    offset += imgs.size * width
-  return pieces, where
-
-
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _dense_block(
-    model: AViT, variables: Any, x: Array, state: HaltState, i: int
-) -> tuple[Array, HaltState]:
-  """Block i on every token, while none has halted (always block 0)."""
-  x = model.apply(variables, x, None, i, method=AViT.block_only)
-  return x, state.update(x, model.halting_score(x, i), model.halting_eps)
-
-
-@functools.partial(jax.jit, static_argnums=(0, 6), donate_argnums=(2,))
-def _removal_piece(
-    model: AViT,
-    variables: Any,
-    out: Array,
-    x: Array,
-    rows: Array,
-    valid: Array,
-    i: int,
-    offset: Array,
-) -> Array:
-  """Block i on one piece's gathered tokens, written into out [b*n+1, c]."""
-  images, width = rows.shape
-  xg = x.reshape(-1, x.shape[-1])[rows]
-  y = model.apply(
-      variables, xg, valid[:, None, None, :], i, method=AViT.block_only
-  )
-  y = _zero_halted(y, valid).reshape(images * width, -1)
-  return jax.lax.dynamic_update_slice(out, y.astype(out.dtype), (offset, 0))
-
-
-@functools.partial(jax.jit, static_argnums=(0, 3))
-def _back_in_token_order(
-    model: AViT, out: Array, where: Array, i: int, state: HaltState
-) -> tuple[Array, HaltState]:
-  """[b, n, c] from the pieces' output rows (zeros for skipped tokens)."""
-  x = out[where]
-  return x, state.update(x, model.halting_score(x, i), model.halting_eps)
-
-
-def token_removal_apply(
-    model: AViT,
-    variables: Any,
-    images: Array,
-    *,
-    images_per_piece: int = IMAGES_PER_PIECE,
-) -> tuple[Array, dict[str, Array]]:
-  """Inference that skips halted tokens (see the module docstring).
-
-  variables: {'params': ...} (plus 'aqt' for int8 serving). Runs block by
-  block from the host, which reads the active mask and plans each block
-  (`removal_plan`): every piece compiles once per (block, images, width),
-  at most n / 8 + 1 widths, and later blocks process fewer tokens.
-  """
-  x = _embed(model, variables, images)
-  state = HaltState.start(x)
-  b, n, c = x.shape
-  for i in range(model.depth):
-    active = np.asarray(state.active)
-    if active.all():
-      x, state = _dense_block(model, variables, x, state, i)
-      continue
-    pieces, where = removal_plan(active, images_per_piece)
-    out = jnp.zeros((b * n + 1, c), x.dtype)
-    for piece in pieces:
-      out = _removal_piece(
-          model,
-          variables,
-          out,
-          x,
-          piece.rows,
-          piece.valid,
-          i,
-          np.int32(piece.offset),
-      )
-    x, state = _back_in_token_order(model, out, where, i, state)
-  return _finish(model, variables, state)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _embed(model, variables, images):
-  return model.apply(variables, images, method=AViT.embed_only)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _finish(model, variables, state):
-  return model.apply(variables, state, method=AViT.finish)
-
-
 def halting_sums(
     gate_inputs: np.ndarray, gate_scale: float, gate_center: float
 ) -> np.ndarray:
@@ -432,3 +294,40 @@ def calibrate_gate_center(
     else:
       hi = mid
   return 0.5 * (lo + hi)
+
+
+def calibrate_gate(
+    model: AViT,
+    params: Any,
+    images: np.ndarray,
+    labels: np.ndarray,
+    class_names: tuple[str, ...],
+    target_sum: float,
+) -> dict[str, Any]:
+  """The gate_center (beta) at which the dense ViT's weights `params` give
+  a mean per-token halting sum over the first D-1 blocks of `target_sum`
+  on `images`, with what the calibration saw: the sum per class of
+  `labels`, and the gate inputs' spread."""
+  probe = model.clone(gate_center=1e9)  # no token halts: the dense model
+  gate_inputs = np.asarray(
+      jax.jit(
+          lambda p, x: probe.apply({'params': p}, x, train=False)[1][
+              'gate_inputs'
+          ]
+      )(params, images)
+  )
+  beta = calibrate_gate_center(gate_inputs, model.gate_scale, target_sum)
+  sums = halting_sums(gate_inputs, model.gate_scale, beta)
+  return {
+      'gate_center': beta,
+      'gate_scale': model.gate_scale,
+      'initial_halting_sum': target_sum,
+      'images': int(len(images)),
+      'halting_sum_per_class': {
+          name: float(sums[labels == c].mean())
+          for c, name in enumerate(class_names)
+          if np.any(labels == c)
+      },
+      'gate_input_mean': float(np.mean(gate_inputs)),
+      'gate_input_std': float(np.std(gate_inputs)),
+  }

@@ -16,7 +16,6 @@ import jax.numpy as jnp
 
 from vitjax import errors
 from vitjax.models import attention
-from vitjax.models import norm_folding
 from vitjax.models.dense import Dense
 
 Array = jax.Array
@@ -58,6 +57,27 @@ def gelu_f32(x: Array) -> Array:
   """GELU computed in float32, returned in x's dtype: XLA:CPU
   differentiates a bfloat16 GELU several times slower than a float32 one."""
   return gelu(x.astype(jnp.float32)).astype(x.dtype)
+
+
+class Normalize(nn.Module):
+  """LayerNorm without its per-feature scale and bias: (x - mean) times
+  gain / sqrt(var + epsilon), in float32, with one scalar gain applied to
+  the per-token reciprocal (so not once per element). Mean and variance
+  as flax's LayerNorm computes them (E[x^2] - E[x]^2). The blocks' norms
+  when int8 folds their scale and bias into the layers they feed
+  (vitjax/quant/norm_folding.py)."""
+
+  epsilon: float = 1e-6
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    gain = self.param('gain', nn.initializers.ones, (), jnp.float32)
+    x32 = x.astype(jnp.float32)
+    mean = jnp.mean(x32, -1, keepdims=True)
+    var = jnp.maximum(jnp.mean(x32 * x32, -1, keepdims=True) - mean**2, 0.0)
+    y = (x32 - mean) * (jax.lax.rsqrt(var + self.epsilon) * gain)
+    return y.astype(self.dtype)
 
 
 class DropPath(nn.Module):
@@ -201,7 +221,7 @@ class EncoderBlock(nn.Module):
       if self.norm_affine:
         layer = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, name=name)
       else:
-        layer = norm_folding.Normalize(1e-6, self.dtype, name=name)
+        layer = Normalize(1e-6, self.dtype, name=name)
       if token_mask is None:
         return layer(x)
       m = token_mask[..., None].astype(x.dtype)
@@ -272,7 +292,7 @@ class ViT(nn.Module):
   attention_einsum_cls: DotGeneralCls = None
   # False: the blocks' two LayerNorms only normalise (with a scalar gain);
   # their scale and bias live in the layers that read them
-  # (models/norm_folding.py, for int8).
+  # (vitjax/quant/norm_folding.py, for int8).
   block_norm_affine: bool = True
 
   def setup(self):

@@ -7,8 +7,8 @@ the query, key and value projections (norm1) and to the MLP's first layer
 faithful forward, which zeroes halted tokens' norm outputs, then feeds
 their rows b @ W + c instead of c; it only calibrates int8). The
 model that reads folded weights is the same one with
-`block_norm_affine=False`, whose block norms are `Normalize`: n(x) times
-one scalar gain, 1 after folding.
+`block_norm_affine=False`, whose block norms are `models.vit.Normalize`:
+n(x) times one scalar gain, 1 after folding.
 
 Why int8 serving folds them: its activation quantization is fused into the
 op that produces the layer's input, here the LayerNorm. With the scale and
@@ -16,7 +16,7 @@ bias applied there, XLA:CPU's cost model takes that fused op for
 compute-bound (about 8 operations per element against 5 bytes moved) and
 splits it across the threads; at batch 1 the hand-off costs several times
 the op (README, "int8"). With static activation scales the quantization's
-own multiply then moves into the gain too (quantization.py,
+own multiply then moves into the gain too (server.py,
 `_absorb_input_scales`), which leaves n(x) * gain, a clip, a rounding and
 a conversion: about as many operations as bytes moved, and XLA keeps the
 op on one thread. The quantized layers see n(x), and calibrate and
@@ -39,25 +39,6 @@ READERS = {
     'norm1': (('attn', 'query'), ('attn', 'key'), ('attn', 'value')),
     'norm2': (('mlp', 'fc1'),),
 }
-
-
-class Normalize(nn.Module):
-  """LayerNorm without its per-feature scale and bias: (x - mean) times
-  gain / sqrt(var + epsilon), in float32, with one scalar gain applied to
-  the per-token reciprocal (so not once per element). Mean and variance
-  as flax's LayerNorm computes them (E[x^2] - E[x]^2)."""
-
-  epsilon: float = 1e-6
-  dtype: Any = jnp.float32
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    gain = self.param('gain', nn.initializers.ones, (), jnp.float32)
-    x32 = x.astype(jnp.float32)
-    mean = jnp.mean(x32, -1, keepdims=True)
-    var = jnp.maximum(jnp.mean(x32 * x32, -1, keepdims=True) - mean**2, 0.0)
-    y = (x32 - mean) * (jax.lax.rsqrt(var + self.epsilon) * gain)
-    return y.astype(self.dtype)
 
 
 def block_names(params: Any) -> list[str]:
@@ -90,3 +71,21 @@ def fold_block_norms(params: Any) -> Any:
         block[parent] = dict(block[parent]) | {layer: folded}
     params[name] = block
   return params
+
+
+def float_model_to_quantize(
+    model: nn.Module, params: Any, quant_cfg
+) -> tuple[nn.Module, Any]:
+  """The float model and weights that int8 quantizes: with
+  eval.quant_fold_norms, the blocks' LayerNorm affines folded into the
+  layers they feed (the same function; see top). params may
+  be jax.ShapeDtypeStructs (the folded ones' shapes come back)."""
+  if not quant_cfg.quant_fold_norms:
+    return model, params
+  fold = fold_block_norms
+  if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
+    folded = jax.eval_shape(fold, params)
+  else:
+    # Jitted, the folded leaves keep the params' placement on the mesh.
+    folded = jax.jit(fold)(params)
+  return model.clone(block_norm_affine=False), folded

@@ -42,7 +42,7 @@ def code_version() -> str:
   """This package's git commit, '-dirty' when tracked files differ from it
   (read once per process), or 'unknown': no git, or a copy installed
   outside its checkout."""
-  root = Path(__file__).resolve().parent.parent
+  root = Path(__file__).resolve().parents[2]
   git = lambda *args: subprocess.run(
       ['git', '-C', str(root), *args],
       capture_output=True,
@@ -124,7 +124,5 @@ def summary(machine: dict[str, Any]) -> str:
   return (
       f'{cpu}, {cores} core{"" if cores == 1 else "s"}, {features}; '
       f'{"no accelerator" if accelerator == "none" else accelerator}; '
-      f'jax {machine["jax"]}'
-      # Reports saved before the code was recorded have no 'code'.
-      + (f'; code {machine["code"]}' if 'code' in machine else '')
+      f'jax {machine["jax"]}; code {machine["code"]}'
   )
