@@ -6,7 +6,6 @@ import time
 import numpy as np
 import pytest
 
-from configs import common
 from vitjax import checkpoint, errors, time_budget, train, trainer
 from vitjax.data import pipelines
 
@@ -41,11 +40,13 @@ def test_a_plan_that_stops_where_it_stands_ends_its_schedule_there():
 
 
 def _deadline(ends_at, step_seconds=0.1, validation_seconds=1.0):
-  timings = time_budget.Timings(step_seconds, validation_seconds, 3.0)
-  return time_budget.Deadline(
-      ends_at,
+  """A budget of 100 s, validating every 10 steps, whose final evaluation
+  takes 5 validations."""
+  return time_budget.Budget(
+      time_budget.Plan.fixed(10_000),
+      ends_at=ends_at,
       budget_seconds=100.0,
-      timings=timings,
+      timings=time_budget.Timings(step_seconds, validation_seconds, 3.0),
       eval_every=10,
       final_seconds=lambda t: 5 * t.validation_seconds,
   )
@@ -69,14 +70,17 @@ def test_the_last_step_leaves_room_for_validations_and_the_final_evaluation():
 
 
 def test_the_step_time_follows_the_recent_windows():
-  deadline = _deadline(ends_at=1000.0)
-  deadline.observe_window(50, 50.0)  # the first, with compilation: ignored
+  deadline = _deadline(ends_at=time.monotonic() + 1000.0)
+  window = lambda seconds: deadline.observe_window(
+      50, 50, seconds, validating=False
+  )
+  window(50.0)  # the first, with compilation: ignored
   assert deadline.timings.step_seconds == 0.1
   for _ in range(20):
-    deadline.observe_window(50, 5.0)
+    window(5.0)
   assert deadline.timings.step_seconds == pytest.approx(0.1)
   for _ in range(3):  # the machine slows down 3 times
-    deadline.observe_window(50, 15.0)
+    window(15.0)
   assert deadline.timings.step_seconds == pytest.approx(0.3)
   deadline.observe_validation(0.5)
   assert deadline.timings.validation_seconds == 0.5
@@ -84,21 +88,18 @@ def test_the_step_time_follows_the_recent_windows():
   assert deadline.timings.compile_seconds == 2.5
 
 
-def test_a_budget_without_room_for_a_validation_is_refused():
-  config = common.base()
-  config.train.time_budget_minutes = 0.01  # 0.6 s, from now
-  timed = lambda: time_budget.time_steps(
-      run_step=lambda batch: time.sleep(0.001),
-      batches=iter([{}] * time_budget.STEPS_TIMED),
-      validate=lambda: time.sleep(0.6),  # would only fit steps
-  )
+def test_a_budget_without_room_for_a_validation_is_refused(smoke_config):
+  smoke_config.train.time_budget_minutes = 0.1  # 6 s, from now
+  smoke_config.train.final_evaluation = False
+  # Room for steps, not for a validation (nor the slack).
+  timed = lambda: time_budget.Timings(0.001, 6.0, 6.0)
   with pytest.raises(errors.ConfigError, match='too little for a step'):
     time_budget.start(
-        config,
+        smoke_config,
+        None,
         t_start=time.monotonic(),
-        num_train=1000,
+        has_teacher=False,
         eval_every=10_000,
-        final_seconds=lambda t: 0.0,
         saved=None,
         start_step=0,
         timed=timed,

@@ -25,6 +25,7 @@ from vitjax.evaluators import classification, cost, decisions
 from vitjax.evaluators import report as report_lib, sparsity, speed
 from vitjax.evaluators.classification import Predictor
 from vitjax.measure import machine
+from vitjax.models import avit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -196,6 +197,57 @@ def evaluate_checkpoint(
     logging.info('Wrote %s', figure)
     report_lib.print_report(report, data.class_names)
   return report
+
+
+# Restoring the checkpoint, writing the report and drawing its figures:
+# 2.1 s on the 2-core AMD EPYC Zen 4 for the CPU preset; kept with room.
+_OTHER_SECONDS = 3.0
+
+
+def expected_seconds(
+    config: ConfigDict,
+    data: sources.Dataset,
+    has_teacher: bool,
+    timings,
+) -> float:
+  """What evaluate_checkpoint at the end of training should take (0 for a
+  run without one), from the timing of one validation pass and of its
+  compilation (a time budget reserves it: vitjax/time_budget.py). Counted
+  from what it runs: its forward passes in images, a compilation per
+  function it jits, the speed timing as configured, and the rest."""
+  if not config.train.final_evaluation:
+    return 0.0
+  ev = config.eval
+  n_val, n_test = len(data.val), len(data.test)
+  per_image = timings.validation_seconds / n_val
+  predictors = 2 if has_teacher else 1
+  # Each predictor: val and test, and two warm-up calls at the timed batch.
+  images = predictors * (n_val + n_test + 2 * ev.speed_batch)
+  # Each: its accuracy, cost analysis, and two timed batch sizes; the
+  # model's decisions figure.
+  compiles = 4 * predictors + 1
+  # A timing round runs each candidate for speed_seconds, or one call.
+  batch_call = max(ev.speed_seconds, ev.speed_batch * per_image)
+  round_seconds = predictors * (batch_call + ev.speed_seconds)
+  if config.model.name == 'avit':
+    images += 2 * n_test  # its sparsity report runs both paths
+    compiles += 3
+    # Its batch-1 program holds every block after the first once per
+    # compact width (AViT._compact_block): about that many forwards more.
+    depth = config.model.depth
+    tokens = (sources.IMAGE_SHAPE[0] // config.model.patch_size) ** 2 + 1
+    compiles += (depth - 1) * (len(avit.compact_widths(tokens)) - 2) / depth
+    round_seconds += batch_call  # its masked path, beside token removal
+  if ev.quant == 'int8':
+    # Calibration, conversion and the agreement with float on test.
+    images += ev.quant_calibration_images + 2 * n_test
+    compiles += 3
+  return (
+      images * per_image
+      + compiles * timings.compile_seconds
+      + ev.speed_rounds * round_seconds
+      + _OTHER_SECONDS
+  )
 
 
 def _accuracy(

@@ -1,24 +1,20 @@
-"""How long a run trains: a fixed number of steps (`train.epochs`), or a
-deadline (`train.time_budget_minutes`), behind one object, `Budget`.
+"""How long a run trains, behind one object: `Budget`. A fixed number of
+steps (`train.epochs`), or a deadline (`train.time_budget_minutes`) for the
+whole command, from the process's start to the final report written.
 
 The schedules are functions of a position along them (vitjax/trainer.py),
 and a `Plan` says at which position each step runs: a run of fixed length
-runs step s at position s. A budget bounds the whole command, from the
-process's start to the final report written. A budgeted run
-
-- first times a few steps and a validation on a throwaway state
-  (`time_steps`); the steps that fit in the budget are the schedules'
-  horizon and its first plan;
-- then re-plans at every log step (`Budget.observe_window`): from the
-  measured time of its recent steps and of its validations, and the time
-  left before the deadline less the final evaluation's expected time
-  (`final_evaluation_seconds`), it moves its last step, and spaces the
-  positions of the steps left evenly from where it is to the horizon. The
-  learning rate goes on from its current value and ends where the schedule
-  ends, on a machine that slows down or speeds up midway;
-- keeps the plan, the timings and the budget used in every checkpoint
-  (`Budget.meta`), so a resumed run continues the plan with what the
-  budget has left.
+runs step s at position s. A budgeted run first times a few steps and a
+validation on a throwaway state (`time_steps`): the steps that fit,
+leaving room for the validations and for the final evaluation's expected
+time (evaluate.expected_seconds), are the schedules' horizon and the first
+plan. At every log step it re-plans (`Budget.observe_window`) from the
+measured time of its recent steps and validations: it moves its last step
+and spaces the positions of the steps left evenly from where it is to the
+horizon, so the learning rate goes on from its current value and ends
+where the schedule ends, on a machine that slows down or speeds up midway.
+Every checkpoint keeps the plan, the timings and the budget used
+(`Budget.meta`): a resumed run continues with what the budget has left.
 
 How many steps a budgeted run takes depends on the machine and on what else
 runs on it; a run of fixed length is the reproducible one. With several
@@ -29,6 +25,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 import time
 from typing import Any, Callable, Iterator
@@ -39,9 +36,8 @@ from ml_collections import ConfigDict
 import numpy as np
 import psutil
 
-from vitjax import errors, parallel
+from vitjax import errors, evaluate, parallel, trainer
 from vitjax.data import sources
-from vitjax.models import avit
 
 # tf.data's autotuning settles over the first steps; time after it does.
 _WARMUP_STEPS, _TIMED_STEPS = 6, 30
@@ -55,9 +51,6 @@ _RECENT_SECONDS = 10.0
 _SLACK, _MIN_SLACK_SECONDS = 0.01, 5.0
 # A re-plan is logged when it moves the end by more than this share.
 _LOGGED_MOVE = 0.05
-# The final evaluation's restore, report and figures: 2.1 s on the 2-core
-# AMD EPYC Zen 4 for the CPU preset; kept with room.
-_OTHER_SECONDS = 3.0
 
 
 def process_start() -> float:
@@ -121,79 +114,6 @@ class Timings:
     return max(self.planning_validation_seconds - self.validation_seconds, 0)
 
 
-class Deadline:
-  """When a budgeted run must have written its report, and how many steps
-  still fit before then.
-
-  final_seconds(timings) is the final evaluation's expected time (0 without
-  one); the steps must leave it, and the last step's validation, room.
-  """
-
-  def __init__(
-      self,
-      ends_at: float,
-      budget_seconds: float,
-      timings: Timings,
-      *,
-      eval_every: int,
-      final_seconds: Callable[[Timings], float],
-  ):
-    self.ends_at = ends_at
-    self.timings = timings
-    self._eval_every = eval_every
-    self._final_seconds = final_seconds
-    self._slack = max(_SLACK * budget_seconds, _MIN_SLACK_SECONDS)
-    self._windows = collections.deque()  # (steps, seconds), latest last
-    self._first_window = True
-    self._validations = collections.deque(maxlen=3)  # the latest
-
-  def observe_window(self, steps: int, seconds: float) -> None:
-    """A log window's steps and training seconds (without validation)."""
-    if self._first_window:
-      # A resumed run's first window holds its train step's compilation.
-      self._first_window = False
-      return
-    self._windows.append((steps, seconds))
-    while (
-        len(self._windows) > 1
-        and sum(s for _, s in list(self._windows)[1:]) >= _RECENT_SECONDS
-    ):
-      self._windows.popleft()
-    steps_sum = sum(n for n, _ in self._windows)
-    self.timings.step_seconds = sum(s for _, s in self._windows) / steps_sum
-
-  def observe_validation(self, seconds: float) -> None:
-    """A validation's seconds, with its checkpoint save."""
-    self._validations.append(seconds)
-    self.timings.validation_seconds = float(np.median(self._validations))
-    self.timings.validations_timed += 1
-
-  def final_seconds(self) -> float:
-    """The final evaluation's expected time."""
-    return self._final_seconds(self.timings)
-
-  def reserved_seconds(self) -> float:
-    """Held back for the final evaluation, and as slack."""
-    return self.final_seconds() + self._slack
-
-  def last_step(
-      self, step: int, *, validating: bool, now: float | None = None
-  ) -> int:
-    """The last step that, from step `step` at `now`, ends in time;
-    validating: step `step`'s own validation is still to run."""
-    now = time.monotonic() if now is None else now
-    seconds = self.ends_at - now - self.reserved_seconds()
-    if validating:
-      seconds -= self.timings.validation_seconds
-    return step + steps_that_fit(seconds, self.timings, self._eval_every, step)
-
-  def as_meta(self, used_seconds: float) -> dict[str, Any]:
-    return {
-        'timings': dataclasses.asdict(self.timings),
-        'budget_seconds_used': used_seconds,
-    }
-
-
 def validations(step: int, end_step: int, eval_every: int) -> int:
   """The validations of steps step + 1 .. end_step: every eval_every-th,
   and the last."""
@@ -220,20 +140,22 @@ def steps_that_fit(
 
 
 def time_steps(
-    run_step: Callable[[dict[str, jax.Array]], Any],
+    train: trainer.Trainer,
+    key: jax.Array,
     batches: Iterator[dict[str, jax.Array]],
-    validate: Callable[[], Any],
+    validate: Callable[[Any], Any],
 ) -> Timings:
-  """Times STEPS_TIMED steps and a validation. run_step(batch) runs one
-  step of a throwaway state and returns something to wait for; validate()
-  runs one validation pass of it."""
-  times = []
+  """Times STEPS_TIMED steps of `batches` and a validation (params ->
+  metrics) on a throwaway state; every process times the same steps."""
+  rates = train.rates_along(1)(0.0)  # any rates cost the same
+  state, window, times = train.init(key), train.metrics.empty(), []
   for _, batch in zip(range(STEPS_TIMED), batches):
     t = time.monotonic()
-    jax.block_until_ready(run_step(batch))
+    state, window = train.step(state, batch, window, rates)
+    jax.block_until_ready(state.step)
     times.append(time.monotonic() - t)
   t = time.monotonic()
-  validate()
+  validate(state.params)
   t_validate = time.monotonic() - t
   # A busy moment on the host only slows some steps: the median estimates
   # the step itself; the re-planning corrects the rest as the run goes.
@@ -244,77 +166,45 @@ def time_steps(
   )
 
 
-def final_evaluation_seconds(
-    config: ConfigDict,
-    data: sources.Dataset,
-    has_teacher: bool,
-    timings: Timings,
-) -> float:
-  """What the final evaluation (evaluate.evaluate_checkpoint) should take,
-  from the timing of one validation pass and of its compilation; 0 for a
-  run without one. Counted from what it runs: its forward passes in
-  images, a compilation per function it jits, the speed timing as
-  configured, and the rest."""
-  if not config.train.final_evaluation:
-    return 0.0
-  ev = config.eval
-  n_val, n_test = len(data.val), len(data.test)
-  per_image = timings.validation_seconds / n_val
-  predictors = 2 if has_teacher else 1
-  # Each predictor: val and test, and two warm-up calls at the timed batch.
-  images = predictors * (n_val + n_test + 2 * ev.speed_batch)
-  # Each: its accuracy, cost analysis, and two timed batch sizes; the
-  # model's decisions figure.
-  compiles = 4 * predictors + 1
-  # A timing round runs each candidate for speed_seconds, or one call.
-  batch_call = max(ev.speed_seconds, ev.speed_batch * per_image)
-  round_seconds = predictors * (batch_call + ev.speed_seconds)
-  if config.model.name == 'avit':
-    images += 2 * n_test  # its sparsity report runs both paths
-    compiles += 3
-    # Its batch-1 program holds every block after the first once per
-    # compact width (AViT._compact_block): about that many forwards more.
-    depth = config.model.depth
-    tokens = (sources.IMAGE_SHAPE[0] // config.model.patch_size) ** 2 + 1
-    compiles += (depth - 1) * (len(avit.compact_widths(tokens)) - 2) / depth
-    round_seconds += batch_call  # its masked path, beside token removal
-  if ev.quant == 'int8':
-    # Calibration, conversion and the agreement with float on test.
-    images += ev.quant_calibration_images + 2 * n_test
-    compiles += 3
-  return (
-      images * per_image
-      + compiles * timings.compile_seconds
-      + ev.speed_rounds * round_seconds
-      + _OTHER_SECONDS
-  )
-
-
 class Budget:
-  """Where a run's steps end, and the schedule position of each: a fixed
-  plan, or one re-planned against a deadline (see top). Build it with
-  `start`."""
+  """Where a run's steps end, and the schedule position of each (`plan`).
+
+  With a deadline (`ends_at`, on time.monotonic()'s clock), also how many
+  steps still fit before it: the steps must leave room for their
+  validations, the final evaluation (final_seconds(timings), its expected
+  time) and some slack. Build it with `start`.
+  """
 
   def __init__(
       self,
       plan: Plan,
-      deadline: Deadline | None = None,
       *,
+      ends_at: float | None = None,
+      budget_seconds: float = 0.0,
+      timings: Timings | None = None,
+      eval_every: int = 1,
+      final_seconds: Callable[[Timings], float] | None = None,
       t_start: float = 0.0,
       used_before: float = 0.0,
   ):
-    self.plan = plan
-    self.deadline = deadline
+    self.plan, self.ends_at, self.timings = plan, ends_at, timings
+    self._eval_every, self._final_seconds = eval_every, final_seconds
+    self._slack = max(_SLACK * budget_seconds, _MIN_SLACK_SECONDS)
+    self._windows = collections.deque()  # (steps, seconds), latest last
+    self._first_window = True
+    self._validations = collections.deque(maxlen=3)  # the latest
     self._logged = plan  # the plan last logged
+    # The budget used: used_before, and this process's time since t_start.
     self._t_start, self._used_before = t_start, used_before
+
+  @property
+  def replans(self) -> bool:
+    """Whether the end moves: a deadline, not a fixed length."""
+    return self.ends_at is not None
 
   @property
   def end_step(self) -> int:
     return self.plan.end_step
-
-  @property
-  def horizon(self) -> int:
-    return self.plan.horizon
 
   def position(self, step: int) -> float:
     return self.plan.position(step)
@@ -322,53 +212,82 @@ class Budget:
   def observe_window(
       self, step: int, steps: int, seconds: float, *, validating: bool
   ) -> None:
-    """A log window of `steps` steps that took `seconds` to step `step`,
-    whose validation is still to run if `validating`: a deadline re-plans
-    its end from it."""
-    if self.deadline is None:
+    """A log window of `steps` steps, `seconds` of training, ending at
+    step `step`, whose validation is still to run if `validating`: a
+    deadline re-plans its end from it."""
+    if not self.replans:
       return
-    self.deadline.observe_window(steps, seconds)
+    if self._first_window:
+      # A resumed run's first window holds its train step's compilation.
+      self._first_window = False
+    else:
+      self._windows.append((steps, seconds))
+      while (
+          len(self._windows) > 1
+          and sum(s for _, s in list(self._windows)[1:]) >= _RECENT_SECONDS
+      ):
+        self._windows.popleft()
+      self.timings.step_seconds = sum(s for _, s in self._windows) / sum(
+          n for n, _ in self._windows
+      )
     self._replan(step, validating=validating)
     self._log_move(step)
 
   def observe_validation(self, seconds: float) -> None:
     """A validation's seconds, with its checkpoint save."""
-    if self.deadline is not None:
-      self.deadline.observe_validation(seconds)
+    if self.replans:
+      self._validations.append(seconds)
+      self.timings.validation_seconds = float(np.median(self._validations))
+      self.timings.validations_timed += 1
+
+  def reserved_seconds(self) -> float:
+    """Held back for the final evaluation, and as slack."""
+    return self._final_seconds(self.timings) + self._slack
+
+  def last_step(
+      self, step: int, *, validating: bool, now: float | None = None
+  ) -> int:
+    """The last step that, from step `step` at `now`, ends in time;
+    validating: step `step`'s own validation is still to run."""
+    now = time.monotonic() if now is None else now
+    seconds = self.ends_at - now - self.reserved_seconds()
+    if validating:
+      seconds -= self.timings.validation_seconds
+    return step + steps_that_fit(seconds, self.timings, self._eval_every, step)
 
   def meta(self) -> dict[str, Any]:
     """What a checkpoint keeps of the budget, for a resume."""
     meta = {'total_steps': self.end_step, 'plan': dataclasses.asdict(self.plan)}
-    if self.deadline is not None:
-      used = self._used_before + time.monotonic() - self._t_start
-      meta |= self.deadline.as_meta(used)
+    if self.replans:
+      meta['timings'] = dataclasses.asdict(self.timings)
+      meta['budget_seconds_used'] = (
+          self._used_before + time.monotonic() - self._t_start
+      )
     return meta
 
   def log_final_evaluation(self, seconds: float) -> None:
     """Says how the final evaluation's time compares with its reserve."""
-    if self.deadline is None:
-      return
-    now = time.monotonic()
-    logging.info(
-        'The final evaluation took %.0f s (%.0f s were kept for it); the '
-        'run ends %.0f s %s its time budget.',
-        seconds,
-        self.deadline.final_seconds(),
-        abs(self.deadline.ends_at - now),
-        'inside' if now <= self.deadline.ends_at else 'past',
-    )
+    if self.replans:
+      now = time.monotonic()
+      logging.info(
+          'The final evaluation took %.0f s (%.0f s were kept for it); the '
+          'run ends %.0f s %s its time budget.',
+          seconds,
+          self._final_seconds(self.timings),
+          abs(self.ends_at - now),
+          'inside' if now <= self.ends_at else 'past',
+      )
 
   def _replan(self, step: int, *, validating: bool) -> None:
     """The plan that ends in time from `step` (validating: the step's own
-    validation is still to run): process 0's clock decides for every
-    process. A plan at its end stays there."""
-    if step >= self.plan.end_step:
-      return
-    end_step = parallel.from_process_0(
-        self.deadline.last_step(step, validating=validating)
-    )
-    if end_step != self.plan.end_step:
-      self.plan = self.plan.ending_at(step, end_step)
+    validation is still to run), by process 0's clock. A plan at its end
+    stays there."""
+    if step < self.plan.end_step:
+      end_step = parallel.from_process_0(
+          self.last_step(step, validating=validating)
+      )
+      if end_step != self.plan.end_step:
+        self.plan = self.plan.ending_at(step, end_step)
 
   def _log_move(self, step: int) -> None:
     """Logs a plan that moved the end by over _LOGGED_MOVE since the last
@@ -376,7 +295,6 @@ class Budget:
     logged, plan = self._logged, self.plan
     if abs(plan.end_step - logged.end_step) <= _LOGGED_MOVE * logged.end_step:
       return
-    t = self.deadline.timings
     logging.info(
         'Re-planned at step %d: the run ends at step %d (was %d), %.0f s '
         'from now at %.3f s/step, %.1f s per validation, %.0f s kept for '
@@ -385,10 +303,10 @@ class Budget:
         step,
         plan.end_step,
         logged.end_step,
-        self.deadline.ends_at - time.monotonic(),
-        t.step_seconds,
-        t.validation_seconds,
-        self.deadline.reserved_seconds(),
+        self.ends_at - time.monotonic(),
+        self.timings.step_seconds,
+        self.timings.validation_seconds,
+        self.reserved_seconds(),
         plan.position(step),
         plan.horizon,
     )
@@ -397,78 +315,70 @@ class Budget:
 
 def start(
     config: ConfigDict,
+    data: sources.Dataset,
     *,
     t_start: float,
-    num_train: int,
+    has_teacher: bool,
     eval_every: int,
-    final_seconds: Callable[[Timings], float],
     saved: dict[str, Any] | None,
     start_step: int,
     timed: Callable[[], Timings],
 ) -> Budget:
-  """The run's budget: a resume's saved one (`saved`: its latest
-  checkpoint's meta), a fixed one of train.epochs, or, with
-  train.time_budget_minutes, the steps that fit from `start_step` as
-  timed by timed() (time_steps on a throwaway state)."""
+  """The run's budget: a resume's (`saved`: its latest checkpoint's meta),
+  a fixed one of train.epochs, or with train.time_budget_minutes the steps
+  that fit from `start_step` before t_start + the budget, at the speed
+  that timed() measures (time_steps)."""
   minutes = config.train.time_budget_minutes
-  seconds = minutes * 60.0
+  if minutes <= 0:
+    if saved is not None:
+      return Budget(Plan(**saved['plan']))
+    steps = config.train.epochs * len(data.train) / config.train.batch_size
+    return Budget(Plan.fixed(math.ceil(steps)))
+  used = float(saved['budget_seconds_used']) if saved is not None else 0.0
+  budget = Budget(
+      Plan(**saved['plan']) if saved is not None else Plan.fixed(0),
+      ends_at=t_start + 60 * minutes - used,
+      budget_seconds=60 * minutes,
+      timings=Timings(**saved['timings']) if saved is not None else timed(),
+      eval_every=eval_every,
+      final_seconds=functools.partial(
+          evaluate.expected_seconds, config, data, has_teacher
+      ),
+      t_start=t_start,
+      used_before=used,
+  )
   if saved is not None:
-    plan = Plan(**saved['plan'])
-    if minutes <= 0:
-      return Budget(plan)
-    used = float(saved['budget_seconds_used'])
-    deadline = Deadline(
-        t_start + seconds - used,
-        seconds,
-        Timings(**saved['timings']),
-        eval_every=eval_every,
-        final_seconds=final_seconds,
-    )
-    budget = Budget(plan, deadline, t_start=t_start, used_before=used)
     budget._replan(int(saved['step']), validating=False)  # pylint: disable=protected-access
     logging.info(
         'The time budget has %.0f s left of %.0f: the run goes on to step %d.',
-        deadline.ends_at - time.monotonic(),
-        seconds,
+        budget.ends_at - time.monotonic(),
+        60 * minutes,
         budget.end_step,
     )
     return budget
-  if minutes <= 0:
-    epochs = config.train.epochs
-    return Budget(
-        Plan.fixed(math.ceil(epochs * num_train / config.train.batch_size))
-    )
-  timings = timed()
-  deadline = Deadline(
-      t_start + seconds,
-      seconds,
-      timings,
-      eval_every=eval_every,
-      final_seconds=final_seconds,
-  )
-  end_step = deadline.last_step(start_step, validating=False)
+  t = budget.timings
+  end_step = budget.last_step(start_step, validating=False)
   error = None
   if end_step <= start_step:
     error = errors.ConfigError(
         f'train.time_budget_minutes={minutes:g} leaves '
-        f'{max(deadline.ends_at - time.monotonic(), 0):.0f} s after set-up '
-        f'and timing, too little for a step ({timings.step_seconds:.2f} s), '
-        f'a validation ({timings.validation_seconds:.1f} s) and the final '
-        f'evaluation ({deadline.reserved_seconds():.0f} s with slack); raise '
-        'it.'
+        f'{max(budget.ends_at - time.monotonic(), 0):.0f} s after set-up '
+        f'and timing, too little for a step ({t.step_seconds:.2f} s), a '
+        f'validation ({t.validation_seconds:.1f} s) and the final evaluation '
+        f'({budget.reserved_seconds():.0f} s with slack); raise it.'
     )
   parallel.raise_together(error, 'the time budget is too short (process 0).')
-  end_step = parallel.from_process_0(end_step)
+  budget.plan = budget._logged = Plan.fixed(parallel.from_process_0(end_step))  # pylint: disable=protected-access
   logging.info(
       'Time budget %g min: %.3f s/step, validation %.1f s every %d steps, '
       '%.0f s left, %.0f s of it kept for the final evaluation -> %d steps, '
       're-planned as the run goes.',
       minutes,
-      timings.step_seconds,
-      timings.validation_seconds,
+      t.step_seconds,
+      t.validation_seconds,
       eval_every,
-      deadline.ends_at - time.monotonic(),
-      deadline.reserved_seconds(),
-      end_step - start_step,
+      budget.ends_at - time.monotonic(),
+      budget.reserved_seconds(),
+      budget.end_step - start_step,
   )
-  return Budget(Plan.fixed(end_step), deadline, t_start=t_start)
+  return budget

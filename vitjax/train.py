@@ -19,7 +19,6 @@ which says how to continue from the last good checkpoint.
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 from pathlib import Path
 import signal
@@ -71,47 +70,36 @@ def train_and_evaluate(
     pipelines.log_sampled_classes(pipeline, config, data)
     init_key, step_key = jax.random.split(jax.random.key(config.seed))
     train = trainer.build(config, family, data.num_classes, mesh, step_key)
-    validate = _validation(config, family.model, data, mesh)
+    validate = classification.split_evaluator(
+        family.model, data.val, config.eval.batch_size, mesh, data.num_classes
+    )
     ckpts = run.enter_context(
         checkpoint.Checkpoints(workdir, config.train.keep_checkpoints)
     )
     origin, saved = _starting_point(ckpts, config, workdir, data, run)
     budget = time_budget.start(
         config,
+        data,
         t_start=t_start,
-        num_train=len(data.train),
+        has_teacher=family.teacher is not None,
         eval_every=eval_every,
-        final_seconds=functools.partial(
-            time_budget.final_evaluation_seconds,
-            config,
-            data,
-            family.teacher is not None,
-        ),
         saved=saved if origin is ckpts else None,
         start_step=int(saved['step']) if saved else 0,
-        timed=lambda: _time_steps(train, init_key, pipeline, validate, config),
+        timed=lambda: time_budget.time_steps(
+            train,
+            init_key,
+            pipeline.batches(0, time_budget.STEPS_TIMED),
+            validate,
+        ),
     )
-    rates_at = train.rates_along(budget.horizon)
+    rates_at = train.rates_along(budget.plan.horizon)
     best = ckpts.best_score()  # -inf before the first validation
-    if origin is None:
-      state, start, train_seconds = train.init(init_key), 0, 0.0
-    else:
-      state, saved = origin.restore(train.abstract(), 'latest')
-      start, train_seconds = int(saved['step']), float(saved['train_seconds'])
-      _log_resume(config, origin is ckpts, start, budget.end_step, best)
-    parameter_overview.log_parameter_overview(state.params, include_stats=False)
-    logging.info(
-        'Model %s: %d steps of %d images (%.1f epochs, %d steps per epoch)%s.',
-        config.model.name,
-        budget.end_step,
-        config.train.batch_size,
-        budget.end_step / steps_per_epoch,
-        steps_per_epoch,
-        ', re-planned against the time budget' if budget.deadline else '',
+    state, start, train_seconds = _first_state(
+        train, init_key, origin, ckpts, config, budget, best, steps_per_epoch
     )
     # A budgeted run's end moves: its re-plans stand for the ETA.
     writer, report_progress = workdir_lib.writers(
-        workdir, start, None if budget.deadline else budget.end_step
+        workdir, start, None if budget.replans else budget.end_step
     )
     run.callback(writer.close)
     # A window: the steps between two log lines, whose metrics accumulate.
@@ -124,7 +112,7 @@ def train_and_evaluate(
     # waits for the step, which one process need not do.
     stop_every_step = jax.process_count() == 1
     batches = pipeline.batches(
-        start, _UNBOUNDED if budget.deadline else budget.end_step
+        start, _UNBOUNDED if budget.replans else budget.end_step
     )
     step = start
     while step < budget.end_step:
@@ -139,44 +127,33 @@ def train_and_evaluate(
       if log_now or validate_now or stop_now is not None:
         # Steps run asynchronously: float() waits for them, then the clock.
         scalars = {k: float(v) for k, v in window.compute().items()}
-        now = time.monotonic()
+        seconds = time.monotonic() - t_window
         _stop_if_diverged(scalars, window_start, step, ckpts, config)
-        train_seconds += now - t_window
+        train_seconds += seconds
         scalars['epoch'] = step / steps_per_epoch
         scalars['images_per_second'] = (
-            (step - window_start) * config.train.batch_size / (now - t_window)
+            (step - window_start) * config.train.batch_size / seconds
         )
         writer.write_scalars(
             step, {f'train/{k}': v for k, v in scalars.items()}
         )
         if log_now or validate_now:
           budget.observe_window(
-              step,
-              step - window_start,
-              now - t_window,
-              validating=step % eval_every == 0,
+              step, step - window_start, seconds, validating=validate_now
           )
           validate_now = step % eval_every == 0 or step == budget.end_step
         # The windows tile the clock: logging and re-planning count as
         # training time.
-        window, window_start, t_window = train.metrics.empty(), step, now
+        window, window_start = train.metrics.empty(), step
+        t_window += seconds
       report_progress(step)
       if validate_now or stop_now is not None:
         score = None
         if validate_now:
           with report_progress.timed('validation', False):
-            val = validate(state.eval_params(config.eval.use_ema))
-          score, best = val['balanced_accuracy'], max(
-              best, val['balanced_accuracy']
-          )
-          writer.write_scalars(
-              step,
-              {f'val/{k}': val[k] for k in VAL_METRICS}
-              | {
-                  'val/epoch': step / steps_per_epoch,
-                  'val/best_balanced_accuracy': best,
-              },
-          )
+            score, best = _validate(
+                validate, state, config, step / steps_per_epoch, best, writer
+            )
         meta = {'step': step, 'train_seconds': train_seconds}
         ckpts.save(state, meta | budget.meta(), score)
         writer.flush()
@@ -238,16 +215,9 @@ def _open_run(
   parallel.raise_together(
       error, 'the run did not start on another process (see its log).'
   )
-  parallel.check_same(
-      repr(
-          (
-              config.to_json_best_effort(),
-              data.split_id,
-              checkpoint.saved_steps(workdir),
-          )
-      ),
-      'config, data split or saved checkpoints',
-  )
+  what = (config.to_json_best_effort(), data.split_id)
+  what += (checkpoint.saved_steps(workdir),)
+  parallel.check_same(repr(what), 'config, data split or saved checkpoints')
   data.log_counts()
   return mesh, data
 
@@ -278,60 +248,69 @@ def _starting_point(
   return origin, meta
 
 
-def _log_resume(
-    config: ConfigDict, own: bool, start: int, end_step: int, best: float
-) -> None:
-  if not own and start >= end_step:
-    raise errors.ConfigError(
-        f'train.resume_from={config.train.resume_from!r} is at step {start}, '
-        f'and this config trains {end_step} steps; raise train.epochs or '
-        'train.time_budget_minutes.'
+def _first_state(
+    train: trainer.Trainer,
+    key: jax.Array,
+    origin: checkpoint.Checkpoints | None,
+    ckpts: checkpoint.Checkpoints,
+    config: ConfigDict,
+    budget: time_budget.Budget,
+    best: float,
+    steps_per_epoch: int,
+) -> tuple[trainer.TrainState, int, float]:
+  """The state the loop starts from (fresh, or the latest of `origin`),
+  its step and the training seconds so far; logs what the run does."""
+  if origin is None:
+    state, start, train_seconds = train.init(key), 0, 0.0
+  else:
+    state, saved = origin.restore(train.abstract(), 'latest')
+    start, train_seconds = int(saved['step']), float(saved['train_seconds'])
+    if origin is not ckpts and start >= budget.end_step:
+      raise errors.ConfigError(
+          f'train.resume_from={config.train.resume_from!r} is at step '
+          f'{start}, and this config trains {budget.end_step} steps; raise '
+          'train.epochs or train.time_budget_minutes.'
+      )
+    logging.info(
+        'Resuming from step %d of %d%s (best validation balanced accuracy '
+        'so far %s).',
+        start,
+        budget.end_step,
+        '' if origin is ckpts else f' of {config.train.resume_from}',
+        f'{best:.4f}' if best > -math.inf else 'none yet',
     )
+  parameter_overview.log_parameter_overview(state.params, include_stats=False)
   logging.info(
-      'Resuming from step %d of %d%s (best validation balanced accuracy so '
-      'far %s).',
-      start,
-      end_step,
-      '' if own else f' of {config.train.resume_from}',
-      f'{best:.4f}' if best > -math.inf else 'none yet',
+      'Model %s: %d steps of %d images (%.1f epochs, %d steps per epoch)%s.',
+      config.model.name,
+      budget.end_step,
+      config.train.batch_size,
+      budget.end_step / steps_per_epoch,
+      steps_per_epoch,
+      ', re-planned against the time budget' if budget.replans else '',
   )
+  return state, start, train_seconds
 
 
-def _validation(
-    config: ConfigDict, model, data: sources.Dataset, mesh
-) -> Callable[[Any], dict[str, Any]]:
-  """params -> the validation split's metrics."""
-  predict_fn = classification.make_predict_fn(
-      classification.model_logits(model), mesh
+def _validate(
+    validate: Callable[[Any], dict[str, Any]],
+    state: trainer.TrainState,
+    config: ConfigDict,
+    epoch: float,
+    best: float,
+    writer,
+) -> tuple[float, float]:
+  """Validates the weights config.eval.use_ema names and logs it; returns
+  its balanced accuracy and the best so far."""
+  val = validate(state.eval_params(config.eval.use_ema))
+  score = val['balanced_accuracy']
+  best = max(best, score)
+  writer.write_scalars(
+      int(state.step),
+      {f'val/{k}': val[k] for k in VAL_METRICS}
+      | {'val/epoch': epoch, 'val/best_balanced_accuracy': best},
   )
-  return lambda params: classification.evaluate_split(
-      predict_fn,
-      {'params': params},
-      data.val,
-      config.eval.batch_size,
-      mesh,
-      data.num_classes,
-  )
-
-
-def _time_steps(
-    train: trainer.Trainer, key, pipeline, validate, config: ConfigDict
-) -> time_budget.Timings:
-  """The step and validation times a time budget plans with, measured on a
-  throwaway state (every process times the same steps)."""
-  rates = train.rates_along(1)(0.0)  # any rates cost the same
-  state, window = train.init(key), train.metrics.empty()
-
-  def run_step(batch):
-    nonlocal state, window
-    state, window = train.step(state, batch, window, rates)
-    return state.step
-
-  return time_budget.time_steps(
-      run_step,
-      pipeline.batches(0, time_budget.STEPS_TIMED),
-      lambda: validate(state.eval_params(config.eval.use_ema)),
-  )
+  return score, best
 
 
 class StopRequest:

@@ -141,3 +141,14 @@ def evaluate_split(
 ) -> dict[str, Any]:
   logits = predict(predict_fn, variables, split.images, batch_size, mesh)
   return classification_metrics(split.labels, logits, num_classes)
+
+
+def split_evaluator(
+    model: nn.Module, split: Split, batch_size: int, mesh, num_classes: int
+) -> Callable[[Any], dict[str, Any]]:
+  """params -> the split's metrics, for the model's float weights as
+  training holds them (validation)."""
+  predict_fn = make_predict_fn(model_logits(model), mesh)
+  return lambda params: evaluate_split(
+      predict_fn, {'params': params}, split, batch_size, mesh, num_classes
+  )
