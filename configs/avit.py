@@ -3,20 +3,17 @@
 Train the ViT first, then (GPU recipe, 100 epochs):
   python -m vitjax.main --config=configs/vit.py --workdir=checkpoints/vit
   python -m vitjax.main --config=configs/avit.py --workdir=checkpoints/avit
-  Target: within 1 point of the ViT at about 0.7x its MACs; not yet
-  measured (no GPU has been lent to this project).
-CPU, 10 minutes after the ViT's CPU sprint in checkpoints/vit_cpu:
+  Not measured yet (no GPU has been lent to this project). Aim: within 1
+  point of the ViT at about 0.7x its MACs.
+CPU, 10 minutes after the ViT's CPU run in checkpoints/vit_cpu:
   python -m vitjax.main --config=configs/avit.py:cpu --workdir=checkpoints/avit_cpu
-  measured on a 2-core AMD EPYC Zen 4, from the 69.65% ViT: 67.52%
+  From the 69.65% ViT on a 2-core AMD EPYC Zen 4 (bfloat16): 67.60%
   balanced test accuracy, 2.45 of 4 blocks per token, 0.628x the ViT's
-  MACs. (Before the correctness review, with the gate calibrated on
-  airplanes, on an Intel Xeon from a 67.45% ViT: 66.61%, 0.620x.)
+  MACs (docs/results.md).
 `sparse.ponder_weight` (alpha_p) is the sparsity knob; `sparse.faithful`
 switches between the corrected halting prior and the official code's
-computation of it, exactly (since the correctness review; before, it was
-an approximation). The gate's beta is calibrated on a class-stratified
-sample of training images (before the review: on the first 512, all
-airplanes).
+computation of it. The gate's beta is calibrated on a class-stratified
+sample of training images (docs/sparse_models.md).
 """
 
 from ml_collections import ConfigDict

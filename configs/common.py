@@ -31,7 +31,7 @@ COURSE_TRAIN_PROFILE = (
 COURSE_TEST_PER_CLASS = 487
 
 # Where each preset's ViT run lives by default: the sparse models start
-# from it (sparse.init_from), as the README's commands train it.
+# from it (sparse.init_from), as the documented commands train it.
 DENSE_WORKDIRS = {
     '': 'checkpoints/vit',
     'cpu': 'checkpoints/vit_cpu',
@@ -142,7 +142,7 @@ def base() -> ConfigDict:
   # trials, which are compared on validation (metrics.jsonl's
   # val/best_balanced_accuracy); the test set is for final configs.
   c.train.final_evaluation = True
-  # True: one process per host joins jax.distributed (vitjax/distributed.py).
+  # True: one process per host joins jax.distributed (vitjax/parallel.py).
   c.train.distributed = False
 
   # Evaluation section.
@@ -151,12 +151,12 @@ def base() -> ConfigDict:
   c.eval.checkpoint = 'best'  # 'best' | 'latest' | a step number
   c.eval.use_ema = True  # evaluate the EMA weights when they exist
   c.eval.speed_batch = 256  # batch of the images/s figure; batch 1 is timed too
-  # Speed is timed interleaved with what it is compared with (vitjax/
-  # timing.py): `speed_rounds` rounds, each running every candidate for
+  # Speed is timed interleaved with what it is compared with
+  # (vitjax/measure/timing.py): `speed_rounds` rounds, each running every candidate for
   # about `speed_seconds`; figures are medians over the rounds.
   c.eval.speed_rounds = 10
   c.eval.speed_seconds = 0.1
-  c.eval.quant = 'none'  # 'int8': evaluate in int8 (vitjax/quantization.py)
+  c.eval.quant = 'none'  # 'int8': evaluate in int8 (vitjax/quant)
   c.eval.quant_path = 'serve'  # 'serve' (frozen int8) | 'fake' (quant-dequant)
   c.eval.quant_backend = 'aqt'  # 'aqt' (aqtp) | 'fallback' (hand-written)
   c.eval.quant_head = False  # also quantize the classifier head
@@ -164,12 +164,12 @@ def base() -> ConfigDict:
   # Activation scales: 'static' (one per layer, calibrated on training
   # images; serve path only) or 'per_token' (computed per call). Static
   # was chosen on validation: within 0.18 points of per-token on the CPU
-  # runs, and faster (README, "int8").
+  # runs, and faster (docs/int8.md).
   c.eval.quant_activations = 'static'
   c.eval.quant_calibration_images = 1024  # for 'static': how many, seeded
   # Fold the blocks' LayerNorm scales and biases into the layers they feed
-  # before quantizing (vitjax/models/norm_folding.py): XLA:CPU then keeps
-  # those layers' input quantization on one thread (README, "int8").
+  # before quantizing (vitjax/quant/norm_folding.py): XLA:CPU then keeps
+  # those layers' input quantization on one thread (docs/int8.md).
   c.eval.quant_fold_norms = True
   return c
 

@@ -3,22 +3,19 @@
 Train the ViT first, then (GPU recipe, 50 epochs):
   python -m vitjax.main --config=configs/vit.py --workdir=checkpoints/vit
   python -m vitjax.main --config=configs/dynamic_vit.py --workdir=checkpoints/dynamic_vit
-  Target: within 1 point of the ViT at 0.67x its MACs (keep ratio 0.7,
-  predictors included); not yet measured (no GPU has been lent to this
-  project).
-CPU, 20 minutes after the ViT's CPU sprint in checkpoints/vit_cpu:
+  Not measured yet (no GPU has been lent to this project). Aim: within 1
+  point of the ViT at 0.67x its MACs (keep ratio 0.7, predictors
+  included).
+CPU, 20 minutes after the ViT's CPU run in checkpoints/vit_cpu:
   python -m vitjax.main --config=configs/dynamic_vit.py:cpu --workdir=checkpoints/dynamic_vit_cpu
-  measured on a 2-core AMD EPYC Zen 4, from the 69.65% ViT: 70.41%
-  balanced test accuracy at 0.726x the ViT's MACs; its backbone trains on
-  (see below), and the control below reached 71.03%.
+  From the 69.65% ViT on a 2-core AMD EPYC Zen 4 (bfloat16): 70.35%
+  balanced test accuracy at 0.726x the ViT's MACs; its control 70.99%
+  (docs/results.md).
 Its control, the ViT trained for the same minutes in the same way (batch,
-rates, frozen first sixth, distillation) but without token dropping, so
-that the ViT's own extra training is not credited to token dropping:
+rates, frozen first sixth, distillation) without token dropping, so that
+the ViT's own extra training is not credited to token dropping:
   python -m vitjax.main --config=configs/dynamic_vit.py:cpu_dense --workdir=checkpoints/vit_cpu_dense
 `--config.sparse.distill=False` is the no-teacher ablation (CE + ratio).
-Since the correctness review the token distillation, as the official loss,
-passes no gradient to the keep decisions (before, it trained the
-predictors too).
 """
 
 from ml_collections import ConfigDict

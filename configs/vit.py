@@ -1,28 +1,22 @@
 """ViT on the course's imbalanced CIFAR-10.
 
-Default (no argument), the GPU recipe:
+Default (no argument), the GPU recipe: a 6.4M-parameter ViT (`small/4`),
+bfloat16, the device input pipeline, RandAugment, mixup/cutmix, label
+smoothing and the logit-adjusted loss, 200 epochs at batch 512:
   python -m vitjax.main --config=configs/vit.py --workdir=checkpoints/vit
-  Expected: at least 90% balanced test accuracy; not yet measured, since no
-  GPU has been lent to this project (scripts/gpu_check.sh takes the
-  figure). Why 90%: ViTs of 4-7M parameters on 4-pixel patches reach 91-94%
-  on the full, balanced CIFAR-10 in 200 epochs with a convolutional
-  tokenizer, RandAugment, mixup/cutmix and label smoothing (Hassani et al.
-  2021, "Escaping the Big Data Paradigm with Compact Transformers":
-  ViT-Lite-7/4 91.4%, CCT-7/3x2 93.8%). This set has 71% of those images
-  and a 2.2x imbalance, which the logit-adjusted loss corrects for the
-  balanced test set.
+  Not measured yet (no GPU has been lent to this project). Aim: 90%
+  balanced test accuracy: ViTs of 4-7M parameters on 4-pixel patches reach
+  91-94% on the full, balanced CIFAR-10 in 200 epochs with a convolutional
+  tokenizer and this augmentation (Hassani et al. 2021), and this set has
+  71% of those images.
 Presets, as config arguments (`configs/vit.py:cpu`):
-  cpu    the 20-minute 2-core CPU sprint (its time budget is in the config):
+  cpu    the main job: 20 minutes on 2 CPU cores (`micro/4`, 0.58M
+         parameters, PatchDropout 0.75):
            python -m vitjax.main --config=configs/vit.py:cpu --workdir=checkpoints/vit_cpu
-         measured: 72.85% balanced test accuracy on a 2-core AMD EPYC
-         Zen 4 (38.0 epochs in the 20 minutes, PatchDropout 0.75); without
-         PatchDropout 69.65% there (13.1 epochs), and before the
-         correctness review 68.2% on an Intel Xeon with AMX (13.9 epochs)
-         and 57.5% on an AMD EPYC Zen 3 (4.7 epochs in bfloat16, which
-         `auto` no longer picks there);
+         72.85% balanced test accuracy on a 2-core AMD EPYC Zen 4 (38.0
+         epochs; docs/results.md);
   seed   the course's own model (patch 8, dim 384, 6x6, 10.7M parameters),
-         for speed comparisons (scripts/benchmark.py); the course trained it
-         to 75.6% in 350 epochs;
+         for speed comparisons (scripts/benchmark.py; docs/performance.md);
   smoke  a seconds-long run for tests and CI.
 """
 
@@ -53,20 +47,10 @@ def get_config(arg=None):
     c.aug.mixup_alpha = 0.0
     c.aug.cutmix_alpha = 0.0
     # Batch 32 at 1.0625e-3 (about 1.5e-3 at batch 64 scaled by
-    # sqrt(32/64)), chosen on validation balanced accuracy in 6-minute
-    # trials (this preset with --config.train.time_budget_minutes=6
-    # --config.train.final_evaluation=False) on a 2-core AMD EPYC Zen 4:
-    # 55.3% here, 53.7% with the linearly scaled 7.5e-4 (which timed slower
-    # and ran 3,585 steps to 3,979), 52.6% at batch 64 and 1.5e-3 (1,690
-    # steps). On 2 cores batch 32 also runs more images per second.
+    # sqrt(32/64)), and PatchDropout 0.75 (each training image keeps a
+    # random quarter of its 64 patch tokens, for 3.4x the training
+    # images/s), chosen on validation (docs/results.md gives the trials).
     common.set_batch_and_lr(c, batch_size=32, lr=1.0625e-3)
-    # PatchDropout: each training image keeps a random quarter of its 64
-    # patch tokens (evaluation sees all), for 3.4x the training images/s
-    # and 3.2x the epochs in the 20 minutes. Chosen on validation balanced
-    # accuracy in 20-minute trials of this preset (with
-    # --config.train.final_evaluation=False) on a 2-core AMD EPYC Zen 4:
-    # 74.35% at 0.75 (41.8 epochs), 72.27% at 0.5 (23.6 epochs), 69.35%
-    # without (the run of 13.1 epochs in the README).
     c.model.patch_dropout = 0.75
     c.train.time_budget_minutes = 20.0
     c.train.epochs = 30.0

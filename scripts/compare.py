@@ -231,7 +231,7 @@ def main(argv):
           'Best checkpoint of each run, test set '
           f'({first["test"]["num_images"]:,} images). Every model was timed '
           'in one sitting, interleaved '
-          f'({_ROUNDS.value} rounds, vitjax/timing.py): latency at batch 1 '
+          f'({_ROUNDS.value} rounds, vitjax/measure/timing.py): latency at batch 1 '
           f'(over {speed.SINGLE_IMAGES} seeded test images served one at a '
           f'time) and images/s at batch {batch} are medians over the '
           f'rounds, and each speed-up over {baseline} is the median of '

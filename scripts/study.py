@@ -125,7 +125,7 @@ def run_overrides(
       'train.eval_every_epochs': epochs / VALIDATIONS,
       'train.final_evaluation': True,
       'optim.warmup_epochs': WARMUP_SHARE * epochs,
-      # Every token, as when the README's study was measured (the preset
+      # Every token, as when docs/imbalance.md's study was measured (the preset
       # has since dropped 75% of them in training, for its time budget).
       'model.patch_dropout': 0.0,
       **treatment.overrides(epochs),

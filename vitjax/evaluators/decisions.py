@@ -1,6 +1,6 @@
 """What a model decides, patch by patch, on a fixed set of test images.
 
-Each family's figure (drawn by vitjax/plots.py) reads the model's own
+Each family's figure (drawn by vitjax/evaluators/plots.py) reads the model's own
 inference forward pass, the one its accuracy is measured with:
 - DynamicViT: the patches each pruning stage keeps (aux['kept_patches']);
 - A-ViT: the blocks each patch token runs before it halts (aux['depth']);

@@ -1,7 +1,7 @@
 """How fast predictors serve, timed together so their ratios hold.
 
 Each predictor is timed at a batch (images/s) and at batch 1 (the latency
-of one image, waited for), all of them interleaved by vitjax/timing.py, on
+of one image, waited for), all of them interleaved by vitjax/measure/timing.py, on
 the same seeded test images: a batch of them, and at batch 1
 SINGLE_IMAGES of them served one after another (A-ViT's cost depends on
 the image). A model is timed on the path it serves with: A-ViT at a batch on

@@ -35,7 +35,7 @@ def resolve_machine_choices(model_cfg: dict) -> dict:
     )
   kernels = model_cfg['kernels']
   if kernels == 'auto':
-    # Measured faster on XLA:CPU (README, "Speed and cost"); elsewhere the
+    # Measured faster on XLA:CPU (docs/performance.md#kernels); elsewhere the
     # libraries' kernels are what their compilers are tuned for.
     kernels = 'cpu' if jax.default_backend() == 'cpu' else 'xla'
     logging.log_first_n(

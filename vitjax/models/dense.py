@@ -9,7 +9,7 @@ into a reduce-window loop that runs at about 0.5 G elements/s: 2 ms per
 layer, a quarter of the CPU sprint's training step. Here the same sum is a
 matrix-vector product (ones x gradient, float32 accumulation), which XLA
 hands to its matmul library. `scripts/benchmark.py --config=configs/vit.py:cpu`
-measures the step (see README.md, "Speed and cost").
+measures the step (docs/performance.md#kernels).
 """
 
 from __future__ import annotations

@@ -47,7 +47,7 @@ def gelu(x: Array) -> Array:
   GELU then does fewer flops than it moves bytes, so XLA:CPU's cost model
   takes it for memory-bound and runs it on one thread; as compute-bound it
   was split across the threads, whose hand-off cost more than it saved for
-  one image (README: "Batch 1")."""
+  one image (docs/performance.md#batch-1)."""
   c = 0.7978845608028654  # sqrt(2 / pi)
   u = x * (c + (0.044715 * c) * x * x)
   return x * (0.5 + 0.5 * jnp.tanh(u))

@@ -153,9 +153,9 @@ def quantized_model(model: nn.Module, quant_cfg, stage: str) -> nn.Module:
   dot = _dot_general_cls(quant_cfg, stage)
   # Whatever the model trained in, the int8 model's float parts compute in
   # float32: from bfloat16, every activation quantization and dequantization
-  # adds a conversion pass. Measured (README, "int8"; scripts/compare.py):
-  # the CPU preset's model served at 0.99x float32's images/s at batch 256
-  # with bfloat16 float parts, 1.32x with float32 ones.
+  # adds a conversion pass: the CPU preset's model served at 0.99x float32's
+  # images/s at batch 256 with bfloat16 float parts, 1.32x with float32 ones
+  # (scripts/compare.py; CHANGELOG.md, 0.1.0).
   return model.clone(
       dtype='float32',
       dot_general_cls=dot,

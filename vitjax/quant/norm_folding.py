@@ -15,7 +15,7 @@ op that produces the layer's input, here the LayerNorm. With the scale and
 bias applied there, XLA:CPU's cost model takes that fused op for
 compute-bound (about 8 operations per element against 5 bytes moved) and
 splits it across the threads; at batch 1 the hand-off costs several times
-the op (README, "int8"). With static activation scales the quantization's
+the op (docs/int8.md). With static activation scales the quantization's
 own multiply then moves into the gain too (server.py,
 `_absorb_input_scales`), which leaves n(x) * gain, a clip, a rounding and
 a conversion: about as many operations as bytes moved, and XLA keeps the
