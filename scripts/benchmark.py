@@ -72,21 +72,12 @@ _TOKENS = flags.DEFINE_list(
     '--measure=blocks: token counts (the class token included); the first '
     'is the full one.',
 )
+# The layers of the CPU preset (dim 128, 65 tokens) and of the course's
+# model (dim 384, 17 tokens) at batch 256 (q/k/v, fc1, fc2), and at batch 1.
 _SHAPES = flags.DEFINE_list(
     'shapes',
-    [
-        # the CPU preset (dim 128, 65 tokens) at batch 256: q/k/v, fc1, fc2
-        '16640x128x128',
-        '16640x128x256',
-        '16640x256x128',
-        # the course's model (dim 384, 17 tokens): q/k/v, fc1, fc2
-        '4352x384x384',
-        '4352x384x1536',
-        '4352x1536x384',
-        # batch 1 of each
-        '65x128x128',
-        '17x384x1536',
-    ],
+    '16640x128x128,16640x128x256,16640x256x128,4352x384x384,4352x384x1536,'
+    '4352x1536x384,65x128x128,17x384x1536'.split(','),
     '--measure=matmuls: [M, K] x [K, N] shapes, MxKxN.',
 )
 _REPEATS = flags.DEFINE_integer('repeats', 5, 'Interleaved timing rounds.')
@@ -180,20 +171,16 @@ def _candidates(config, label: str) -> tuple[dict, dict, str]:
   inference = {'infer': served}
   if _INT8.value:
     # The frozen int8 server of these weights, as `--mode=eval
-    # --config.eval.quant=int8` serves a checkpoint; static scales are
-    # calibrated on random images: this times, it does not judge accuracy.
+    # --config.eval.quant=int8` serves a checkpoint (with --input=none its
+    # static scales are calibrated on random images: this times, it does
+    # not judge accuracy).
     with config.unlocked():
       config.eval.quant, config.eval.quant_path = 'int8', 'serve'
+    calibration = quant.calibration_sample(
+        data.train.images, config.eval, config.seed
+    )
     inference['int8'] = quant.Int8Server.convert(
-        model,
-        config.eval,
-        weights,
-        calibration_images=rng.integers(
-            0,
-            256,
-            (config.eval.quant_calibration_images,) + sources.IMAGE_SHAPE,
-            np.uint8,
-        ),
+        model, config.eval, weights, calibration_images=calibration
     ).predictor()
   candidates = {
       f'{label} train': timing.Candidate(train_steps, _STEPS_PER_CALL * batch)
