@@ -1,11 +1,16 @@
 """Shared test set-up: two fake CPU devices, tiny datasets, tiny configs."""
 
+import dataclasses
+import functools
 import os
 
-# Before JAX starts: two CPU devices, so data parallelism is tested for real.
+# Before JAX starts: two CPU devices, so data parallelism is tested for
+# real; each program compiled in one piece, which costs the tests' tiny
+# programs less CPU than XLA's parallel code generation does.
+_XLA_FLAGS = '--xla_cpu_parallel_codegen_split_count=1'
 os.environ['XLA_FLAGS'] = (
-    os.environ.get('XLA_FLAGS', '')
-    + ' --xla_force_host_platform_device_count=2'
+    f"{os.environ.get('XLA_FLAGS', '')} {_XLA_FLAGS}"
+    ' --xla_force_host_platform_device_count=2'
 )
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
@@ -16,6 +21,7 @@ from PIL import Image  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
 
 import jax  # pylint: disable=wrong-import-position
+from ml_collections import ConfigDict  # pylint: disable=wrong-import-position
 
 from configs import vit as vit_config  # pylint: disable=wrong-import-position
 
@@ -26,7 +32,58 @@ jax.config.update(
     'jax_compilation_cache_dir',
     os.path.join(os.environ.get('TMPDIR', '/tmp'), 'vitjax-test-jax-cache'),
 )
-jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.5)
+jax.config.update('jax_persistent_cache_min_compile_time_secs', 0)
+
+
+# Every model family, for tests parametrized by it: the sparse ones compile
+# for several seconds, so they run with the slow tests (the ViT stays in the
+# edit-test loop).
+FAMILIES = (
+    'vit',
+    pytest.param('dynamic_vit', marks=pytest.mark.slow),
+    pytest.param('avit', marks=pytest.mark.slow),
+)
+
+
+def subprocess_env(devices: int = 2, **more: str) -> dict[str, str]:
+  """The environment of a process a test starts: it compiles as the test
+  session does, into its cache, so that each launch compiles little."""
+  env = dict(
+      os.environ,
+      JAX_PLATFORMS='cpu',
+      JAX_DISABLE_MOST_OPTIMIZATIONS='1',
+      JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
+      PYTHONPATH=str(Path(__file__).resolve().parent.parent),
+      **more,
+  )
+  env['XLA_FLAGS'] = (
+      f'{_XLA_FLAGS} --xla_force_host_platform_device_count={devices}'
+  )
+  return env
+
+
+def jit_apply(module, variables, *args, **kwargs):
+  """module.apply, jitted: compiling a tiny model once costs less than
+  running its ops one by one (flax's eager init and apply of a 4-block
+  DynamicViT took 11 and 8 s here). The same module and options reuse
+  their compiled program."""
+  try:
+    apply = _jitted(module.apply, tuple(sorted(kwargs.items())))
+  except TypeError:  # an option that is not hashable (rngs, mutable)
+    apply = jax.jit(functools.partial(module.apply, **kwargs))
+  return apply(variables, *args)
+
+
+@functools.cache
+def _jitted(apply, options):
+  return jax.jit(functools.partial(apply, **dict(options)))
+
+
+def jit_init(module, rngs, *args, **kwargs):
+  """module.init, jitted (see jit_apply)."""
+  return jax.jit(functools.partial(module.init, **kwargs))(rngs, *args)
+
 
 TRAIN_DIR = 'CIFAR10_imbalanced/CIFAR10_unbalance'
 TEST_DIR = 'CIFAR10_balanced/CIFAR10_balance'
@@ -75,12 +132,12 @@ def course_data_root() -> Path:
   return root
 
 
-@pytest.fixture
-def smoke_config(tiny_data_root, tmp_path):
-  """configs/vit.py:smoke pointed at the tiny dataset."""
+def smoke(data_root: Path, cache_dir: Path) -> ConfigDict:
+  """configs/vit.py:smoke on a tiny dataset: 248 training images, 16 steps
+  an epoch at batch 16, 2 epochs (31 steps), validated every epoch."""
   c = vit_config.get_config('smoke')
-  c.data.root = str(tiny_data_root)
-  c.data.cache_dir = str(tmp_path / 'cache')
+  c.data.root = str(data_root)
+  c.data.cache_dir = str(cache_dir)
   c.train.batch_size = 16
   c.train.epochs = 2.0
   c.train.eval_every_epochs = 1.0
@@ -93,18 +150,30 @@ def smoke_config(tiny_data_root, tmp_path):
   return c
 
 
+@pytest.fixture
+def smoke_config(tiny_data_root, tmp_path) -> ConfigDict:
+  return smoke(tiny_data_root, tmp_path / 'cache')
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+  config: ConfigDict  # what trained it: copy it before changing a field
+  workdir: Path
+
+
 @pytest.fixture(scope='session')
-def trained_vit_workdir(tmp_path_factory, tiny_data_root) -> Path:
-  """A tiny ViT trained for two epochs on the tiny dataset (shared)."""
+def trained_vit(tmp_path_factory, tiny_data_root) -> TrainedRun:
+  """The smoke ViT trained once per test process (no final evaluation),
+  for the tests that only read its workdir or are refused by it."""
   from vitjax import train  # pylint: disable=g-import-not-at-top
 
-  c = vit_config.get_config('smoke')
-  c.data.root = str(tiny_data_root)
-  c.data.cache_dir = str(tmp_path_factory.mktemp('cache'))
-  c.data.val_fraction = 0.2
-  c.train.batch_size, c.train.epochs, c.train.eval_every_epochs = 16, 3.0, 1.0
-  c.eval.batch_size, c.eval.speed_batch = 32, 16
-  c.eval.speed_seconds, c.eval.speed_rounds = 0.02, 2
+  c = smoke(tiny_data_root, tmp_path_factory.mktemp('cache'))
   workdir = tmp_path_factory.mktemp('vit')
+  c.train.final_evaluation = False
   train.train_and_evaluate(c, str(workdir))
-  return workdir
+  return TrainedRun(c, workdir)
+
+
+@pytest.fixture(scope='session')
+def trained_vit_workdir(trained_vit) -> Path:
+  return trained_vit.workdir

@@ -12,6 +12,8 @@ from vitjax.evaluators.classification import Predictor
 from vitjax.models import avit, dynamic_vit
 from vitjax.models.vit import ViT
 
+from tests.conftest import jit_apply, jit_init
+
 SIZES = dict(
     num_classes=10,
     patch_size=8,
@@ -35,7 +37,7 @@ def _split(per_class=3, seed=0) -> Split:
 def _predictor(model, seed=0) -> Predictor:
   x = jnp.zeros((1, 32, 32, 3), jnp.uint8)
   keys = {'params': jax.random.key(seed), 'gumbel': jax.random.key(seed)}
-  params = model.init(keys, x, train=False)['params']
+  params = jit_init(model, keys, x, train=False)['params']
   # A non-zero head and spread keep scores, so that decisions vary.
   params = jax.tree.map(
       lambda p: p + 0.5 * jax.random.normal(jax.random.key(seed + 1), p.shape),
@@ -52,12 +54,13 @@ def test_pick_images_takes_the_same_images_of_every_class():
   np.testing.assert_array_equal(idx, decisions.pick_images(labels, 2, seed=0))
 
 
+@pytest.mark.slow
 def test_the_token_picture_greys_out_exactly_what_the_model_dropped():
   model = dynamic_vit.DynamicViT(**SIZES, keep_ratio=0.5)
   predictor = _predictor(model)
   d = decisions.on_test_images(predictor, _split())
   # The model's own inference pass on the same images.
-  logits, aux = model.apply(predictor.variables, d['images'], train=False)
+  logits, aux = jit_apply(model, predictor.variables, d['images'], train=False)
   np.testing.assert_array_equal(d['predicted'], np.argmax(logits, -1))
   n, size = len(d['images']), SIZES['patch_size']
   assert d['kept'].shape == (len(model.stages()), n, GRID, GRID)
@@ -83,7 +86,7 @@ def test_the_depth_picture_is_the_models_halting_depth(tmp_path):
   model = avit.AViT(**SIZES, gate_scale=10.0, gate_center=0.0)
   predictor = _predictor(model)
   d = decisions.on_test_images(predictor, _split())
-  _, aux = model.apply(predictor.variables, d['images'], train=False)
+  _, aux = jit_apply(model, predictor.variables, d['images'], train=False)
   np.testing.assert_array_equal(
       d['depth'], np.asarray(aux['depth'])[:, 1:].reshape(-1, GRID, GRID)
   )
@@ -97,9 +100,9 @@ def test_attention_weights_are_sown_without_changing_the_prediction(kernels):
   model = ViT(**SIZES, kernels=kernels)
   predictor = _predictor(model)
   images = _split().images[:4]
-  plain = model.apply(predictor.variables, images, train=False)[0]
-  (sown, _), inter = model.apply(
-      predictor.variables, images, train=False, mutable=['intermediates']
+  plain = jit_apply(model, predictor.variables, images, train=False)[0]
+  (sown, _), inter = jit_apply(
+      model, predictor.variables, images, train=False, mutable=['intermediates']
   )
   np.testing.assert_array_equal(sown, plain)
   weights = decisions._attention_weights(inter)  # pylint: disable=protected-access
@@ -116,8 +119,8 @@ def test_patch_tokens_follow_the_row_major_grid_the_figures_assume():
   r, c, size = 1, 3, SIZES['patch_size']
   changed = images.copy()
   changed[0, r * size : (r + 1) * size, c * size : (c + 1) * size] = 0
-  tokens = lambda x: model.apply(
-      predictor.variables, x, train=False, method=ViT.tokens
+  tokens = lambda x: jit_apply(
+      model, predictor.variables, x, train=False, method=ViT.tokens
   )
   moved = np.abs(tokens(changed) - tokens(images)).sum(-1)[0]
   assert np.flatnonzero(moved).tolist() == [1 + r * GRID + c]

@@ -9,7 +9,6 @@ same two numbers in either order.
 """
 
 import json
-import os
 from pathlib import Path
 import signal
 import socket
@@ -22,10 +21,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from vitjax import checkpoint
+from vitjax import checkpoint, main, train
+
+from tests.conftest import smoke, subprocess_env
+
+pytestmark = pytest.mark.slow  # every test starts processes
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 93  # 6 epochs of 248 training images at batch 16
+STEPS = 93  # 6 epochs of 248 training images at batch 16, validated every 2
 
 
 def _free_port() -> int:
@@ -43,29 +46,19 @@ def _args(workdir: Path, data_root: Path, *extra: str) -> list[str]:
       f'--workdir={workdir}',
       f'--config.data.root={data_root}',
       f'--config.data.cache_dir={workdir.parent / "cache"}',
+      # The rest as conftest.smoke sets it.
       '--config.data.val_fraction=0.2',
+      '--config.data.log_sampled_images=32',
       '--config.train.batch_size=16',
       '--config.train.epochs=6',
-      '--config.train.eval_every_epochs=1',
+      '--config.train.eval_every_epochs=2',
       '--config.train.log_every_steps=5',
       '--config.eval.batch_size=32',
+      '--config.eval.speed_batch=16',
+      '--config.eval.speed_seconds=0.02',
+      '--config.eval.speed_rounds=2',
       *extra,
   ]
-
-
-def _env(devices: int, **more: str) -> dict[str, str]:
-  # The processes compile as the test session does (conftest.py), into its
-  # cache, so that each launch after the first compiles little.
-  env = dict(
-      os.environ,
-      JAX_PLATFORMS='cpu',
-      JAX_DISABLE_MOST_OPTIMIZATIONS='1',
-      JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
-      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS='0',
-      **more,
-  )
-  env['XLA_FLAGS'] = f'--xla_force_host_platform_device_count={devices}'
-  return env
 
 
 class _Pair:
@@ -89,7 +82,7 @@ class _Pair:
                     *extra,
                 ),
                 cwd=REPO,
-                env=_env(
+                env=subprocess_env(
                     1,
                     JAX_COORDINATOR_ADDRESS=f'localhost:{port}',
                     JAX_NUM_PROCESSES='2',
@@ -160,56 +153,30 @@ def _latest(workdir: Path) -> int:
 
 @pytest.fixture(scope='module')
 def one_process_run(tiny_data_root, tmp_path_factory) -> Path:
-  """The reference: one process, two devices, the same global batch."""
+  """The reference: one process (this one), two devices, the same config
+  and global batch, compiled as the processes compile
+  (tests/conftest.py)."""
   workdir = tmp_path_factory.mktemp('one') / 'run'
-  proc = subprocess.run(
-      _args(workdir, tiny_data_root, '--config.train.final_evaluation=False'),
-      cwd=REPO,
-      env=_env(2),
-      capture_output=True,
-      text=True,
-      timeout=300,
-  )
-  assert proc.returncode == 0, proc.stderr
+  config = smoke(tiny_data_root, workdir.parent / 'cache')
+  config.train.epochs, config.train.eval_every_epochs = 6.0, 2.0
+  config.train.final_evaluation = False
+  train.train_and_evaluate(config, str(workdir))
   return workdir
 
 
-def test_two_processes_train_as_one_with_two_devices(
-    one_process_run, tiny_data_root, tmp_path, start_pair
+def test_two_processes_train_as_one_through_a_stop(
+    one_process_run, tiny_data_root, tmp_path, start_pair, capsys
 ):
   workdir = tmp_path / 'run'
-  for code, stderr in start_pair(workdir, tiny_data_root).finish():
-    assert code == 0, stderr
-  with checkpoint.Checkpoints(workdir) as ckpts:
-    assert ckpts.latest_step() == STEPS
-    assert ckpts.best_step() is not None
-  _assert_same_params(_params(workdir, STEPS), _params(one_process_run, STEPS))
-  # Written once: one report, one record per logged step.
-  assert [p.name for p in (workdir / 'eval').glob('report_*.json')] == [
-      'report_best.json'
-  ]
-  assert (workdir / 'eval' / 'attention.png').exists()
-  records = [
-      json.loads(line)
-      for line in (workdir / 'metrics.jsonl').read_text().splitlines()
-  ]
-  steps = [r['step'] for r in records if r['split'] == 'train']
-  assert len(steps) == len(set(steps)) > STEPS // 5
-
-
-def test_a_stop_or_a_kill_of_one_process_resumes_exactly(
-    one_process_run, tiny_data_root, tmp_path, start_pair
-):
-  workdir = tmp_path / 'run'
-  no_eval = '--config.train.final_evaluation=False'
-  run = start_pair(workdir, tiny_data_root, no_eval)
+  run = start_pair(workdir, tiny_data_root)
   lock = workdir / '.lock'
   _wait_until(lambda: lock.exists() and lock.read_text(), run)
-  # A second pair on the busy workdir is refused on both of its processes,
-  # before either joins a coordinator.
-  refused = start_pair(workdir, tiny_data_root, no_eval).finish()
-  assert [code for code, _ in refused] == [2, 2], refused
-  assert all('is in use by a live run' in err for _, err in refused)
+  # A process of a second job on the busy workdir is refused before it
+  # joins any coordinator (this one, which never joins one).
+  second = smoke(tiny_data_root, tmp_path / 'cache')
+  second.train.distributed = True
+  assert main.run(second, str(workdir), 'train') == 2
+  assert 'is in use by a live run' in capsys.readouterr().err
   # SIGTERM to one process: both save the same step and stop.
   _wait_until(lambda: _latest(workdir) > 0, run)
   run.procs[1].send_signal(signal.SIGTERM)
@@ -219,15 +186,22 @@ def test_a_stop_or_a_kill_of_one_process_resumes_exactly(
   assert 'stopped by SIGTERM' in stopped[1][1]
   stopped_at = _latest(workdir)
   assert 0 < stopped_at < STEPS
-  # Resumed, then one process killed outright and the job torn down.
-  run = start_pair(workdir, tiny_data_root, no_eval)
-  _wait_until(lambda: _latest(workdir) > stopped_at, run)
-  run.procs[0].kill()
-  time.sleep(1)
-  run.kill()  # what a scheduler does to the rest of a failed job
-  killed_at = _latest(workdir)
-  assert stopped_at < killed_at < STEPS
-  for code, stderr in start_pair(workdir, tiny_data_root, no_eval).finish():
+  # Resumed on both, to the end.
+  for code, stderr in start_pair(workdir, tiny_data_root).finish():
     assert code == 0, stderr
-    assert f'Resuming from step {killed_at} of {STEPS}' in stderr
+    assert f'Resuming from step {stopped_at} of {STEPS}' in stderr
+  # The parameters of one process with two devices, bit for bit.
   _assert_same_params(_params(workdir, STEPS), _params(one_process_run, STEPS))
+  with checkpoint.Checkpoints(workdir) as ckpts:
+    assert ckpts.best_step() is not None
+  # Written once: one report, one record per logged step.
+  assert [p.name for p in (workdir / 'eval').glob('report_*.json')] == [
+      'report_best.json'
+  ]
+  assert (workdir / 'eval' / 'attention.png').exists()
+  records = [
+      json.loads(line)
+      for line in (workdir / 'metrics.jsonl').read_text().splitlines()
+  ]
+  logged = [r['step'] for r in records if r['split'] == 'train']
+  assert len(logged) == len(set(logged)) > STEPS // 5

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from configs import avit as avit_config, dynamic_vit as dvit_config
-from vitjax import checkpoint, errors, evaluate, parallel, serving, train
-from vitjax import trainer
+from vitjax import checkpoint, errors, evaluate, families, models, objectives
+from vitjax import parallel, serving, train, trainer
 from vitjax.data import sources
 
 
@@ -26,6 +26,7 @@ def vit_workdir(trained_vit_workdir):
   return trained_vit_workdir
 
 
+@pytest.mark.slow
 def test_dynamic_vit_starts_from_the_vit_and_reports_against_it(
     smoke_config, vit_workdir, tmp_path
 ):
@@ -52,6 +53,18 @@ def test_dynamic_vit_starts_from_the_vit_and_reports_against_it(
   for key in ('ratio_loss', 'kl_loss', 'token_loss', 'keep_0'):
     assert np.isfinite(train_records[-1][key]), key
   assert (tmp_path / 'dvit' / 'eval' / 'tokens.png').exists()
+
+
+@pytest.mark.slow
+def test_a_fine_tune_builds_on_an_untrained_teacher(smoke_config):
+  # What scripts/benchmark.py times, without a ViT run (the script's test
+  # times DynamicViT's step): A-ViT calibrates its gate on the teacher.
+  c = _sparse_config(avit_config.get_config, smoke_config, 'no/vit/run')
+  data = sources.load(c.data, c.seed)
+  teacher = families.untrained_teacher(c, data.num_classes)
+  family = families.build(c, data, 10, parallel.make_mesh(), None, teacher)
+  assert family.teacher is teacher
+  assert family.model.gate_center != c.model.gate_center
 
 
 def test_the_predictors_train_at_the_full_rate_the_backbone_frozen_first():
@@ -92,18 +105,32 @@ def test_the_predictors_train_at_the_full_rate_the_backbone_frozen_first():
   assert not np.any(updates['cls'])
 
 
+def _family(config):
+  data = sources.load(config.data, config.seed)
+  return families.build(config, data, 10, parallel.make_mesh(), None)
+
+
+def _logged(family, metrics):
+  """Whether the train step logs each of `metrics` (the objective's extra
+  metrics join every training record of metrics.jsonl)."""
+  return {m: m in family.objective.extra_metrics for m in metrics}
+
+
+@pytest.mark.slow
 def test_dynamic_vit_without_a_teacher_is_the_ablation(
-    smoke_config, vit_workdir, tmp_path
+    smoke_config, vit_workdir
 ):
   c = _sparse_config(dvit_config.get_config, smoke_config, vit_workdir)
   c.sparse.distill = False
-  train.train_and_evaluate(c, str(tmp_path / 'dvit'))
-  last = json.loads(
-      (tmp_path / 'dvit' / 'metrics.jsonl').read_text().splitlines()[-2]
-  )
-  assert 'kl_loss' not in last and 'ratio_loss' in last
+  family = _family(c)
+  assert family.objective.teacher is None
+  assert _logged(family, ('kl_loss', 'ratio_loss')) == {
+      'kl_loss': False,
+      'ratio_loss': True,
+  }
 
 
+@pytest.mark.slow
 def test_avit_calibrates_its_gate_and_reports_depths(
     smoke_config, vit_workdir, tmp_path
 ):
@@ -111,6 +138,9 @@ def test_avit_calibrates_its_gate_and_reports_depths(
   # Fewer images than the first class has: a sample that took the first
   # ones would hold airplanes only (the arrays are sorted by class).
   c.sparse.calibration_images = 30
+  # Two even batches of the 80 test images: token removal compiles per
+  # shape.
+  c.eval.batch_size = 40
   report = train.train_and_evaluate(c, str(tmp_path / 'avit'))
   calibration = json.loads((tmp_path / 'avit' / 'calibration.json').read_text())
   assert calibration['images'] == 30
@@ -139,11 +169,8 @@ def test_avit_calibrates_its_gate_and_reports_depths(
   depth_per_class = np.asarray(sp['mean_depth_per_class'])
   assert depth_per_class.shape == (10,)
   assert (1 <= depth_per_class).all() and (depth_per_class <= 2).all()
-  # Evaluation alone reuses the stored calibration.
-  again = evaluate.evaluate_checkpoint(c, tmp_path / 'avit', 'best')
-  assert again['test'] == report['test']
-  # Served from the workdir alone: the model evaluation restored, gate
-  # included.
+  # Evaluation alone, and serving, reuse the stored calibration: the
+  # model that evaluation restores, gate included, serves.
   restored = evaluate.restore_predictors(
       c,
       tmp_path / 'avit',
@@ -151,7 +178,9 @@ def test_avit_calibrates_its_gate_and_reports_depths(
       data=sources.load(c.data, c.seed),
       mesh=parallel.make_mesh(),
   )
-  images = sources.load(c.data, c.seed).test.images[:16]
+  assert restored.predictor.model.gate_center == calibration['gate_center']
+  # 20 images: the masked path, which evaluation compiled already.
+  images = sources.load(c.data, c.seed).test.images[:20]
   np.testing.assert_allclose(
       serving.load(tmp_path / 'avit').probabilities(images),
       jax.nn.softmax(
@@ -189,18 +218,21 @@ def test_the_dense_control_is_dynamic_vit_training_without_dropping(
   c.model.name = 'vit'  # as configs/dynamic_vit.py:cpu_dense
   for field in ('keep_ratio', 'stage_blocks', 'gumbel_tau'):
     del c.model[field]
-  report = train.train_and_evaluate(c, str(tmp_path / 'control'))
-  assert report['teacher']['step'] > 0
-  assert (
-      report['cost']['macs_per_image']
-      == report['teacher']['cost']['macs_per_image']
-  )
-  records = [
-      json.loads(l)
-      for l in (tmp_path / 'control' / 'metrics.jsonl').read_text().splitlines()
-  ]
-  last = [r for r in records if r['split'] == 'train'][-1]
-  assert {'kl_loss', 'token_loss'} <= set(last) and 'ratio_loss' not in last
+  family = _family(c)
+  # DynamicViT's objective and optimizer, distilled from the teacher,
+  # without stages, so without its ratio loss.
+  assert type(family.model) is models.MODELS['vit']
+  assert isinstance(family.objective, objectives.DynamicViTObjective)
+  assert family.objective.teacher is family.teacher is not None
+  assert _logged(family, ('kl_loss', 'token_loss', 'ratio_loss')) == {
+      'kl_loss': True,
+      'token_loss': True,
+      'ratio_loss': False,
+  }
+  assert set(family.optimizer.schedules(10)(0.0)) == {
+      'learning_rate',
+      'backbone_learning_rate',
+  }
   # It keeps every token: PatchDropout is refused.
   c.model.patch_dropout = 0.5
   with pytest.raises(errors.ConfigError, match='keeps every token'):

@@ -10,6 +10,8 @@ from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-p
 from vitjax import models, quant  # pylint: disable=g-import-not-at-top,wrong-import-position
 from vitjax.measure import profiling  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from tests.conftest import jit_init  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 
 def _nano_model(batch: int):
   """(config, model, its first weights, zero images of `batch`)."""
@@ -18,7 +20,7 @@ def _nano_model(batch: int):
   c.model.stem = 'patch'
   model = models.create(c.model, 10)
   x = jnp.zeros((batch, 32, 32, 3), jnp.uint8)
-  params = model.init(jax.random.key(0), x, train=False)['params']
+  params = jit_init(model, jax.random.key(0), x, train=False)['params']
   return c, model, params, x
 
 

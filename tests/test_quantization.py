@@ -11,9 +11,11 @@ import pytest
 pytest.importorskip('aqt')
 
 from configs import common  # pylint: disable=g-import-not-at-top,wrong-import-position
-from vitjax import evaluate, models, quant  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vitjax import evaluate, models, parallel, quant  # pylint: disable=g-import-not-at-top,wrong-import-position
+from vitjax.data import sources  # pylint: disable=g-import-not-at-top,wrong-import-position
 from vitjax.measure import profiling  # pylint: disable=g-import-not-at-top,wrong-import-position
 from vitjax.quant import server as quant_server  # pylint: disable=g-import-not-at-top,wrong-import-position
+from tests.conftest import FAMILIES, jit_apply, jit_init  # pylint: disable=g-import-not-at-top,wrong-import-position
 from vitjax.models import token_removal  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
@@ -32,7 +34,7 @@ def _random_model(seed=0, **kw):
   c.model.update(kw)
   model = models.create(c.model, 10)
   x = jnp.zeros((1, 32, 32, 3), jnp.uint8)
-  params = model.init(jax.random.key(seed), x, train=False)['params']
+  params = jit_init(model, jax.random.key(seed), x, train=False)['params']
   params['head']['kernel'] = jax.random.normal(
       jax.random.key(seed + 1), params['head']['kernel'].shape
   )
@@ -49,7 +51,7 @@ def test_fake_quant_and_serving_give_the_same_predictions():
   model, params = _random_model()
   x = _images()
   fake = quant.quantized_model(model, _quant_cfg(), 'fake')
-  fake_logits = fake.apply({'params': params}, x, train=False)[0]
+  fake_logits = jit_apply(fake, {'params': params}, x, train=False)[0]
   server = quant.Int8Server.convert(
       model, _quant_cfg(quant_path='serve'), params, (32, 32, 3)
   )
@@ -58,18 +60,18 @@ def test_fake_quant_and_serving_give_the_same_predictions():
       np.argmax(fake_logits, -1), np.argmax(serve_logits, -1)
   )
   np.testing.assert_allclose(fake_logits, serve_logits, atol=0.02)
-  float_logits = model.apply({'params': params}, x, train=False)[0]
+  float_logits = jit_apply(model, {'params': params}, x, train=False)[0]
   assert not np.allclose(float_logits, fake_logits)  # int8 really ran
 
 
-@pytest.mark.parametrize('name', ['vit', 'dynamic_vit', 'avit'])
+@pytest.mark.parametrize('name', FAMILIES)
 def test_bfloat16_models_serve_int8_dots_in_float32_and_agree_with_fake_quant(
     name,
 ):
   model, params = _random_model(name=name, dtype='bfloat16')
   x = _images()
   fake = quant.quantized_model(model, _quant_cfg(), 'fake')
-  fake_logits = fake.apply({'params': params}, x, train=False)[0]
+  fake_logits = jit_apply(fake, {'params': params}, x, train=False)[0]
   server = quant.Int8Server.convert(
       model, _quant_cfg(quant_path='serve'), params, (32, 32, 3)
   )
@@ -108,8 +110,8 @@ def test_the_fallback_reproduces_aqt_fake_quant():
       model, _quant_cfg(quant_backend='fallback'), 'fake'
   )
   np.testing.assert_allclose(
-      aqt.apply({'params': params}, x, train=False)[0],
-      fallback.apply({'params': params}, x, train=False)[0],
+      jit_apply(aqt, {'params': params}, x, train=False)[0],
+      jit_apply(fallback, {'params': params}, x, train=False)[0],
       atol=1e-5,
   )
 
@@ -152,31 +154,42 @@ def test_each_layer_gets_its_own_frozen_weights():
   assert not np.array_equal(frozen[0], frozen[-1])
 
 
+@pytest.mark.slow
 def test_a_trained_model_keeps_its_predictions_in_int8(
     smoke_config, trained_vit_workdir
 ):
   smoke_config.eval.quant = 'int8'
+  data = sources.load(smoke_config.data, smoke_config.seed)
+  mesh = parallel.make_mesh()
   # The float32 model, and the same weights computing in bfloat16.
   for dtype, path, scales in (
       ('float32', 'fake', 'per_token'),
       ('float32', 'serve', 'per_token'),
       ('bfloat16', 'serve', 'per_token'),
-      ('float32', 'serve', 'static'),
   ):
     smoke_config.model.dtype = dtype
     smoke_config.eval.quant_path = path
     smoke_config.eval.quant_activations = scales
-    report = evaluate.evaluate_checkpoint(
-        smoke_config, trained_vit_workdir, 'best'
+    restored = evaluate.restore_predictors(
+        smoke_config, trained_vit_workdir, 'best', data=data, mesh=mesh
     )
-    q = report['quantization']
-    assert q['activations'] == scales
+    q = restored.header['quantization']
+    assert q['activations'] == scales and restored.header['precision'] == 'int8'
     assert q['test_agreement_with_float'] >= 0.98, (dtype, path, scales)
-    assert report['precision'] == 'int8'
-    # The same model: the serving tree's missing float kernels still count.
-    assert report['cost']['parameters'] == 21_162, path
-    if path == 'serve':  # what it holds: int8 kernels, the rest float32
-      assert report['cost']['weight_bytes'] == q['int8_model_bytes']
+  # The default, static scales, evaluated and reported in full.
+  smoke_config.model.dtype = 'float32'
+  smoke_config.eval.quant_path = 'serve'
+  smoke_config.eval.quant_activations = 'static'
+  report = evaluate.evaluate_checkpoint(
+      smoke_config, trained_vit_workdir, 'best'
+  )
+  q = report['quantization']
+  assert q['activations'] == 'static' and report['precision'] == 'int8'
+  assert q['test_agreement_with_float'] >= 0.98
+  # The same model: the serving tree's missing float kernels still count.
+  assert report['cost']['parameters'] == 21_162
+  # What it holds: int8 kernels, the rest float32.
+  assert report['cost']['weight_bytes'] == q['int8_model_bytes']
   assert q['checkpoint_bytes_on_disk'] > 0
   assert (trained_vit_workdir / 'eval' / 'report_best_int8.json').exists()
   assert (trained_vit_workdir / 'eval' / 'attention_int8.png').exists()
@@ -190,6 +203,7 @@ def test_bad_quant_settings_are_named():
     )
 
 
+@pytest.mark.slow
 def test_static_scales_are_calibrated_frozen_per_layer_and_saved(
     tmp_path, monkeypatch
 ):
@@ -264,7 +278,7 @@ def test_static_scales_are_calibrated_frozen_per_layer_and_saved(
         r'^\s*(?:ROOT )?%\S+ = s8\[[^=]*\bfusion\(', hlo.split('ENTRY')[1], re.M
     )
     assert len(quantizations) == 2 * 4
-  float_logits = model.apply({'params': params}, x, train=False)[0]
+  float_logits = jit_apply(model, {'params': params}, x, train=False)[0]
   agree = np.mean(np.argmax(logits, -1) == np.argmax(float_logits, -1))
   assert agree >= 0.9
   # Serving uses the frozen scales: no scale is taken from the batch, so an
@@ -314,7 +328,7 @@ def test_static_scales_are_calibrated_frozen_per_layer_and_saved(
   # A-ViT's token removal serves fewer tokens per block through the same
   # per-tensor scales.
   avit_model, avit_params = _random_model(name='avit')
-  _, aux = avit_model.apply({'params': avit_params}, x, train=False)
+  _, aux = jit_apply(avit_model, {'params': avit_params}, x, train=False)
   assert np.min(aux['depth']) < avit_model.depth  # some tokens halt
   avit_server = quant.Int8Server.convert(
       avit_model, cfg, avit_params, (32, 32, 3), calibration_images=calibration

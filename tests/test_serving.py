@@ -6,13 +6,14 @@ from pathlib import Path
 import subprocess
 import sys
 
+from absl import flags
 import jax
 from ml_collections import ConfigDict
 import numpy as np
 from PIL import Image
 import pytest
 
-from vitjax import checkpoint, errors, evaluate, quant
+from vitjax import checkpoint, errors, evaluate, predict, quant
 from vitjax import serving, parallel
 from vitjax.data import sources
 
@@ -92,8 +93,9 @@ def test_int8_serves_the_saved_int8_model_without_the_float_weights(
   )
 
 
+@pytest.mark.slow
 def test_predict_classifies_files_skips_non_images_and_exports(
-    trained_vit_workdir, test_images, tmp_path
+    trained_vit_workdir, test_images, tmp_path, capsys
 ):
   folder = tmp_path / 'photos'
   (folder / 'more').mkdir(parents=True)
@@ -103,25 +105,15 @@ def test_predict_classifies_files_skips_non_images_and_exports(
   Image.fromarray(big).save(folder / 'more' / 'big.jpg')
   (folder / 'notes.txt').write_text('not an image')
   artifact = tmp_path / 'vit.jax'
-  run = subprocess.run(
-      [
-          sys.executable,
-          '-m',
-          'vitjax.predict',
-          f'--workdir={trained_vit_workdir}',
-          '--int8',
-          '--json',
-          f'--export={artifact}',
-          str(folder),
-      ],
-      capture_output=True,
-      text=True,
-      timeout=300,
-      check=False,
-  )
-  assert run.returncode == 0, run.stderr[-2000:]
-  assert 'skipped' in run.stderr and 'notes.txt' in run.stderr
-  out = json.loads(run.stdout)
+  argv = ['predict', f'--workdir={trained_vit_workdir}', '--int8', '--json']
+  argv += [f'--export={artifact}', str(folder)]
+  try:  # the command line, in this process
+    predict.main(flags.FLAGS(argv))
+  finally:
+    flags.FLAGS.unparse_flags()
+  run = capsys.readouterr()
+  assert 'skipped' in run.err and 'notes.txt' in run.err
+  out = json.loads(run.out)
   assert [Path(s['file']).name for s in out['skipped']] == ['notes.txt']
   files = [Path(p['file']).name for p in out['predictions']]
   assert files == ['0.png', '1.png', '2.png', 'big.jpg']

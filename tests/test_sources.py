@@ -69,6 +69,7 @@ def test_course_split_sizes():
   )
 
 
+@pytest.mark.slow  # decodes the 40,450 images once per cache
 def test_real_course_data(course_data_root, tmp_path):
   d = sources.load(_cfg(course_data_root, tmp_path), seed=0)
   assert (len(d.train), len(d.val), len(d.test)) == (32022, 3558, 4870)

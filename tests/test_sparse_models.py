@@ -1,5 +1,7 @@
 """DynamicViT and A-ViT against the dense ViT they extend."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,8 @@ from vitjax import models, objectives
 from vitjax.evaluators import cost
 from vitjax.models import avit, dynamic_vit, token_removal
 from vitjax.models.vit import EncoderBlock, ViT
+
+from tests.conftest import jit_apply, jit_init
 
 SIZES = dict(
     num_classes=10,
@@ -28,9 +32,13 @@ def _images(n=6, seed=0):
   ).astype(jnp.uint8)
 
 
-def _dense_params(seed=0, sizes=SIZES):
-  vit = ViT(**sizes)
-  params = vit.init(jax.random.key(seed), _images(1), train=False)['params']
+# Cached: the tests only read them, and building them compiles.
+@functools.cache
+def _dense_params(seed=0, sizes=tuple(SIZES.items())):
+  vit = ViT(**dict(sizes))
+  params = jit_init(vit, jax.random.key(seed), _images(1), train=False)[
+      'params'
+  ]
   # A non-zero head, so that logits depend on the features.
   params['head']['kernel'] = jax.random.normal(
       jax.random.key(seed + 1), params['head']['kernel'].shape
@@ -39,25 +47,25 @@ def _dense_params(seed=0, sizes=SIZES):
 
 
 def _with_dense(model, dense_params, seed=0):
-  params = model.init(
-      {'params': jax.random.key(seed), 'gumbel': jax.random.key(seed)},
-      _images(1),
-      train=False,
-  )['params']
-  return {**params, **dense_params}
+  keys = {'params': jax.random.key(seed), 'gumbel': jax.random.key(seed)}
+  return {
+      **jit_init(model, keys, _images(1), train=False)['params'],
+      **dense_params,
+  }
 
 
 # --- DynamicViT -------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_keep_ratio_one_gives_the_dense_logits():
   vit, dense = _dense_params()
   model = dynamic_vit.DynamicViT(**SIZES, keep_ratio=1.0)
   params = _with_dense(model, dense)
   x = _images()
   np.testing.assert_allclose(
-      model.apply({'params': params}, x, train=False)[0],
-      vit.apply({'params': dense}, x, train=False)[0],
+      jit_apply(model, {'params': params}, x, train=False)[0],
+      jit_apply(vit, {'params': dense}, x, train=False)[0],
       atol=1e-5,
   )
 
@@ -65,11 +73,11 @@ def test_keep_ratio_one_gives_the_dense_logits():
 def test_policy_attention_gives_kept_tokens_the_subset_output():
   block = EncoderBlock(num_heads=2, mlp_dim=32)
   x = jax.random.normal(jax.random.key(0), (2, 9, 16))
-  params = block.init(jax.random.key(1), x, deterministic=True)
+  params = jit_init(block, jax.random.key(1), x, deterministic=True)
   kept = jnp.array([0, 1, 4, 6, 8])
   policy = jnp.zeros((2, 9)).at[:, kept].set(1.0)
-  full = block.apply(params, x, policy=policy, deterministic=True)
-  subset = block.apply(params, x[:, kept], deterministic=True)
+  full = jit_apply(block, params, x, policy=policy, deterministic=True)
+  subset = jit_apply(block, params, x[:, kept], deterministic=True)
   # Dropped keys keep only the official eps/N weight.
   np.testing.assert_allclose(full[:, kept], subset, atol=1e-4)
 
@@ -80,10 +88,11 @@ def test_the_eval_path_runs_the_configured_token_counts():
   assert model.keep_counts(64) == (44, 31, 21)
   assert model.tokens_per_block(64) == (65, 65, 45, 32, 32, 22)
   params = _with_dense(model, _dense_params()[1])
-  _, aux = model.apply({'params': params}, _images(), train=False)
+  _, aux = jit_apply(model, {'params': params}, _images(), train=False)
   assert aux['tokens'].shape == (6, 21, 32)
 
 
+@pytest.mark.slow
 def test_straight_through_gradients_reach_the_predictors():
   model = dynamic_vit.DynamicViT(**SIZES, keep_ratio=0.7)
   params = _with_dense(model, _dense_params()[1])
@@ -91,13 +100,13 @@ def test_straight_through_gradients_reach_the_predictors():
   labels = jnp.arange(6) % 10
 
   def loss(p):
-    logits, aux = model.apply(
-        {'params': p}, x, train=True, rngs={'gumbel': jax.random.key(3)}
+    logits, aux = jit_apply(
+        model, {'params': p}, x, train=True, rngs={'gumbel': jax.random.key(3)}
     )
     # The classification loss alone: only attention carries the policy.
     return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(6), labels])
 
-  grads = jax.grad(loss)(params)
+  grads = jax.jit(jax.grad(loss))(params)
   for s in range(3):
     norm = float(
         jnp.sqrt(
@@ -112,7 +121,8 @@ def test_straight_through_gradients_reach_the_predictors():
 def test_train_policies_are_cumulative_and_hard():
   model = dynamic_vit.DynamicViT(**SIZES)
   params = _with_dense(model, _dense_params()[1])
-  _, aux = model.apply(
+  _, aux = jit_apply(
+      model,
       {'params': params},
       _images(),
       train=True,
@@ -127,31 +137,34 @@ def test_inference_keeps_the_top_k_tokens_by_keep_score():
   model = dynamic_vit.DynamicViT(**SIZES, keep_ratio=0.7)
   params = _with_dense(model, _dense_params()[1])
   x = _images()
-  _, aux = model.apply({'params': params}, x, train=False)
+  _, aux = jit_apply(model, {'params': params}, x, train=False)
   stages, counts = model.stages(), model.keep_counts(64)
 
   def scores_before_each_stage(m, images):
-    # The predictors' keep scores, recomputed stage by stage with NumPy's
-    # own top-k: each stage keeps its k best-scored tokens, in grid order.
+    # The predictors' keep scores, recomputed stage by stage, each stage
+    # keeping its k best-scored tokens by a full sort rather than top-k,
+    # in grid order.
     t = m.tokens(images, train=False)
-    positions = np.tile(np.arange(64), (len(images), 1))
+    positions = jnp.tile(jnp.arange(64), (len(images), 1))
     kept = []
     for i, block in enumerate(m.blocks):
       if i in stages:
         s = stages.index(i)
         score = m.predictors[s](t[:, 1:], jnp.ones(t[:, 1:].shape[:2]))[..., 0]
         # Stable: of equal scores the lower position first, as lax.top_k.
-        order = np.argsort(-np.asarray(score), axis=1, kind='stable')
-        top = np.sort(order[:, : counts[s]])
+        order = jnp.argsort(-score, axis=1, stable=True)
+        top = jnp.sort(order[:, : counts[s]], axis=1)
         t = jnp.concatenate(
             [t[:, :1], jnp.take_along_axis(t[:, 1:], top[..., None], 1)], 1
         )
-        positions = np.take_along_axis(positions, top, 1)
+        positions = jnp.take_along_axis(positions, top, 1)
         kept.append(positions)
       t = block(t, deterministic=True)
     return kept
 
-  want = model.apply({'params': params}, x, method=scores_before_each_stage)
+  want = jit_apply(
+      model, {'params': params}, x, method=scores_before_each_stage
+  )
   for got, expected in zip(aux['kept_patches'], want):
     np.testing.assert_array_equal(got, expected)
 
@@ -162,7 +175,7 @@ def test_the_training_mask_and_the_gather_agree_on_the_same_kept_tokens(
   model = dynamic_vit.DynamicViT(**SIZES, keep_ratio=0.7)
   params = _with_dense(model, _dense_params()[1])
   x = _images()
-  logits, aux = model.apply({'params': params}, x, train=False)
+  logits, aux = jit_apply(model, {'params': params}, x, train=False)
   # Make the training path's decisions the ones inference made.
   masks = [
       jnp.zeros((6, 64)).at[jnp.arange(6)[:, None], kept].set(1.0)
@@ -170,8 +183,12 @@ def test_the_training_mask_and_the_gather_agree_on_the_same_kept_tokens(
   ]
   decisions = iter(masks)
   monkeypatch.setattr(dynamic_vit, 'gumbel_keep', lambda *args: next(decisions))
-  train_logits, train_aux = model.apply(
-      {'params': params}, x, train=True, rngs={'gumbel': jax.random.key(0)}
+  train_logits, train_aux = jit_apply(
+      model,
+      {'params': params},
+      x,
+      train=True,
+      rngs={'gumbel': jax.random.key(0)},
   )
   np.testing.assert_array_equal(train_aux['policies'][-1], masks[-1])
   # Dropped keys keep only the official eps/N weight in training.
@@ -212,19 +229,21 @@ def test_no_halting_gives_the_dense_logits():
   vit, dense = _dense_params()
   model = avit.AViT(**SIZES, gate_center=1e9, compact_max_batch=0)
   x = _images()
-  logits, aux = model.apply({'params': dense}, x, train=False)
+  logits, aux = jit_apply(model, {'params': dense}, x, train=False)
   np.testing.assert_allclose(
-      logits, vit.apply({'params': dense}, x, train=False)[0], atol=1e-5
+      logits, jit_apply(vit, {'params': dense}, x, train=False)[0], atol=1e-5
   )
   np.testing.assert_array_equal(aux['depth'], 6.0)
 
 
-def _calibrated(target=2.0, sizes=SIZES):
+@functools.cache
+def _calibrated(target=2.0, sizes=tuple(SIZES.items())):
   _, dense = _dense_params(sizes=sizes)
-  probe = avit.AViT(**sizes, gate_center=1e9)
-  inputs = probe.apply({'params': dense}, _images(16, seed=5), train=False)[1][
-      'gate_inputs'
-  ]
+  sizes = dict(sizes)
+  probe = avit.AViT(**sizes, gate_center=1e9, compact_max_batch=0)
+  inputs = jit_apply(
+      probe, {'params': dense}, _images(16, seed=5), train=False
+  )[1]['gate_inputs']
   beta = avit.calibrate_gate_center(np.asarray(inputs), 10.0, target)
   # The masked path at every batch size (the compact one is tested
   # against it).
@@ -240,7 +259,7 @@ def test_calibration_hits_the_target_halting_sum():
 
 def test_halting_bookkeeping():
   model, params, _, _ = _calibrated(2.0)  # strong halting
-  _, aux = model.apply({'params': params}, _images(), train=False)
+  _, aux = jit_apply(model, {'params': params}, _images(), train=False)
   depth, ponder = np.asarray(aux['depth']), np.asarray(aux['ponder'])
   assert depth.min() >= 1 and depth.max() <= 6
   assert depth.mean() < 6  # some tokens halted early
@@ -254,23 +273,24 @@ def test_halting_bookkeeping():
 def test_masked_and_token_removal_paths_agree():
   model, params, _, _ = _calibrated(2.0)
   x = _images(16, seed=7)
-  l1, a1 = model.apply({'params': params}, x, train=False)
+  l1, a1 = jit_apply(model, {'params': params}, x, train=False)
   l2, a2 = token_removal.token_removal_apply(model, {'params': params}, x)
   np.testing.assert_array_equal(np.argmax(l1, -1), np.argmax(l2, -1))
   np.testing.assert_allclose(l1, l2, atol=1e-4)
   np.testing.assert_array_equal(a1['depth'], a2['depth'])
 
 
+@pytest.mark.slow
 def test_the_compact_path_computes_what_the_masked_path_does():
   widths_run = set()
   # 17 tokens, so few widths to compile: 0, 8, 16, 17.
   sizes = dict(SIZES, patch_size=8, depth=3)
   # Little halting, strong halting, and every token halting at block 0.
   for target in (0.2, 1.0, 3.0):
-    masked, params, _, _ = _calibrated(target, sizes)
+    masked, params, _, _ = _calibrated(target, tuple(sizes.items()))
     compact = masked.clone(compact_max_batch=16)
     for x in (_images(1, seed=7), _images(5, seed=8)):
-      l1, a1 = masked.apply({'params': params}, x, train=False)
+      l1, a1 = jit_apply(masked, {'params': params}, x, train=False)
       # One program, no host round trip: nothing leaves the device.
       run = jax.jit(lambda p, x: compact.apply({'params': p}, x, train=False))
       args = jax.device_put((params, x))
@@ -286,8 +306,12 @@ def test_the_compact_path_computes_what_the_masked_path_does():
   assert 0 in widths_run and 17 in widths_run and len(widths_run) > 2
   # A pass that writes variables runs masked: lax.switch's branches would
   # write different ones.
-  _, written = compact.apply(
-      {'params': params}, _images(1), train=False, mutable=['intermediates']
+  _, written = jit_apply(
+      compact,
+      {'params': params},
+      _images(1),
+      train=False,
+      mutable=['intermediates'],
   )
   assert 'intermediates' in written
 
@@ -295,7 +319,7 @@ def test_the_compact_path_computes_what_the_masked_path_does():
 def test_token_removal_in_pieces_of_different_widths():
   model, params, _, _ = _calibrated(2.0)
   x = _images(16, seed=7)
-  l1, a1 = model.apply({'params': params}, x, train=False)
+  l1, a1 = jit_apply(model, {'params': params}, x, train=False)
   # Pieces of 3 images: the last one is short, and widths differ by piece.
   l2, a2 = token_removal.token_removal_apply(
       model, {'params': params}, x, images_per_piece=3
@@ -322,8 +346,12 @@ def test_token_removal_in_pieces_of_different_widths():
 def test_ponder_loss_has_gradient_at_the_calibrated_gate():
   model, params, _, _ = _calibrated(0.2)
   x = _images()
-  grads = jax.grad(
-      lambda p: model.apply({'params': p}, x, train=False)[1]['ponder'].mean()
+  grads = jax.jit(
+      jax.grad(
+          lambda p: model.apply({'params': p}, x, train=False)[1][
+              'ponder'
+          ].mean()
+      )
   )(params)
   norm = np.sqrt(sum(float(jnp.sum(g**2)) for g in jax.tree.leaves(grads)))
   assert norm > 1e-6
@@ -336,7 +364,8 @@ def _official_token_act(model, variables, images):
   and the per-block mean raw halting score of batch elements 1.. (the
   official halting_score_layer)."""
   x = np.asarray(
-      model.apply(variables, images, method=avit.AViT.embed_only), np.float64
+      jit_apply(model, variables, images, method=avit.AViT.embed_only),
+      np.float64,
   )
   bs, n, _ = x.shape
   eps, gamma, beta = model.halting_eps, model.gate_scale, model.gate_center
@@ -348,13 +377,13 @@ def _official_token_act(model, variables, images):
     out = out * mask[..., None]  # out.data = out.data * mask
     running = mask.astype(bool)
     block_output = np.asarray(
-        model.apply(
+        jit_apply(
+            model,
             variables,
             jnp.asarray(out, jnp.float32),
             running[:, None, None, :],
-            i,
             running,
-            method=avit.AViT.block_only,
+            method=lambda m, x, keys, mask, i=i: m.block_only(x, keys, i, mask),
         ),
         np.float64,
     )
@@ -378,13 +407,14 @@ def _official_token_act(model, variables, images):
   return output, rho, counter, np.array(layer_means)
 
 
+@pytest.mark.slow
 def test_the_faithful_mode_is_the_official_computation():
   model, params, _, beta = _calibrated(2.0)  # tokens halt at every block
   model = avit.AViT(**SIZES, gate_center=beta, faithful=True)
   x = _images(8, seed=11)
   variables = {'params': params}
   output, rho, counter, layer_means = _official_token_act(model, variables, x)
-  logits, aux = model.apply(variables, x, train=False)
+  logits, aux = jit_apply(model, variables, x, train=False)
   assert 1 < counter.mean() < model.depth  # halting happened, not all at once
   np.testing.assert_array_equal(aux['depth'], counter)
   np.testing.assert_allclose(aux['ponder'], rho, rtol=1e-5)
@@ -393,7 +423,8 @@ def test_the_faithful_mode_is_the_official_computation():
   )
   np.testing.assert_allclose(
       logits,
-      model.apply(
+      jit_apply(
+          model,
           variables,
           jnp.asarray(output, jnp.float32),
           method=lambda m, o: m.classify(o)[0],
@@ -455,14 +486,15 @@ def _official_block(p, x, running, num_heads):
 def test_the_faithful_block_masks_as_the_official_block():
   block = EncoderBlock(num_heads=2, mlp_dim=32)
   x = jax.random.normal(jax.random.key(0), (2, 9, 16))
-  params = block.init(jax.random.key(1), x, deterministic=True)['params']
+  params = jit_init(block, jax.random.key(1), x, deterministic=True)['params']
   running = jnp.array(
       [[1, 1, 0, 1, 0, 0, 1, 1, 1], [1, 0, 0, 0, 1, 1, 1, 0, 1]]
   )
   weights = jax.random.normal(jax.random.key(2), x.shape)
 
   def ours(x):
-    y = block.apply(
+    y = jit_apply(
+        block,
         {'params': params},
         x,
         running.astype(bool)[:, None, None, :],
@@ -475,20 +507,23 @@ def test_the_faithful_block_masks_as_the_official_block():
     y = _official_block(params, x, running.astype(jnp.float32), 2)
     return jnp.sum(y * weights), y
 
-  (_, y1), g1 = jax.value_and_grad(ours, has_aux=True)(x)
-  (_, y2), g2 = jax.value_and_grad(official, has_aux=True)(x)
+  (_, y1), g1 = jax.jit(jax.value_and_grad(ours, has_aux=True))(x)
+  (_, y2), g2 = jax.jit(jax.value_and_grad(official, has_aux=True))(x)
   np.testing.assert_allclose(y1, y2, atol=1e-5)  # halted rows too
   np.testing.assert_allclose(g1, g2, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_faithful_halted_tokens_keep_their_gradient_path():
   _, params, _, beta = _calibrated(2.0)
   x = _images(8, seed=11)
   grads = {}
   for faithful in (False, True):
-    model = avit.AViT(**SIZES, gate_center=beta, faithful=faithful)
+    model = avit.AViT(
+        **SIZES, gate_center=beta, faithful=faithful, compact_max_batch=0
+    )
     halted_early = (
-        model.apply({'params': params}, x, train=False)[1]['depth'] == 1
+        jit_apply(model, {'params': params}, x, train=False)[1]['depth'] == 1
     )
     assert halted_early.any()
 
@@ -496,10 +531,10 @@ def test_faithful_halted_tokens_keep_their_gradient_path():
       # The scores of tokens that halted at block 0, one block later: from
       # zeroed inputs, but in the official code their values still carry
       # gradient (the zeroing is a `.data` assignment).
-      raw = model.apply({'params': p}, x, train=False)[1]['raw_halting']
+      raw = jit_apply(model, {'params': p}, x, train=False)[1]['raw_halting']
       return jnp.sum(jnp.where(halted_early, raw[1], 0.0))
 
-    g = jax.grad(later_scores)(params)
+    g = jax.jit(jax.grad(later_scores))(params)
     grads[faithful] = np.sqrt(
         sum(float(jnp.sum(v**2)) for v in jax.tree.leaves(g))
     )
@@ -510,8 +545,8 @@ def test_faithful_and_corrected_forwards_predict_the_same():
   model, params, _, beta = _calibrated(2.0)
   faithful = avit.AViT(**SIZES, gate_center=beta, faithful=True)
   x = _images(8, seed=11)
-  l1, a1 = model.apply({'params': params}, x, train=False)
-  l2, a2 = faithful.apply({'params': params}, x, train=False)
+  l1, a1 = jit_apply(model, {'params': params}, x, train=False)
+  l2, a2 = jit_apply(faithful, {'params': params}, x, train=False)
   np.testing.assert_allclose(l1, l2, atol=1e-5)
   np.testing.assert_array_equal(a1['depth'], a2['depth'])
 

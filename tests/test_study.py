@@ -49,7 +49,7 @@ def test_a_run_is_the_config_with_the_schedule_and_the_treatment():
   assert config.loss.name == 'ce' and config.loss.class_weights == 'effective'
   assert config.loss.reweight_from_epoch == pytest.approx(1.6)
   assert config.model.dtype in ('float32', 'bfloat16')  # resolved, as run
-  assert config.model.patch_dropout == 0.0  # as the README's study ran
+  assert config.model.patch_dropout == 0.0  # as docs/imbalance.md's study ran
   with pytest.raises(app.UsageError, match='loss.name'):
     study.run_overrides(BY_NAME['focal'], 0, 2.0, ['loss.name=ce'])
 

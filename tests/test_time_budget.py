@@ -2,6 +2,7 @@
 
 import json
 import time
+import types
 
 import numpy as np
 import pytest
@@ -107,8 +108,9 @@ def test_a_budget_without_room_for_a_validation_is_refused(smoke_config):
 
 
 def _before_each_step(monkeypatch, hook):
-  """Calls hook(step) before the next runs' training loops take the batch
-  of each step (the throwaway steps timed at the start are left alone)."""
+  """Calls hook(step, timing) before the next runs take the batch of each
+  step; timing: a step of the throwaway state timed at the start (or of the
+  log of sampled classes)."""
   make_pipeline = pipelines.make
 
   def hooked_pipeline(*args, **kwargs):
@@ -117,14 +119,31 @@ def _before_each_step(monkeypatch, hook):
 
     def hooked(start, end):
       for i, b in enumerate(batches(start, end)):
-        if end > time_budget.STEPS_TIMED:
-          hook(start + i)
+        hook(start + i, end <= time_budget.STEPS_TIMED)
         yield b
 
     pipeline.batches = hooked
     return pipeline
 
   monkeypatch.setattr(pipelines, 'make', hooked_pipeline)
+
+
+def _clock_that_skips(monkeypatch):
+  """The clock the run reads, and skip(seconds), which moves that clock on
+  as if the run had worked that long: slow steps that cost no wall time."""
+  skipped = 0.0
+
+  def monotonic():
+    return time.monotonic() + skipped
+
+  def skip(seconds):
+    nonlocal skipped
+    skipped += seconds
+
+  clock = types.SimpleNamespace(monotonic=monotonic, time=time.time)
+  for module in (train, time_budget):
+    monkeypatch.setattr(module, 'time', clock)
+  return monotonic, skip
 
 
 def _recording_first_plans(monkeypatch) -> list[int]:
@@ -142,21 +161,27 @@ def _recording_first_plans(monkeypatch) -> list[int]:
   return plans
 
 
+@pytest.mark.slow
 def test_a_run_that_slows_down_still_ends_in_its_budget(
     smoke_config, tmp_path, monkeypatch
 ):
   budget_minutes = 0.75
   smoke_config.train.time_budget_minutes = budget_minutes
+  # Slow steps: re-planned at each, so that the last plan can end the
+  # schedule close to the deadline.
+  smoke_config.train.log_every_steps = 1
   first = _recording_first_plans(monkeypatch)
-  # A third of the way through the first plan, every step starts taking
-  # 40 ms more: several times slower.
+  # Every batch comes 100 ms late, and from step 40 250 ms late: the run is
+  # slower than the steps the plan timed, and then slower again.
+  now, skip = _clock_that_skips(monkeypatch)
+  slow_from = 40
   _before_each_step(
       monkeypatch,
-      lambda step: time.sleep(0.04) if step >= first[0] // 3 else None,
+      lambda step, timing: skip(0.1 if timing or step < slow_from else 0.25),
   )
-  t_start = time.monotonic()
+  t_start = now()
   report = train.train_and_evaluate(smoke_config, str(tmp_path), t_start)
-  elapsed = time.monotonic() - t_start
+  elapsed = now() - t_start
   assert report['test']['num_images'] == 80  # the final report is written
   assert elapsed <= budget_minutes * 60
   with checkpoint.Checkpoints(tmp_path) as ckpts:
@@ -164,7 +189,7 @@ def test_a_run_that_slows_down_still_ends_in_its_budget(
   plan = time_budget.Plan(**meta['plan'])
   # Re-planned after the slow-down began, and the schedule completed on
   # the last step.
-  assert first[0] // 3 < plan.anchor_step <= meta['step'] == plan.end_step
+  assert slow_from < plan.anchor_step <= meta['step'] == plan.end_step
   assert plan.horizon == first[0]
   schedule = trainer.learning_rate_schedule(
       smoke_config.optim, plan.horizon, 16, smoke_config.train.batch_size
@@ -187,19 +212,22 @@ def test_a_run_that_slows_down_still_ends_in_its_budget(
     )
 
 
+@pytest.mark.slow
 def test_a_budgeted_run_resumes_its_plan_with_what_is_left(
     smoke_config, tmp_path, monkeypatch
 ):
   budget_minutes = 0.5
   smoke_config.train.time_budget_minutes = budget_minutes
+  smoke_config.train.final_evaluation = False
   first = _recording_first_plans(monkeypatch)
-
+  _, skip = _clock_that_skips(monkeypatch)
   killed = []
 
-  def killed_once_at_step_40(step):
-    if step == 40 and not killed:
+  def killed_once_at_step_40(step, timing):
+    if step == 40 and not timing and not killed:
       killed.append(step)
       raise RuntimeError('simulated kill')
+    skip(0.1)
 
   _before_each_step(monkeypatch, killed_once_at_step_40)
   with pytest.raises(RuntimeError, match='simulated kill'):

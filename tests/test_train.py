@@ -1,20 +1,20 @@
 """Training end to end on a tiny dataset: outputs, resume, errors, devices."""
 
+import copy
 import dataclasses
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vitjax import checkpoint, errors, evaluate, families, models, parallel
-from vitjax import train, trainer
+from configs import avit as avit_config
+from vitjax import checkpoint, errors, evaluate, families, main, models
+from vitjax import parallel, train, trainer
 from vitjax.data import pipelines, sources
 
 
@@ -30,10 +30,11 @@ def _latest_params(config, workdir):
     return params, ckpts.read_meta(step)
 
 
-def test_a_run_writes_checkpoints_metrics_and_report(smoke_config, tmp_path):
-  report = _run(smoke_config, tmp_path / 'run')
-  run = tmp_path / 'run'
-  assert (run / 'config.json').exists()
+def test_a_run_writes_checkpoints_metrics_and_report(trained_vit):
+  run = trained_vit.workdir
+  # What the end of training evaluates (the shared run left it out).
+  report = evaluate.evaluate_checkpoint(trained_vit.config, run, 'best')
+  assert (run / 'config.json').exists() and (run / 'run.json').exists()
   assert sorted(int(p.name) for p in (run / 'steps').iterdir()) == [16, 31]
   records = [
       json.loads(l) for l in (run / 'metrics.jsonl').read_text().splitlines()
@@ -60,25 +61,34 @@ def test_a_run_writes_checkpoints_metrics_and_report(smoke_config, tmp_path):
   assert test['balanced_accuracy'] > 0.3
 
 
-def _crash_at(monkeypatch, step):
-  """Makes the next run's pipeline raise when it reaches `step`."""
+def _at_step(monkeypatch, step, action):
+  """Calls action() once, when the next run's pipeline reaches `step`."""
   make_pipeline = pipelines.make
 
-  def crashing_pipeline(*args, **kwargs):
+  def hooked_pipeline(*args, **kwargs):
     pipeline = make_pipeline(*args, **kwargs)
     batches = pipeline.batches
 
-    def batches_then_crash(start, end):
+    def hooked(start, end):
       for i, b in enumerate(batches(start, end)):
         if start + i == step:
           monkeypatch.setattr(pipelines, 'make', make_pipeline)
-          raise RuntimeError('simulated kill')
+          action()
         yield b
 
-    pipeline.batches = batches_then_crash
+    pipeline.batches = hooked
     return pipeline
 
-  monkeypatch.setattr(pipelines, 'make', crashing_pipeline)
+  monkeypatch.setattr(pipelines, 'make', hooked_pipeline)
+
+
+def _crash_at(monkeypatch, step):
+  """Makes the next run's pipeline raise when it reaches `step`."""
+
+  def crash():
+    raise RuntimeError('simulated kill')
+
+  _at_step(monkeypatch, step, crash)
 
 
 def _records(workdir):
@@ -92,35 +102,42 @@ def _records(workdir):
   return records
 
 
+@pytest.mark.slow
 def test_killed_run_resumes_to_the_same_numbers(
-    smoke_config, tmp_path, monkeypatch
+    trained_vit, tmp_path, monkeypatch
 ):
-  full = _run(smoke_config, tmp_path / 'full')
+  config = copy.deepcopy(trained_vit.config)
+  config.train.final_evaluation = False  # the same weights, the same figures
   _crash_at(monkeypatch, 22)  # past the step-16 checkpoint, before the end
   with pytest.raises(RuntimeError, match='simulated kill'):
-    _run(smoke_config, tmp_path / 'resumed')
+    _run(config, tmp_path / 'resumed')
   # What the kill left: latest and best agree with the validation log.
   with checkpoint.Checkpoints(tmp_path / 'resumed') as ckpts:
     assert ckpts.latest_step() == ckpts.best_step() == 16
     val = [r for r in _records(tmp_path / 'resumed') if r['split'] == 'val']
     assert ckpts.best_score() == max(r['balanced_accuracy'] for r in val)
-  resumed = _run(smoke_config, tmp_path / 'resumed')
-
-  p_full, meta_full = _latest_params(smoke_config, tmp_path / 'full')
-  p_res, meta_res = _latest_params(smoke_config, tmp_path / 'resumed')
+  _run(config, tmp_path / 'resumed')
+  # The same as the run that was never stopped: every parameter, the best
+  # checkpoint and every record, training windows included (timing aside).
+  full = trained_vit.workdir
+  p_full, meta_full = _latest_params(config, full)
+  p_res, meta_res = _latest_params(config, tmp_path / 'resumed')
   assert meta_full['step'] == meta_res['step'] == meta_full['total_steps']
   jax.tree.map(np.testing.assert_array_equal, p_full, p_res)
-  for split in ('val', 'test'):
-    assert full[split]['confusion_matrix'] == resumed[split]['confusion_matrix']
-    assert full[split]['loss'] == resumed[split]['loss']
-  # Every record, training windows included, is the same (timing aside).
-  assert _records(tmp_path / 'full') == _records(tmp_path / 'resumed')
-  assert {r['split'] for r in _records(tmp_path / 'full')} == {'train', 'val'}
+  with (
+      checkpoint.Checkpoints(full) as a,
+      checkpoint.Checkpoints(tmp_path / 'resumed') as b,
+  ):
+    assert (a.best_step(), a.best_score()) == (b.best_step(), b.best_score())
+  assert _records(full) == _records(tmp_path / 'resumed')
+  assert {r['split'] for r in _records(full)} == {'train', 'val'}
 
 
+@pytest.mark.slow
 def test_a_run_continues_from_another_with_a_changed_config(
     smoke_config, tmp_path, monkeypatch
 ):
+  smoke_config.train.final_evaluation = False
   _crash_at(monkeypatch, 22)
   with pytest.raises(RuntimeError, match='simulated kill'):
     _run(smoke_config, tmp_path / 'first')
@@ -142,45 +159,46 @@ def test_a_run_continues_from_another_with_a_changed_config(
     assert ckpts.latest_step() == 31
 
 
-def test_eval_mode_restores_best_latest_or_a_step(smoke_config, tmp_path):
-  first = _run(smoke_config, tmp_path / 'run')
-  # Rerunning a finished run trains nothing more and evaluates it again.
-  assert _run(smoke_config, tmp_path / 'run')['test'] == first['test']
-  best = evaluate.evaluate_checkpoint(smoke_config, tmp_path / 'run', 'best')
-  latest = evaluate.evaluate_checkpoint(
-      smoke_config, tmp_path / 'run', 'latest'
+@pytest.mark.slow
+def test_eval_mode_restores_best_latest_or_a_step(trained_vit):
+  config, run = trained_vit.config, trained_vit.workdir
+  evaluate_ = lambda which: evaluate.evaluate_checkpoint(
+      config, run, which, timed=False  # the figures, not their speed
   )
-  by_step = evaluate.evaluate_checkpoint(
-      smoke_config, tmp_path / 'run', latest['step']
-  )
+  best, latest = evaluate_('best'), evaluate_('latest')
+  # Rerunning a finished run trains nothing more.
+  steps = checkpoint.saved_steps(run)
+  assert _run(config, run)['step'] == latest['step'] == max(steps)
+  assert checkpoint.saved_steps(run) == steps
+  by_step = evaluate_(latest['step'])
   assert by_step['test'] == latest['test']
   assert best['step'] <= latest['step']
   with pytest.raises(
       checkpoint.CheckpointError, match='no checkpoint at step 7'
   ):
-    evaluate.evaluate_checkpoint(smoke_config, tmp_path / 'run', 7)
+    evaluate.evaluate_checkpoint(config, run, 7)
 
 
-def test_a_checkpoint_that_does_not_fit_is_named(smoke_config, tmp_path):
-  _run(smoke_config, tmp_path / 'run')
-  smoke_config.model.hidden_dim = 48
+def test_a_checkpoint_that_does_not_fit_is_named(trained_vit, tmp_path):
+  config = copy.deepcopy(trained_vit.config)
+  config.model.hidden_dim = 48
   with pytest.raises(
       checkpoint.CheckpointError,
       match='does not fit the model: params/blocks_0/',
   ):
-    evaluate.evaluate_checkpoint(smoke_config, tmp_path / 'run', 'best')
+    evaluate.evaluate_checkpoint(config, trained_vit.workdir, 'best')
   with pytest.raises(checkpoint.CheckpointError, match='Train first'):
-    evaluate.evaluate_checkpoint(smoke_config, tmp_path / 'empty', 'best')
+    evaluate.evaluate_checkpoint(config, tmp_path / 'empty', 'best')
 
 
-def test_a_rerun_with_another_config_is_refused(smoke_config, tmp_path):
-  smoke_config.train.epochs = 0.2
-  _run(smoke_config, tmp_path / 'run')
-  smoke_config.optim.lr = 0.1
+def test_a_rerun_with_another_config_is_refused(trained_vit):
+  config = copy.deepcopy(trained_vit.config)
+  config.optim.lr = 0.1
   with pytest.raises(ValueError, match='optim.lr was 6.25e-05, now 0.1'):
-    _run(smoke_config, tmp_path / 'run')
+    _run(config, trained_vit.workdir)
 
 
+@pytest.mark.slow
 def test_divergence_stops_with_the_steps_and_saves_no_nan_state(
     smoke_config, tmp_path
 ):
@@ -194,6 +212,7 @@ def test_divergence_stops_with_the_steps_and_saves_no_nan_state(
   assert not steps.exists() or not any(steps.iterdir())
 
 
+@pytest.mark.slow
 def test_a_late_divergence_says_how_to_continue_from_the_last_checkpoint(
     smoke_config, tmp_path, monkeypatch
 ):
@@ -220,6 +239,7 @@ def test_a_late_divergence_says_how_to_continue_from_the_last_checkpoint(
     assert ckpts.latest_step() == 16  # no NaN state was saved
 
 
+@pytest.mark.slow
 def test_two_devices_give_the_same_loss_as_one(smoke_config):
   assert jax.device_count() == 2
   data = sources.load(smoke_config.data, 0)
@@ -242,15 +262,17 @@ def test_two_devices_give_the_same_loss_as_one(smoke_config):
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_device_pipeline_trains_too_in_a_relative_workdir(
     smoke_config, tmp_path, monkeypatch
 ):
   smoke_config.data.pipeline = 'device'
   smoke_config.train.epochs = 0.5
+  smoke_config.train.final_evaluation = False
   # The README's commands name workdirs relative to the checkout.
   monkeypatch.chdir(tmp_path)
-  report = _run(smoke_config, 'checkpoints/run')
-  assert np.isfinite(report['val']['loss'])
+  result = _run(smoke_config, 'checkpoints/run')
+  assert np.isfinite(result['best_val_balanced_accuracy'])
   assert any((tmp_path / 'checkpoints/run/steps').iterdir())
 
 
@@ -262,23 +284,16 @@ def test_device_pipeline_trains_too_in_a_relative_workdir(
         ('--config.train.batch_size=1.5', 'batch_size'),
     ],
 )
-def test_the_command_line_names_a_bad_override(override, message, tmp_path):
-  proc = subprocess.run(
-      [
-          sys.executable,
-          '-m',
-          'vitjax.main',
-          '--config=configs/vit.py:smoke',
-          f'--workdir={tmp_path}',
-          override,
-      ],
-      capture_output=True,
-      text=True,
-      timeout=120,
-  )
-  assert proc.returncode != 0
-  assert message in proc.stderr
-  assert not (tmp_path / 'config.json').exists()  # nothing was started
+def test_the_command_line_names_a_bad_override(override, message, capsys):
+  values = flags.FlagValues()
+  main.define_flags(values)
+  argv = ['vitjax', '--config=configs/vit.py:smoke', '--workdir=w', override]
+  with pytest.raises(SystemExit) as stopped:
+    main.parse_flags(argv, values)
+  assert stopped.value.code == 2
+  error = capsys.readouterr().err
+  assert error.startswith('vitjax: ') and message in error
+  assert len(error.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize(
@@ -297,50 +312,29 @@ def test_what_would_fail_later_is_refused_at_start(
   assert not (tmp_path / 'run' / 'metrics.jsonl').exists()  # no step ran
 
 
-def test_evaluating_on_another_split_is_refused(smoke_config, tmp_path):
-  smoke_config.train.epochs = 0.2
-  _run(smoke_config, tmp_path / 'run')
-  smoke_config.seed = 1
+def test_evaluating_on_another_split_is_refused(trained_vit):
+  config = copy.deepcopy(trained_vit.config)
+  config.seed = 1
   with pytest.raises(sources.DataError, match='seed was 0, now 1'):
-    evaluate.evaluate_checkpoint(smoke_config, tmp_path / 'run', 'best')
-
-
-def _main(*args, timeout=300):
-  return subprocess.run(
-      [sys.executable, '-m', 'vitjax.main', *args],
-      capture_output=True,
-      text=True,
-      timeout=timeout,
-  )
-
-
-def _cli_config(tiny_data_root, tmp_path):
-  return [
-      f'--config.data.root={tiny_data_root}',
-      f'--config.data.cache_dir={tmp_path / "cache"}',
-      '--config.data.val_fraction=0.2',
-      '--config.train.batch_size=16',
-      '--config.eval.batch_size=32',
-  ]
+    evaluate.evaluate_checkpoint(config, trained_vit.workdir, 'best')
 
 
 def test_a_user_mistake_exits_2_with_its_message_alone(
-    tiny_data_root, tmp_path
+    smoke_config, tmp_path, capsys
 ):
-  proc = _main(
-      '--config=configs/avit.py:smoke',
-      f'--workdir={tmp_path / "avit"}',
-      f'--config.sparse.init_from={tmp_path / "no_vit"}',
-      *_cli_config(tiny_data_root, tmp_path),
-  )
-  assert proc.returncode == 2
-  assert 'Train the ViT first' in proc.stderr
-  assert 'Traceback' not in proc.stderr
+  c = avit_config.get_config('smoke')
+  c.data, c.sparse.init_from = smoke_config.data, str(tmp_path / 'no_vit')
+  assert main.run(c, str(tmp_path / 'avit'), 'train') == 2
+  error = capsys.readouterr().err
+  assert error.startswith('vitjax: ') and 'Train the ViT first' in error
+  assert 'Traceback' not in error
 
 
+@pytest.mark.slow
 def test_a_signal_before_the_first_step_stops_after_it_saved(
     smoke_config, tmp_path, monkeypatch
 ):
+  smoke_config.train.final_evaluation = False
   make_pipeline = pipelines.make
 
   def pipeline_then_sigterm(*args, **kwargs):
@@ -354,39 +348,26 @@ def test_a_signal_before_the_first_step_stops_after_it_saved(
     assert ckpts.latest_step() == 1
 
 
-def test_sigterm_saves_the_step_and_a_rerun_resumes(tiny_data_root, tmp_path):
-  workdir = tmp_path / 'run'
-  args = [
-      '--config=configs/vit.py:smoke',
-      f'--workdir={workdir}',
-      *_cli_config(tiny_data_root, tmp_path),
-      '--config.train.epochs=6',
-      '--config.train.eval_every_epochs=3',
-      '--config.train.log_every_steps=5',
-  ]
-  proc = subprocess.Popen(
-      [sys.executable, '-m', 'vitjax.main', *args],
-      stdout=subprocess.DEVNULL,
-      stderr=subprocess.PIPE,
-      text=True,
-  )
-  metrics = workdir / 'metrics.jsonl'
-  deadline = time.monotonic() + 240
-  while not (metrics.exists() and metrics.read_text()):
-    assert proc.poll() is None and time.monotonic() < deadline
-    time.sleep(0.2)
-  proc.send_signal(signal.SIGTERM)
-  _, stderr = proc.communicate(timeout=120)
-  assert proc.returncode == 128 + signal.SIGTERM, stderr
-  assert 'stopped by SIGTERM at step' in stderr
-  assert 'Traceback' not in stderr
+@pytest.mark.slow
+def test_sigterm_saves_the_step_and_a_rerun_resumes(
+    smoke_config, tmp_path, monkeypatch, capsys, caplog
+):
+  workdir = str(tmp_path / 'run')
+  smoke_config.train.eval_every_epochs = 2.0  # of 2: the last step alone
+  smoke_config.train.final_evaluation = False
+  # SIGTERM to this process between two log steps, as a scheduler sends it.
+  _at_step(monkeypatch, 12, lambda: os.kill(os.getpid(), signal.SIGTERM))
+  assert main.run(smoke_config, workdir, 'train') == 128 + signal.SIGTERM
+  stderr = capsys.readouterr().err
+  assert 'stopped by SIGTERM at step' in stderr and 'Traceback' not in stderr
   with checkpoint.Checkpoints(workdir) as ckpts:
     stopped_at = ckpts.latest_step()
     assert ckpts.best_step() is None  # saved, not validated
-  assert 0 < stopped_at < 93
-  assert _records(workdir)[-1]['step'] == stopped_at
-  proc = _main(*args)
-  assert proc.returncode == 0, proc.stderr
-  assert f'Resuming from step {stopped_at} of 93' in proc.stderr
+  assert 12 <= stopped_at < 31
+  assert f'at step {stopped_at}, which is saved' in stderr
+  assert _records(tmp_path / 'run')[-1]['step'] == stopped_at
+  with caplog.at_level('INFO'):
+    assert main.run(smoke_config, workdir, 'train') == 0
+  assert f'Resuming from step {stopped_at} of 31' in caplog.text
   with checkpoint.Checkpoints(workdir) as ckpts:
-    assert ckpts.latest_step() == 93
+    assert ckpts.latest_step() == 31

@@ -11,6 +11,8 @@ import pytest
 import vitjax
 from vitjax import checkpoint, errors, workdir
 
+from tests.conftest import subprocess_env
+
 
 def test_a_live_workdir_is_locked(tmp_path):
   lock = workdir.WorkdirLock(tmp_path)
@@ -83,7 +85,12 @@ def test_clu_writers_and_progress_load_without_tensorflow(tmp_path):
       writer.close()
       assert sys.modules['tensorflow'] is None
   """)
-  subprocess.run([sys.executable, '-c', script], check=True, timeout=120)
+  subprocess.run(
+      [sys.executable, '-c', script],
+      check=True,
+      timeout=120,
+      env=subprocess_env(1),
+  )
   assert list(tmp_path.glob('events.out.tfevents.*'))
   assert json.loads((tmp_path / 'metrics.jsonl').read_text()) == {
       'split': 'train',

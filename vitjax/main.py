@@ -19,6 +19,7 @@ FLAGS = flags.FLAGS
 
 
 def define_flags(values: flags.FlagValues = FLAGS) -> None:
+  """The command's flags, on `values`."""
   config_flags.DEFINE_config_file(
       'config',
       None,
@@ -41,9 +42,6 @@ def define_flags(values: flags.FlagValues = FLAGS) -> None:
       flag_values=values,
   )
   flags.mark_flags_as_required(['config', 'workdir'], flag_values=values)
-
-
-define_flags()
 
 
 def run(config: ConfigDict, workdir: str, mode: str) -> int:
@@ -126,4 +124,7 @@ def parse_flags(argv: list[str], values: flags.FlagValues = FLAGS) -> list[str]:
 
 
 if __name__ == '__main__':
+  # Defined here, not on import: a process that imports this module (the
+  # tests) keeps its global flags free.
+  define_flags()
   app.run(main, flags_parser=parse_flags)
