@@ -79,18 +79,26 @@ def test_clu_writers_and_progress_load_without_tensorflow(tmp_path):
       sys.modules['tensorflow'] = None  # as if it were not installed
       from pathlib import Path
       from vitjax import train, workdir
-      writer, progress = workdir.writers(Path({str(tmp_path)!r}), 0, 10)
+      writer, progress = workdir.writers(Path({str(tmp_path)!r}), 0, 10, 2)
       writer.write_scalars(1, {{'train/loss': 1.0}})
-      progress(1)
+      from clu import metric_writers  # with the stand-in, which drops images
+      metric_writers.create_default_writer(
+          Path({str(tmp_path / 'images')!r}), asynchronous=False
+      ).write_images(1, {{'x': __import__('numpy').zeros((1, 2, 2, 3))}})
+      # clu's progress line at log steps (the first call only starts it).
+      assert [progress(s) for s in (1, 2, 3, 4)] == [False, True, False, True]
       writer.close()
       assert sys.modules['tensorflow'] is None
   """)
-  subprocess.run(
+  stderr = subprocess.run(
       [sys.executable, '-c', script],
       check=True,
       timeout=120,
       env=subprocess_env(1),
-  )
+      capture_output=True,
+      text=True,
+  ).stderr
+  assert "['x'] not written (TensorBoard without TensorFlow" in stderr
   assert list(tmp_path.glob('events.out.tfevents.*'))
   assert json.loads((tmp_path / 'metrics.jsonl').read_text()) == {
       'split': 'train',

@@ -99,7 +99,7 @@ def train_and_evaluate(
     )
     # A budgeted run's end moves: its re-plans stand for the ETA.
     writer, report_progress = workdir_lib.writers(
-        workdir, start, None if budget.replans else budget.end_step
+        workdir, start, None if budget.replans else budget.end_step, log_every
     )
     run.callback(writer.close)
     # A window: the steps between two log lines, whose metrics accumulate.
@@ -132,7 +132,9 @@ def train_and_evaluate(
         train_seconds += seconds
         scalars['epoch'] = step / steps_per_epoch
         scalars['images_per_second'] = (
-            (step - window_start) * config.train.batch_size / seconds
+            (step - window_start)
+            * config.train.batch_size
+            / max(seconds, 1e-9)  # a clock too coarse for a short window
         )
         writer.write_scalars(
             step, {f'train/{k}': v for k, v in scalars.items()}

@@ -200,11 +200,14 @@ def write_json(path: Path, value: Any) -> None:
 # --- metrics -------------------------------------------------------------
 
 
-def writers(workdir: Path, resume_step: int, total_steps: int | None):
+def writers(
+    workdir: Path, resume_step: int, total_steps: int | None, log_every: int
+):
   """What a run writes while it trains: clu's default writer (the log on
   every process; TensorBoard events on process 0) with metrics.jsonl on
-  process 0, and clu's progress report (steps/s, and the ETA of a run of
-  `total_steps`). Returns (writer, report_progress)."""
+  process 0, and clu's progress report every `log_every` steps (steps/s,
+  and the ETA of a run of `total_steps`). Returns (writer,
+  report_progress)."""
   _tensorboard_without_tensorflow()
   # pylint: disable=g-import-not-at-top
   from clu import metric_writers, periodic_actions
@@ -218,7 +221,7 @@ def writers(workdir: Path, resume_step: int, total_steps: int | None):
         [writer, JsonlWriter(workdir / METRICS_FILE, resume_step)]
     )
   progress = periodic_actions.ReportProgress(
-      num_train_steps=total_steps, every_steps=None, every_secs=None
+      num_train_steps=total_steps, every_steps=log_every, every_secs=None
   )
   return writer, progress
 
