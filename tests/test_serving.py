@@ -1,6 +1,7 @@
 """Serving a trained run: without its data, in int8, exported, and from the
 command line."""
 
+import importlib
 import json
 from pathlib import Path
 import subprocess
@@ -13,9 +14,12 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from vitjax import checkpoint, errors, evaluate, predict, quant
+from vitjax import checkpoint, errors, evaluate, models, predict, quant
 from vitjax import serving, parallel
 from vitjax.data import sources
+from vitjax.evaluators.classification import Predictor
+
+from tests.conftest import jit_init
 
 
 def _run_config(workdir: Path) -> ConfigDict:
@@ -208,3 +212,94 @@ def test_int8_without_a_saved_model_or_the_data_says_how_to_serve(
   assert serving.load(workdir).description['precision'] != 'int8'  # float
   with pytest.raises(sources.DataError, match='static activation scales'):
     serving.load(workdir, int8=True)
+
+
+@pytest.mark.parametrize('family', ['vit', 'dynamic_vit', 'avit'])
+def test_every_family_exports_the_function_it_serves(family, tmp_path):
+  config = importlib.import_module(f'configs.{family}').get_config('smoke')
+  config.model.dtype = 'float32'
+  model = models.create(config.model, 10)
+  images = np.random.default_rng(0).integers(0, 256, (3, 32, 32, 3), np.uint8)
+  variables = jit_init(
+      model, jax.random.key(0), images[:1].astype(np.float32), train=False
+  )
+  served = serving.Served(
+      Predictor(model, {'params': variables['params']}), list('abcdefghij'), {}
+  )
+  path = serving.export(served, tmp_path / 'model.jax')
+  exported = jax.export.deserialize(bytearray(path.read_bytes()))
+  np.testing.assert_allclose(
+      exported.call(images), served.probabilities(images), rtol=1e-5, atol=1e-6
+  )
+  # A-ViT's artifact runs the masked path, for any batch size: no branch on
+  # the tokens still active, as its compact path at batch 1 has.
+  assert 'case' not in exported.mlir_module()
+  if family == 'avit':
+    compact = jax.jit(served.predictor.logits).lower(
+        served.predictor.variables, images[:1]
+    )
+    assert 'case' in compact.as_text()
+
+
+def test_a_file_that_does_not_decode_is_a_reason_whatever_pillow_raises(
+    tmp_path, monkeypatch
+):
+  good = tmp_path / 'good.png'
+  noise = np.random.default_rng(0).integers(0, 256, (256, 256, 3), np.uint8)
+  Image.fromarray(noise).save(good)  # its data in 4 IDAT chunks
+  data = good.read_bytes()
+  second = data.index(b'IDAT', data.index(b'IDAT') + 1)
+  broken = {
+      # The second data chunk misnamed: load() raises SyntaxError('broken
+      # PNG file'), which is no OSError.
+      'chunk.png': data[:second] + b'\0\1\2\3' + data[second + 4 :],
+      'cut.png': data[: len(data) // 2],
+      'header.png': data[:20],
+  }
+  for name, content in broken.items():
+    (tmp_path / name).write_bytes(content)
+    reason = serving.read_image(tmp_path / name)
+    assert isinstance(reason, str) and reason.startswith('not an image'), name
+  # Over Pillow's warning limit (under its error limit): refused, not
+  # decoded.
+  monkeypatch.setattr(Image, 'MAX_IMAGE_PIXELS', 40_000)  # 256 x 256
+  assert 'DecompressionBombWarning' in serving.read_image(good)
+
+
+def test_a_photo_decodes_reduced_before_it_is_resized(tmp_path, monkeypatch):
+  photo = tmp_path / 'photo.jpg'
+  Image.fromarray(np.full((512, 384, 3), 200, np.uint8)).save(photo)
+  sizes = []
+  transpose = serving.ImageOps.exif_transpose
+  monkeypatch.setattr(
+      serving.ImageOps,
+      'exif_transpose',
+      lambda im: sizes.append(im.size) or transpose(im),
+  )
+  image = serving.read_image(photo)
+  assert image.shape == (32, 32, 3) and abs(int(image.mean()) - 200) <= 2
+  assert sizes == [(48, 64)]  # 1/8 of 384 x 512, at least 32 x 32
+
+
+@pytest.mark.parametrize(
+    'flag, message',
+    [
+        ('--checkpoint=bset', "--checkpoint='bset': expected 'best'"),
+        ('--export={tmp}', '--export={tmp}: is a folder'),
+    ],
+)
+def test_predict_names_a_bad_flag_in_one_line(
+    flag, message, trained_vit_workdir, tmp_path, capsys
+):
+  Image.new('RGB', (32, 32)).save(tmp_path / 'a.png')
+  argv = ['predict', f'--workdir={trained_vit_workdir}']
+  argv += [flag.format(tmp=tmp_path), str(tmp_path / 'a.png')]
+  try:
+    with pytest.raises(SystemExit) as stopped:
+      predict.main(flags.FLAGS(argv))
+  finally:
+    flags.FLAGS.unparse_flags()
+  assert stopped.value.code == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1, lines
+  assert lines[0].startswith(f'vitjax: {message.format(tmp=tmp_path)}')

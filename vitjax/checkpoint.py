@@ -202,9 +202,9 @@ class Checkpoints:
           else f'no validated checkpoint (steps {sorted(steps)})'
       )
       raise CheckpointError(
-          f'{what} in {str(self.directory)!r} for eval.checkpoint='
-          f'{which!r}. Train first: python -m vitjax.main --config=<the same '
-          f'config> --workdir={str(self.directory.parent)!r}'
+          f'{what} in {str(self.directory)!r} to take as {which!r}. Train '
+          'first: python -m vitjax.main --config=<the same config> '
+          f'--workdir={str(self.directory.parent)!r}'
       )
     return step
 

@@ -12,13 +12,15 @@ first if the object fills only part of it. The model, its config and class
 names come from the workdir (vitjax/serving.py); the checkpoint is the best
 one unless --checkpoint names another. Printed: the top classes of each
 image with their probabilities, or with --json one JSON document. A file
-that does not decode as an image is named on stderr and skipped; the
-others are still classified (exit status 2 if none is an image).
+that does not decode as an image, whatever the reason, is named on stderr
+and skipped; the others are still classified (exit status 2 if none is an
+image).
 
 --export writes the served function, weights included, as a jax.export
 artifact (and FILE.json: its class names and what it serves), which runs
 with jax alone: jax.export.deserialize(open(FILE, 'rb').read()).call(x),
-x uint8 [batch, 32, 32, 3] -> class probabilities [batch, classes].
+x uint8 [batch, 32, 32, 3] -> class probabilities [batch, classes]. (A-ViT
+exports its masked path: the same predictions, no token skipped.)
 """
 
 from __future__ import annotations
@@ -59,6 +61,14 @@ def main(argv):
 
   if _TOP.value < 1:
     _fail(f'--top={_TOP.value}: expected at least 1.')
+  which = _CHECKPOINT.value
+  if which not in ('best', 'latest') and not which.isdigit():
+    _fail(f"--checkpoint={which!r}: expected 'best', 'latest' or a step.")
+  if _EXPORT.value and os.path.isdir(_EXPORT.value):
+    _fail(
+        f'--export={_EXPORT.value}: is a folder; name the file to write,'
+        f' e.g. --export={os.path.join(_EXPORT.value, "model.jax")}.'
+    )
   try:
     files = serving.image_files(argv[1:])
     if not files and not _EXPORT.value:
@@ -67,11 +77,14 @@ def main(argv):
           + (f' in {" ".join(argv[1:])}' if argv[1:] else '')
           + ': name image files or folders.'
       )
-    served = serving.load(_WORKDIR.value, _CHECKPOINT.value, _INT8.value)
+    served = serving.load(_WORKDIR.value, which, _INT8.value)
   except errors.UserError as e:
     _fail(str(e))
   if _EXPORT.value:
-    path = serving.export(served, _EXPORT.value)
+    try:
+      path = serving.export(served, _EXPORT.value)
+    except OSError as e:  # a folder on the way that is a file, no permission
+      _fail(f'--export={_EXPORT.value}: {e.strerror or e}.')
     print(f'Wrote {path} and {path}.json', file=sys.stderr)
     if not files:
       return

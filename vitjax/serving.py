@@ -17,7 +17,8 @@ them (vitjax/predict.py is the command line).
 artifact (StableHLO with a symbolic batch size, for the platform it was
 exported on), which jax alone runs, without this package:
 jax.export.deserialize(bytes).call(images). Input: uint8 images [batch, 32, 32, 3]
-in [0, 255]; output: float32 class probabilities [batch, classes].
+in [0, 255]; output: float32 class probabilities [batch, classes]. A-ViT
+exports its masked path (the compact one needs a batch size it can count).
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ import dataclasses
 import json
 from pathlib import Path
 from typing import Any
+import warnings
 
 import jax
 import jax.numpy as jnp
 from ml_collections import ConfigDict
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 
 from vitjax import checkpoint, errors, families, quant, trainer
 from vitjax import workdir as workdir_lib
@@ -171,27 +173,33 @@ def read_image(path: Path):
   """uint8 [32, 32, 3], or why the file is not an image (a str).
 
   Turned upright by its EXIF orientation; 16-bit greyscale scaled to 8
-  bits; transparent pixels over white.
+  bits; transparent pixels over white. A file that does not decode, whatever
+  Pillow raises for it (a broken PNG raises SyntaxError, a cut one EOFError
+  or OSError, ...), and an image over Pillow's decompression-bomb warning
+  limit are reasons, not exceptions: one bad file among many is skipped.
   """
   try:
-    with Image.open(path) as im:
-      im = ImageOps.exif_transpose(im)
-      if im.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
-        im = Image.fromarray(
-            (np.asarray(im, np.float64) / 257.0).clip(0, 255).astype(np.uint8)
-        )
-      if im.mode in ('RGBA', 'LA', 'PA') or 'transparency' in im.info:
-        rgba = im.convert('RGBA')
-        im = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
-        im.alpha_composite(rgba)
-      im = im.convert('RGB').resize(
-          IMAGE_SHAPE[1::-1], Image.Resampling.BICUBIC
-      )
-      return np.asarray(im, np.uint8)
-  except (
-      UnidentifiedImageError,
-      Image.DecompressionBombError,
-      OSError,
-      ValueError,
-  ) as e:
+    with warnings.catch_warnings():
+      warnings.simplefilter('error', Image.DecompressionBombWarning)
+      return _read_image(path)
+  except Exception as e:  # pylint: disable=broad-exception-caught
     return f'not an image ({e.__class__.__name__}: {e})'
+
+
+def _read_image(path: Path) -> np.ndarray:
+  with Image.open(path) as im:
+    # A JPEG decodes at the smallest power-of-two reduction that keeps at
+    # least 32x32 pixels: a photo is never decoded at full size to be
+    # shrunk to 32x32.
+    im.draft(None, IMAGE_SHAPE[1::-1])
+    im = ImageOps.exif_transpose(im)
+    if im.mode in ('I;16', 'I;16B', 'I;16L', 'I'):
+      im = Image.fromarray(
+          (np.asarray(im, np.float64) / 257.0).clip(0, 255).astype(np.uint8)
+      )
+    if im.mode in ('RGBA', 'LA', 'PA') or 'transparency' in im.info:
+      rgba = im.convert('RGBA')
+      im = Image.new('RGBA', rgba.size, (255, 255, 255, 255))
+      im.alpha_composite(rgba)
+    im = im.convert('RGB').resize(IMAGE_SHAPE[1::-1], Image.Resampling.BICUBIC)
+    return np.asarray(im, np.uint8)
