@@ -1,6 +1,7 @@
 """A run's folder: its lock, the version that wrote it, and its metrics
 through clu's writers (also without TensorFlow)."""
 
+import copy
 import json
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import pytest
 import vitjax
 from vitjax import checkpoint, errors, workdir
 
+from configs import vit as vit_config
 from tests.conftest import subprocess_env
 
 
@@ -105,3 +107,24 @@ def test_clu_writers_and_progress_load_without_tensorflow(tmp_path):
       'step': 1,
       'loss': 1.0,
   }
+
+
+def test_a_resume_keeps_what_training_reads_eval_use_ema_too(tmp_path):
+  config = vit_config.get_config('smoke')
+  workdir.write_json(
+      tmp_path / 'config.json', json.loads(config.to_json_best_effort())
+  )
+  workdir.write_json(
+      tmp_path / workdir.RUN_FILE, {'vitjax_version': vitjax.__version__}
+  )
+  changed = copy.deepcopy(config)
+  changed.eval.batch_size *= 2  # evaluation alone: free to change
+  workdir.check_config(changed, tmp_path)
+  # Which weights validation scores decides which checkpoint is best.
+  changed.eval.use_ema = not config.eval.use_ema
+  with pytest.raises(errors.ConfigError, match='eval.use_ema was True'):
+    workdir.check_config(changed, tmp_path)
+  changed = copy.deepcopy(config)
+  changed.optim.lr *= 2
+  with pytest.raises(errors.ConfigError, match='optim.lr was'):
+    workdir.check_config(changed, tmp_path)
