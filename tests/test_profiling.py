@@ -78,6 +78,11 @@ def test_the_int8_serving_step_is_sorted_into_its_kinds_of_work():
       (r.seconds for r in rows), reverse=True
   )
   assert 'int8 matmul' in profiling.format_shares(rows)
+  # A trace with none of these thunks (another program, renamed events)
+  # is no table of zero rows.
+  renamed = {f'other.{name}': t for name, t in traced.seconds.items()}
+  with pytest.raises(ValueError, match='is one of the compiled'):
+    profiling.shares(ops, renamed)
 
 
 def test_a_float_model_has_no_int8_work():

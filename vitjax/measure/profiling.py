@@ -254,14 +254,22 @@ class Share:
 
 def shares(ops: dict[str, Op], seconds: dict[str, float]) -> list[Share]:
   """Time per kind of work, largest first. Events that are not thunks of
-  `ops` (the executor's own spans, other programs) are left out."""
+  `ops` (the executor's own spans, other programs) are left out; none
+  matching at all is an error, not an empty table."""
   by_kind = collections.defaultdict(float)
   count = collections.Counter()
   for name, op in ops.items():
     if name in seconds:
       by_kind[op.kind] += seconds[name]
       count[op.kind] += 1
-  total = sum(by_kind.values()) or 1.0
+  if not by_kind:
+    raise ValueError(
+        f'None of the {len(seconds)} traced events is one of the compiled '
+        f"function's {len(ops)} thunks (e.g. {sorted(ops)[:3]}): the trace "
+        'is of another program, or the profiler names its events otherwise '
+        'than this module reads them.'
+    )
+  total = sum(by_kind.values())
   return sorted(
       (Share(k, s, s / total, count[k]) for k, s in by_kind.items()),
       key=lambda s: -s.seconds,
