@@ -90,9 +90,13 @@ def test_tfds_source_draws_the_profile(tmp_path):
   cfg.test_per_class = 5
   with tfds.testing.mock_data(num_examples=600):
     d = sources.load(cfg, seed=0)
+    other_seed = sources.load(cfg, seed=1)
   assert tuple(d.train.counts(10) + d.val.counts(10)) == cfg.train_profile
   assert list(d.test.counts(10)) == [5] * 10
   assert d.class_names[0] == 'airplane'
+  # Every seed is scored on the same test images.
+  np.testing.assert_array_equal(other_seed.test.images, d.test.images)
+  np.testing.assert_array_equal(other_seed.test.labels, d.test.labels)
 
 
 @pytest.mark.parametrize(
