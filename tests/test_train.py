@@ -14,7 +14,7 @@ import pytest
 
 from configs import avit as avit_config
 from vitjax import checkpoint, errors, evaluate, families, main, models
-from vitjax import parallel, train, trainer
+from vitjax import parallel, train, trainer, workdir as workdir_lib
 from vitjax.data import pipelines, sources
 
 
@@ -177,6 +177,14 @@ def test_eval_mode_restores_best_latest_or_a_step(trained_vit):
       checkpoint.CheckpointError, match='no checkpoint at step 7'
   ):
     evaluate.evaluate_checkpoint(config, run, 7)
+
+
+def test_eval_mode_waits_for_no_live_run(trained_vit, capsys):
+  # A live run's final evaluation writes the reports and the int8 save
+  # that --mode=eval would write.
+  with workdir_lib.WorkdirLock(trained_vit.workdir):
+    assert main.run(trained_vit.config, str(trained_vit.workdir), 'eval') == 2
+  assert 'is in use by a live run' in capsys.readouterr().err
 
 
 def test_a_checkpoint_that_does_not_fit_is_named(trained_vit, tmp_path):

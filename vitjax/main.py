@@ -5,6 +5,7 @@ python -m vitjax.main --config=configs/vit.py --workdir=... --mode=eval
 python -m vitjax.main --config=configs/vit.py:cpu --config.model.depth=6 ...
 """
 
+import contextlib
 import logging as std_logging
 import os
 from pathlib import Path
@@ -49,6 +50,7 @@ def run(config: ConfigDict, workdir: str, mode: str) -> int:
   its message alone (status 2), a stop signal after its save says how to
   resume (128 + its number); a bug keeps its traceback."""
   # pylint: disable=g-import-not-at-top
+  import jax
   from vitjax import errors, evaluate, parallel, time_budget, train
   from vitjax import workdir as workdir_lib
   from vitjax.measure import machine
@@ -72,7 +74,14 @@ def run(config: ConfigDict, workdir: str, mode: str) -> int:
     if mode == 'train':
       train.train_and_evaluate(config, workdir, t_start)
     else:
-      evaluate.evaluate_checkpoint(config, workdir, config.eval.checkpoint)
+      with contextlib.ExitStack() as held:
+        # Evaluation writes reports and the int8 save: not beside a live
+        # run's final evaluation writing the same files.
+        if jax.process_index() == 0 and Path(workdir).expanduser().is_dir():
+          held.enter_context(
+              workdir_lib.WorkdirLock(Path(workdir).expanduser())
+          )
+        evaluate.evaluate_checkpoint(config, workdir, config.eval.checkpoint)
   except errors.UserError as e:
     print(f'vitjax: {e}', file=sys.stderr, flush=True)
     return 2
