@@ -294,6 +294,14 @@ def test_the_compact_path_computes_what_the_masked_path_does():
       # One program, no host round trip: nothing leaves the device.
       run = jax.jit(lambda p, x: compact.apply({'params': p}, x, train=False))
       args = jax.device_put((params, x))
+      # The compact path ran: a branch per block on the active count, which
+      # the masked path has none of.
+      assert 'cond[' in str(jax.make_jaxpr(run)(*args))
+      assert 'cond[' not in str(
+          jax.make_jaxpr(
+              lambda p, x: masked.apply({'params': p}, x, train=False)
+          )(*args)
+      )
       with jax.transfer_guard('disallow'):
         l2, a2 = run(*args)
       np.testing.assert_allclose(l1, l2, atol=1e-5)
