@@ -1,8 +1,11 @@
 """Imbalance-aware losses and batch mixing."""
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import common
@@ -173,3 +176,73 @@ def test_mixing_off_is_identity():
   targets = jnp.eye(4)
   x, t = mixing.mix(jax.random.key(0), images, targets, aug)
   assert x is images and t is targets
+
+
+class _Fixed:
+  """A stand-in model whose forward returns fixed outputs."""
+
+  def __init__(self, logits, aux, stages=(), keep_ratio=1.0):
+    self.outputs, self._stages, self.keep_ratio = (
+        (logits, aux),
+        stages,
+        keep_ratio,
+    )
+
+  def stages(self):
+    return self._stages
+
+  def apply(self, *args, **kwargs):
+    del args, kwargs
+    return self.outputs
+
+
+def test_dynamic_vit_loss_is_the_official_distill_diff_pruning_loss():
+  rng = np.random.default_rng(0)
+  b, n, c, classes, rho = 4, 6, 5, 3, 0.7
+  logits, t_logits = rng.normal(size=(2, b, classes)).astype(np.float32)
+  tokens, t_tokens = rng.normal(size=(2, b, n, c)).astype(np.float32)
+  # Cumulative hard keep decisions of 3 stages, per image.
+  policies = np.cumprod(rng.random((3, b, n)) < 0.8, axis=0).astype(np.float32)
+  labels = np.array([0, 2, 1, 1])
+  student = _Fixed(
+      logits, {'policies': policies, 'tokens': tokens}, (1, 2, 3), rho
+  )
+  teacher = _Fixed(t_logits, {'tokens': t_tokens})
+  ce = lambda logits, targets, step: _cross_entropy(logits, targets)
+  objective = objectives.DynamicViTObjective(
+      student,
+      ce,
+      types.SimpleNamespace(model=teacher, params={}),
+      ratio_weight=2.0,
+      kl_weight=0.5,
+      token_weight=0.5,
+  )
+  loss, (_, extras) = objective({}, None, labels, 0, {})
+  # DistillDiffPruningLoss_dynamic (raoyongming/DynamicViT losses.py), in
+  # NumPy: the ratio loss per stage is the batch mean of the squared gap
+  # between each image's kept share and rho^s; KL(teacher || student) with
+  # 'batchmean'; the token MSE over the tokens the last stage kept.
+  pred_loss = sum(
+      ((policies[s].mean(1) - rho ** (s + 1)) ** 2).mean() for s in range(3)
+  )
+  log_p, log_t = _log_softmax(logits), _log_softmax(t_logits)
+  cls_kl = (np.exp(log_t) * (log_t - log_p)).sum() / b
+  kept = policies[-1].reshape(b * n) > 0.5
+  token_mse = (
+      (tokens.reshape(b * n, c)[kept] - t_tokens.reshape(b * n, c)[kept]) ** 2
+  ).mean()
+  cls_loss = -log_p[np.arange(b), labels].mean()
+  want = cls_loss + 2.0 * pred_loss / 3 + 0.5 * cls_kl + 0.5 * token_mse
+  np.testing.assert_allclose(float(loss), want, rtol=1e-5)
+  np.testing.assert_allclose(float(extras['ratio_loss']), pred_loss, rtol=1e-5)
+  np.testing.assert_allclose(float(extras['kl_loss']), cls_kl, rtol=1e-5)
+  np.testing.assert_allclose(float(extras['token_loss']), token_mse, rtol=1e-5)
+
+
+def _log_softmax(x):
+  x = x - x.max(-1, keepdims=True)
+  return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+
+def _cross_entropy(logits, labels):
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()

@@ -256,9 +256,12 @@ class DynamicViTObjective:
 def halting_prior(
     depth: int, mean: float, std: float, faithful: bool
 ) -> jax.Array:
-  """A-ViT's target distribution of halting over blocks: a Gaussian at
-  `mean`. The official code rescales it so its mass before `mean` is 0.98
-  (so it does not sum to 1); the corrected one is normalised."""
+  """A-ViT's target distribution of halting over the blocks l = 0 ..
+  depth-1 (the share of tokens that halt at block l): the Gaussian density
+  of N(mean, std^2) taken at each block index. Corrected: normalised to sum
+  1 over the blocks, a distribution. faithful=True, the official code's:
+  rescaled so that the blocks before `mean` hold 0.98, so it sums to more
+  than 1 (3.26 over 12 blocks at mean 8, std 1)."""
   blocks = jnp.arange(depth, dtype=jnp.float32)
   pdf = jnp.exp(-0.5 * ((blocks - mean) / std) ** 2) / (
       std * jnp.sqrt(2 * jnp.pi)
