@@ -19,7 +19,7 @@ from vitjax import serving, parallel
 from vitjax.data import sources
 from vitjax.evaluators.classification import Predictor
 
-from tests.conftest import jit_init
+from tests.conftest import FAMILIES, jit_init
 
 
 def _run_config(workdir: Path) -> ConfigDict:
@@ -214,7 +214,7 @@ def test_int8_without_a_saved_model_or_the_data_says_how_to_serve(
     serving.load(workdir, int8=True)
 
 
-@pytest.mark.parametrize('family', ['vit', 'dynamic_vit', 'avit'])
+@pytest.mark.parametrize('family', FAMILIES)
 def test_every_family_exports_the_function_it_serves(family, tmp_path):
   config = importlib.import_module(f'configs.{family}').get_config('smoke')
   config.model.dtype = 'float32'
