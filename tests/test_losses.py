@@ -218,10 +218,11 @@ def test_dynamic_vit_loss_is_the_official_distill_diff_pruning_loss():
       token_weight=0.5,
   )
   loss, (_, extras) = objective({}, None, labels, 0, {})
-  # DistillDiffPruningLoss_dynamic (raoyongming/DynamicViT losses.py), in
-  # NumPy: the ratio loss per stage is the batch mean of the squared gap
-  # between each image's kept share and rho^s; KL(teacher || student) with
-  # 'batchmean'; the token MSE over the tokens the last stage kept.
+  # DistillDiffPruningLoss (raoyongming/DynamicViT losses.py, mse_token
+  # on, the keep share per image: score.mean(1)), in NumPy: the ratio loss
+  # per stage is the batch mean of the squared gap between each image's
+  # kept share and rho^s; KL(teacher || student) with 'batchmean'; the
+  # token MSE over the tokens the last stage kept.
   pred_loss = sum(
       ((policies[s].mean(1) - rho ** (s + 1)) ** 2).mean() for s in range(3)
   )
