@@ -19,7 +19,7 @@ from vitjax import serving, parallel
 from vitjax.data import sources
 from vitjax.evaluators.classification import Predictor
 
-from tests.conftest import FAMILIES, jit_init
+from tests.conftest import FAMILIES, jit_init, make_image_tree
 
 
 def _run_config(workdir: Path) -> ConfigDict:
@@ -211,6 +211,11 @@ def test_int8_without_a_saved_model_or_the_data_says_how_to_serve(
   (workdir / 'config.json').write_text(json.dumps(config))
   assert serving.load(workdir).description['precision'] != 'int8'  # float
   with pytest.raises(sources.DataError, match='static activation scales'):
+    serving.load(workdir, int8=True)
+  # Data there, but not the run's: its images could be the run's
+  # validation images, as evaluation checks too.
+  make_image_tree(tmp_path / 'moved', [30] * 10, [8] * 10)
+  with pytest.raises(sources.DataError, match='data split differs'):
     serving.load(workdir, int8=True)
 
 

@@ -109,6 +109,9 @@ def load(
           'the data is (python -m vitjax.main --mode=eval '
           '--config.eval.quant=int8 ...), which saves one.'
       ) from None
+    # As evaluation does: images of another split could be validation
+    # images of this run.
+    workdir_lib.check_split(workdir, data.split_id)
     images = quant.calibration_sample(data.train.images, quant_cfg, config.seed)
   server = quant.Int8Server.convert(
       model, quant_cfg, params, calibration_images=images
