@@ -28,7 +28,7 @@ def vit_workdir(trained_vit_workdir):
 
 @pytest.mark.slow
 def test_dynamic_vit_starts_from_the_vit_and_reports_against_it(
-    smoke_config, vit_workdir, tmp_path
+    smoke_config, vit_workdir, tmp_path, capsys
 ):
   c = _sparse_config(dvit_config.get_config, smoke_config, vit_workdir)
   report = train.train_and_evaluate(c, str(tmp_path / 'dvit'))
@@ -41,6 +41,13 @@ def test_dynamic_vit_starts_from_the_vit_and_reports_against_it(
   # Timed together with its teacher: both batches, ratios with a spread.
   speed = report['speed']['model']
   assert speed['speedup_over'] == 'teacher'
+  # Each side named with its precision (an int8 student's would differ).
+  precision = report['precision']
+  assert report['teacher']['precision'] == precision
+  assert (
+      f'speed-up of this {precision} model over the {precision} teacher, '
+      'timed interleaved' in capsys.readouterr().out
+  )
   for at in ('batch 16', 'batch 1'):
     r = speed['speedup'][at]
     assert 0 < r['q25'] <= r['median'] <= r['q75'], at

@@ -83,8 +83,11 @@ def format_table(report: dict[str, Any], class_names: tuple[str, ...]) -> str:
         f'MACs ratio {c["macs_per_image"] / t["cost"]["macs_per_image"]:.3f}'
     )
     if speed:
+      ours, theirs = report['precision'], t['precision']
       rows.append(
-          'speed-up over the teacher, timed interleaved: '
+          f'speed-up of this {ours} model over the {theirs} teacher'
+          + ('' if ours == theirs else ' (not the same precision)')
+          + ', timed interleaved: '
           + '; '.join(
               f'{at} {format_spread(r, "x")}'
               for at, r in speed['speedup'].items()
