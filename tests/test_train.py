@@ -179,6 +179,16 @@ def test_eval_mode_restores_best_latest_or_a_step(trained_vit):
     evaluate.evaluate_checkpoint(config, run, 7)
 
 
+def test_a_workdir_that_cannot_be_made_is_one_line(
+    smoke_config, tmp_path, capsys
+):
+  (tmp_path / 'file').write_text('not a folder')
+  workdir = tmp_path / 'file' / 'run'
+  assert main.run(smoke_config, str(workdir), 'train') == 2
+  lines = capsys.readouterr().err.strip().splitlines()
+  assert len(lines) == 1 and 'check the --workdir path' in lines[0], lines
+
+
 def test_eval_mode_waits_for_no_live_run(trained_vit, capsys):
   # A live run's final evaluation writes the reports and the int8 save
   # that --mode=eval would write.

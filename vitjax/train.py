@@ -212,8 +212,15 @@ def _open_run(
       workdir_lib.record(workdir, config, data)
     else:
       workdir_lib.check_split(workdir, data.split_id)
-  except (errors.UserError, OSError) as e:
+  except errors.UserError as e:
     error = e
+  except OSError as e:  # an unwritable or misplaced workdir, mostly
+    error = errors.UserError(
+        f'{e.filename or str(workdir)!r}: {e.strerror or e}: the run cannot'
+        ' use its workdir there; check the --workdir path and its permissions.'
+    )
+  except Exception as e:  # pylint: disable=broad-exception-caught
+    error = e  # a bug: its traceback here, and the other processes stop too
   parallel.raise_together(
       error, 'the run did not start on another process (see its log).'
   )
