@@ -28,6 +28,19 @@ class CheckpointError(errors.UserError):
   """A checkpoint is missing or does not fit the model; says what to do."""
 
 
+def parse_which(which: str | int, option: str = 'eval.checkpoint') -> str | int:
+  """'best', 'latest' or a step number; anything else is a CheckpointError
+  that names the `option` it came from."""
+  if which in ('best', 'latest'):
+    return which
+  try:
+    return int(which)
+  except ValueError:
+    raise CheckpointError(
+        f"{option}={which!r}: expected 'best', 'latest' or a step number."
+    ) from None
+
+
 def _rank(metrics: dict[str, Any]) -> tuple[float, int]:
   # A new best must be strictly better: of equal scores the earlier wins.
   # orbax only sorts by this key (best_step, BestN), so a tuple serves.
@@ -176,18 +189,13 @@ class Checkpoints:
 
   def _locate(self, which: str | int, *, required: bool) -> int | None:
     steps = self._manager.all_steps()
+    which = parse_which(which)
     if which == 'best':
       step = self.best_step()
     elif which == 'latest':
       step = self.latest_step()
     else:
-      try:
-        step = int(which)
-      except ValueError:
-        raise CheckpointError(
-            f"eval.checkpoint={which!r}: expected 'best', 'latest' or a step "
-            'number.'
-        ) from None
+      step = which
       if step not in steps:
         if not required:
           return None

@@ -76,11 +76,11 @@ def run(config: ConfigDict, workdir: str, mode: str) -> int:
     else:
       with contextlib.ExitStack() as held:
         # Evaluation writes reports and the int8 save: not beside a live
-        # run's final evaluation writing the same files.
-        if jax.process_index() == 0 and Path(workdir).expanduser().is_dir():
-          held.enter_context(
-              workdir_lib.WorkdirLock(Path(workdir).expanduser())
-          )
+        # run's final evaluation writing the same files. (A missing workdir
+        # is not made: evaluation names it.)
+        path = Path(workdir).expanduser()
+        if jax.process_index() == 0 and path.is_dir():
+          held.enter_context(workdir_lib.WorkdirLock(path))
         evaluate.evaluate_checkpoint(config, workdir, config.eval.checkpoint)
   except errors.UserError as e:
     print(f'vitjax: {e}', file=sys.stderr, flush=True)

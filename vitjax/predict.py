@@ -57,19 +57,18 @@ def _fail(message: str) -> None:
 def main(argv):
   # pylint: disable=g-import-not-at-top
   import numpy as np
-  from vitjax import errors, serving
+  from vitjax import checkpoint, errors, serving
 
   if _TOP.value < 1:
     _fail(f'--top={_TOP.value}: expected at least 1.')
-  which = _CHECKPOINT.value
-  if which not in ('best', 'latest') and not which.isdigit():
-    _fail(f"--checkpoint={which!r}: expected 'best', 'latest' or a step.")
   if _EXPORT.value and os.path.isdir(_EXPORT.value):
     _fail(
         f'--export={_EXPORT.value}: is a folder; name the file to write,'
         f' e.g. --export={os.path.join(_EXPORT.value, "model.jax")}.'
     )
   try:
+    # Checked before the model loads, and named as this command's flag.
+    which = checkpoint.parse_which(_CHECKPOINT.value, '--checkpoint')
     files = serving.image_files(argv[1:])
     if not files and not _EXPORT.value:
       _fail(

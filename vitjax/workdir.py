@@ -156,21 +156,22 @@ def check_config(config: ConfigDict, workdir: Path) -> None:
 
 # The one evaluation setting that training reads: which weights validation
 # scores, so which checkpoint is the best.
-_TRAINING_EVAL_FIELDS = ('eval.use_ema',)
+_TRAINING_EVAL_FIELDS = ('use_ema',)
 
 
 def config_differences(workdir: Path, config: ConfigDict) -> list[str]:
   """How `config` differs from the run saved in workdir, in what training
   depends on ('optim.lr was 0.001, now 0.002'; other evaluation settings
   may change between runs without harm)."""
-  diffs = _differences(
-      saved_config(workdir).to_dict(), json.loads(config.to_json_best_effort())
-  )
-  return [
-      d
-      for d in diffs
-      if not d.startswith('eval.') or d.split()[0] in _TRAINING_EVAL_FIELDS
-  ]
+  saved = saved_config(workdir).to_dict()
+  current = json.loads(config.to_json_best_effort())
+  for fields in (saved, current):
+    fields['eval'] = {
+        k: v
+        for k, v in fields.get('eval', {}).items()
+        if k in _TRAINING_EVAL_FIELDS
+    }
+  return _differences(saved, current)
 
 
 def check_split(workdir: Path, split_id: dict[str, Any]) -> None:
