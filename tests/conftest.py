@@ -1,5 +1,6 @@
 """Shared test set-up: two fake CPU devices, tiny datasets, tiny configs."""
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -16,6 +17,8 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '3')
 
 from pathlib import Path  # pylint: disable=g-import-not-at-top,wrong-import-position
 
+from absl import flags  # pylint: disable=wrong-import-position
+from absl import logging as absl_logging  # pylint: disable=wrong-import-position
 import numpy as np  # pylint: disable=wrong-import-position
 from PIL import Image  # pylint: disable=wrong-import-position
 import pytest  # pylint: disable=wrong-import-position
@@ -61,6 +64,21 @@ def subprocess_env(devices: int = 2, **more: str) -> dict[str, str]:
       f'{_XLA_FLAGS} --xla_force_host_platform_device_count={devices}'
   )
   return env
+
+
+@contextlib.contextmanager
+def global_flags(argv: list[str]):
+  """absl's global flags parsed from argv, for a command run in this
+  process; afterwards unparsed, and absl's logger at the level it had
+  (setting the flags sets it from --verbosity, which would hide the INFO
+  lines that later tests read)."""
+  absl_logger = absl_logging.get_absl_logger()
+  level = absl_logger.level
+  try:
+    yield flags.FLAGS(argv)
+  finally:
+    flags.FLAGS.unparse_flags()
+    absl_logger.setLevel(level)
 
 
 def jit_apply(module, variables, *args, **kwargs):

@@ -7,7 +7,6 @@ from pathlib import Path
 import subprocess
 import sys
 
-from absl import flags
 import jax
 from ml_collections import ConfigDict
 import numpy as np
@@ -19,7 +18,7 @@ from vitjax import serving, parallel
 from vitjax.data import sources
 from vitjax.evaluators.classification import Predictor
 
-from tests.conftest import FAMILIES, jit_init, make_image_tree
+from tests.conftest import FAMILIES, global_flags, jit_init, make_image_tree
 
 
 def _run_config(workdir: Path) -> ConfigDict:
@@ -111,10 +110,8 @@ def test_predict_classifies_files_skips_non_images_and_exports(
   artifact = tmp_path / 'vit.jax'
   argv = ['predict', f'--workdir={trained_vit_workdir}', '--int8', '--json']
   argv += [f'--export={artifact}', str(folder)]
-  try:  # the command line, in this process
-    predict.main(flags.FLAGS(argv))
-  finally:
-    flags.FLAGS.unparse_flags()
+  with global_flags(argv) as args:  # the command line, in this process
+    predict.main(args)
   run = capsys.readouterr()
   assert 'skipped' in run.err and 'notes.txt' in run.err
   out = json.loads(run.out)
@@ -299,11 +296,8 @@ def test_predict_names_a_bad_flag_in_one_line(
   Image.new('RGB', (32, 32)).save(tmp_path / 'a.png')
   argv = ['predict', f'--workdir={trained_vit_workdir}']
   argv += [flag.format(tmp=tmp_path), str(tmp_path / 'a.png')]
-  try:
-    with pytest.raises(SystemExit) as stopped:
-      predict.main(flags.FLAGS(argv))
-  finally:
-    flags.FLAGS.unparse_flags()
+  with global_flags(argv) as args, pytest.raises(SystemExit) as stopped:
+    predict.main(args)
   assert stopped.value.code == 2
   lines = capsys.readouterr().err.strip().splitlines()
   assert len(lines) == 1, lines
