@@ -203,6 +203,21 @@ def test_bad_quant_settings_are_named():
     )
 
 
+def test_calibration_batches_mix_the_classes_of_a_class_sorted_split():
+  # A split sorted by class, as the training arrays are; each image's
+  # pixels hold its class.
+  classes = np.repeat(np.arange(10), 300)
+  images = np.broadcast_to(
+      classes[:, None, None, None].astype(np.uint8), (3000, 2, 2, 3)
+  )
+  sample = quant.calibration_sample(
+      images, _quant_cfg(quant_calibration_images=512), seed=0
+  )
+  batches = sample[:, 0, 0, 0].reshape(4, 128)  # 4 calibration batches
+  for batch in batches:
+    assert len(np.unique(batch)) == 10
+
+
 @pytest.mark.slow
 def test_static_scales_are_calibrated_frozen_per_layer_and_saved(
     tmp_path, monkeypatch

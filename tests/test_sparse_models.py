@@ -9,7 +9,9 @@ import pytest
 
 from configs import common
 from vitjax import models, objectives
-from vitjax.evaluators import cost
+from vitjax.data.sources import Split
+from vitjax.evaluators import cost, sparsity
+from vitjax.evaluators.classification import Predictor
 from vitjax.models import avit, dynamic_vit, token_removal
 from vitjax.models.vit import EncoderBlock, ViT
 
@@ -304,6 +306,28 @@ def test_masked_and_token_removal_paths_agree():
   np.testing.assert_array_equal(np.argmax(l1, -1), np.argmax(l2, -1))
   np.testing.assert_allclose(l1, l2, atol=1e-4)
   np.testing.assert_array_equal(a1['depth'], a2['depth'])
+
+
+def test_avit_macs_are_the_mean_of_each_images_cost():
+  model, params, _, _ = _calibrated(2.0)
+  images = np.asarray(_images(16, seed=7))
+  labels = np.arange(16) % 10
+  report = sparsity.sparsity_report(
+      Predictor(model, {'params': params}), Split(images, labels), 16, 10
+  )
+  active = np.asarray(
+      jit_apply(model, {'params': params}, images, train=False)[1]['active']
+  ).sum(
+      -1
+  )  # [blocks, images]: the tokens each block ran on each image
+  assert len(set(map(tuple, active.T))) > 1  # images differ in cost
+  per_image = [cost.vit_macs(model, 32, counts) for counts in active.T]
+  measured = cost.model_macs(
+      model, 32, report['tokens_per_block'], report['token_squares_per_block']
+  )['macs_per_image']
+  assert measured == pytest.approx(np.mean(per_image), rel=1e-12)
+  # The square of the mean count under-counts attention.
+  assert measured > cost.vit_macs(model, 32, report['tokens_per_block'])
 
 
 @pytest.mark.slow

@@ -148,9 +148,7 @@ def evaluate_checkpoint(
   report['cost'] = cost.cost_report(
       predictor,
       # A-ViT's cost depends on the images: count what the test set ran.
-      report['sparsity'].get('tokens_per_block')
-      if config.model.name == 'avit'
-      else None,
+      report['sparsity'],
       float_params=restored.float_predictor.params,
   )
   timed_predictors = {'model': predictor}

@@ -20,19 +20,35 @@ def param_count(params: Any) -> int:
   return int(sum(np.size(p) for p in jax.tree.leaves(params)))
 
 
-def block_macs(tokens: float, dim: int, mlp_ratio: float) -> float:
-  """One pre-LN block on `tokens` tokens: qkv + out + MLP + attention."""
+def block_macs(
+    tokens: float,
+    dim: int,
+    mlp_ratio: float,
+    token_squares: float,
+) -> float:
+  """One pre-LN block on `tokens` tokens: qkv + out + MLP + attention.
+
+  Attention costs the square of the count: where the count varies between
+  images (A-ViT), `tokens` is its mean and `token_squares` the mean of its
+  squares, which the square of the mean under-counts.
+  """
   mlp = int(dim * mlp_ratio)
-  return 4 * tokens * dim * dim + 2 * tokens * dim * mlp + 2 * tokens**2 * dim
+  return (
+      4 * tokens * dim * dim + 2 * tokens * dim * mlp + 2 * token_squares * dim
+  )
 
 
 def vit_macs(
-    model, image_size: int = 32, tokens_per_block: Sequence[float] | None = None
+    model,
+    image_size: int = 32,
+    tokens_per_block: Sequence[float] | None = None,
+    token_squares_per_block: Sequence[float] | None = None,
 ) -> float:
   """MACs per image of a ViT-family model, without any token predictors.
 
   `tokens_per_block` (cls included) is what each block really processed:
-  measured for A-ViT; by default the model's own static count.
+  measured for A-ViT (the mean over images, with the mean of the squares in
+  `token_squares_per_block`); by default the model's own static count.
   """
   c, p = model.hidden_dim, model.patch_size
   patches = (image_size // p) ** 2
@@ -48,12 +64,20 @@ def vit_macs(
     macs = patches * p * p * 3 * c
   if tokens_per_block is None:
     tokens_per_block = model.tokens_per_block(patches)
-  macs += sum(block_macs(n, c, model.mlp_ratio) for n in tokens_per_block)
+  if token_squares_per_block is None:
+    token_squares_per_block = [n**2 for n in tokens_per_block]
+  macs += sum(
+      block_macs(n, c, model.mlp_ratio, n2)
+      for n, n2 in zip(tokens_per_block, token_squares_per_block, strict=True)
+  )
   return macs + c * model.num_classes
 
 
 def model_macs(
-    model, image_size: int = 32, tokens_per_block: Sequence[float] | None = None
+    model,
+    image_size: int = 32,
+    tokens_per_block: Sequence[float] | None = None,
+    token_squares_per_block: Sequence[float] | None = None,
 ) -> dict[str, float]:
   """{'macs_per_image': all of it, 'predictor_macs_per_image': the token
   predictors' share (DynamicViT; 0 for other models)}."""
@@ -61,7 +85,9 @@ def model_macs(
   predictors = (
       model.predictor_macs(patches) if hasattr(model, 'predictor_macs') else 0.0
   )
-  backbone = vit_macs(model, image_size, tokens_per_block)
+  backbone = vit_macs(
+      model, image_size, tokens_per_block, token_squares_per_block
+  )
   return {
       'macs_per_image': backbone + predictors,
       'predictor_macs_per_image': predictors,
@@ -78,13 +104,14 @@ def xla_flops(fn: Callable, *args) -> float:
 
 def cost_report(
     predictor: Predictor,
-    tokens_per_block=None,
+    sparsity: dict[str, Any] | None = None,
     float_params: Any = None,
 ) -> dict[str, Any]:
   """Parameters and MACs per image, analytic and as XLA counts them.
 
-  tokens_per_block: measured per-block token counts (A-ViT); by default the
-  model's static ones. float_params: what to count as the parameters when
+  sparsity: the model's sparsity report (evaluators/sparsity.py); where it
+  measured the tokens each block ran on each image (A-ViT), the MACs are
+  the mean over those images. By default the model's static counts. float_params: what to count as the parameters when
   the predictor's own tree lacks some (an int8 server keeps its quantized
   kernels outside 'params'). Speed is measured apart (evaluators/speed.py),
   with the models it is compared with.
@@ -98,6 +125,11 @@ def cost_report(
       # What the predictor holds in memory to serve: bfloat16 for the
       # weights cast to it, int8 for quantized kernels.
       'weight_bytes': int(sum(x.nbytes for x in jax.tree.leaves(variables))),
-      **model_macs(model, IMAGE_SHAPE[0], tokens_per_block),
+      **model_macs(
+          model,
+          IMAGE_SHAPE[0],
+          (sparsity or {}).get('tokens_per_block'),
+          (sparsity or {}).get('token_squares_per_block'),
+      ),
       'xla_flops_per_image': xla_flops(predictor.logits, variables, single),
   }

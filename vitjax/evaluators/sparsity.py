@@ -1,7 +1,8 @@
 """What a sparse model computes on a set of images (the test set).
 
 DynamicViT: its static stage layout. A-ViT: mean depth per token (and of
-the class token, and per class), tokens per block, where tokens halt, and
+the class token, and per class), tokens per block (their mean over images
+and the mean of their squares), where tokens halt, and
 whether its two inference paths agree (their speed: evaluators/speed.py).
 """
 
@@ -53,7 +54,7 @@ def sparsity_report(
   depth_per_class = np.bincount(
       split.labels, per_image, num_classes
   ) / np.maximum(split.counts(num_classes), 1)
-  tokens_per_block = np.concatenate(active, axis=1).mean(1)
+  active = np.concatenate(active, axis=1).astype(np.float64)  # [depth, n]
   halts_at = (
       np.bincount(depth.astype(int).ravel() - 1, minlength=model.depth)
       / depth.size
@@ -65,7 +66,9 @@ def sparsity_report(
       # Do harder classes get more compute? Mean blocks per patch token
       # (the depth figure's bars).
       'mean_depth_per_class': depth_per_class.tolist(),
-      'tokens_per_block': tokens_per_block.tolist(),
+      # Per image, as attention's cost goes with the square (cost.py).
+      'tokens_per_block': active.mean(1).tolist(),
+      'token_squares_per_block': (active**2).mean(1).tolist(),
       'halting_distribution': halts_at.tolist(),
       'token_removal_agreement': float(
           np.mean(np.concatenate(preds) == np.concatenate(removal_preds))

@@ -89,8 +89,9 @@ def calibrate(
 def calibration_sample(images: np.ndarray, quant_cfg, seed: int) -> np.ndarray:
   """The training images static scales are calibrated on: a seeded sample
   of eval.quant_calibration_images of them (fewer if the split is smaller),
-  a whole number of calibration batches."""
+  a whole number of calibration batches, in the sample's random order. The
+  split is sorted by class: in its own order, each batch's maxima (which
+  the scales average) would be those of one or two classes."""
   n = min(int(quant_cfg.quant_calibration_images), len(images))
   n = max(n // CALIBRATION_BATCH, 1) * CALIBRATION_BATCH
-  pick = np.random.default_rng(seed).permutation(len(images))[:n]
-  return images[np.sort(pick)]
+  return images[np.random.default_rng(seed).permutation(len(images))[:n]]
