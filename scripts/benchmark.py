@@ -134,7 +134,8 @@ def _candidates(config, label: str) -> tuple[dict, dict, str]:
   )
   # The step's learning rates are an input: a warmup's, which costs the
   # same as any other.
-  rates = train.rates_along(10_000)(50.0)
+  position = 50.0
+  rates = train.rates_along(10_000)(position)
   state, metrics = train.init(jax.random.key(0)), train.metrics.empty()
   if _INPUT.value == 'none':
     fixed = parallel.host_batch_to_global(
@@ -154,7 +155,7 @@ def _candidates(config, label: str) -> tuple[dict, dict, str]:
     # training loop runs them (it waits at its log steps).
     nonlocal state, metrics
     for _ in range(_STEPS_PER_CALL):
-      state, metrics = train.step(state, next(stream), metrics, rates)
+      state, metrics = train.step(state, next(stream), metrics, rates, position)
     return state.params
 
   eval_batch = config.eval.speed_batch

@@ -1,24 +1,29 @@
 """A time budget is a deadline: plans, re-planning, and a run that slows."""
 
 import json
+import os
+import re
+import signal
 import time
 import types
 
+import jax
 import numpy as np
 import pytest
 
-from vitjax import checkpoint, errors, time_budget, train, trainer
-from vitjax.data import pipelines
+from vitjax import checkpoint, errors, families, parallel, time_budget, train
+from vitjax import trainer
+from vitjax.data import pipelines, sources
 
 
 def test_a_fixed_plan_runs_step_s_at_position_s():
-  plan = time_budget.Plan.fixed(100)
+  plan = trainer.Plan.fixed(100)
   assert [plan.position(s) for s in (0, 1, 57, 99)] == [0.0, 1.0, 57.0, 99.0]
 
 
 @pytest.mark.parametrize('new_end', [60, 130])
 def test_a_new_plan_goes_on_from_where_the_schedule_is(new_end):
-  plan = time_budget.Plan.fixed(100)
+  plan = trainer.Plan.fixed(100)
   later = plan.ending_at(40, new_end)
   # The same position at the step it was made, the horizon at its end,
   # evenly between: the learning rate continues, and the schedule ends.
@@ -29,11 +34,11 @@ def test_a_new_plan_goes_on_from_where_the_schedule_is(new_end):
       np.diff([later.position(s) for s in steps]), 60 / (new_end - 40)
   )
   # As a checkpoint keeps it, and a resume reads it.
-  assert time_budget.Plan(**json.loads(json.dumps(later.__dict__))) == later
+  assert trainer.Plan(**json.loads(json.dumps(later.__dict__))) == later
 
 
 def test_a_plan_that_stops_where_it_stands_ends_its_schedule_there():
-  plan = time_budget.Plan.fixed(100).ending_at(40, 40)
+  plan = trainer.Plan.fixed(100).ending_at(40, 40)
   assert plan.position(40) == 100.0
   # Steps before a plan's anchor ran under the plan it replaced.
   with pytest.raises(ValueError, match='earlier plan'):
@@ -44,7 +49,7 @@ def _deadline(ends_at, step_seconds=0.1, validation_seconds=1.0):
   """A budget of 100 s, validating every 10 steps, whose final evaluation
   takes 5 validations."""
   return time_budget.Budget(
-      time_budget.Plan.fixed(10_000),
+      trainer.Plan.fixed(10_000),
       ends_at=ends_at,
       budget_seconds=100.0,
       timings=time_budget.Timings(step_seconds, validation_seconds, 3.0),
@@ -87,6 +92,70 @@ def test_the_step_time_follows_the_recent_windows():
   assert deadline.timings.validation_seconds == 0.5
   # The planning's validation (3 s) compiled, the run's did not.
   assert deadline.timings.compile_seconds == 2.5
+
+
+def test_a_resumed_run_takes_its_first_validation_as_compilation():
+  deadline = time_budget.Budget(
+      trainer.Plan.fixed(10_000),
+      ends_at=time.monotonic() + 1000.0,
+      budget_seconds=1000.0,
+      timings=time_budget.Timings(0.1, 1.0, 3.0, validations_timed=4),
+      eval_every=10,
+      final_seconds=lambda t: 0.0,
+      resumed=True,
+  )
+  deadline.observe_validation(4.0)  # compiled the evaluator, then ran
+  assert deadline.timings.validation_seconds == 1.0
+  assert deadline.timings.compile_seconds == 3.0
+  deadline.observe_validation(1.2)
+  assert deadline.timings.validation_seconds == 1.2
+
+
+def test_a_plan_cut_to_a_step_that_was_not_validating_says_so(caplog):
+  deadline = _deadline(ends_at=time.monotonic() + 10.0)  # all reserved
+  with caplog.at_level('WARNING'):
+    deadline.observe_window(305, 5, 0.5, validating=False)
+  assert deadline.end_step == 305 and deadline.validates(305)
+  assert 'ran short at step 305' in caplog.text
+
+
+def test_planning_times_each_step_with_its_batch_and_a_save(
+    smoke_config, tmp_path, monkeypatch
+):
+  data = sources.load(smoke_config.data, 0)
+  mesh = parallel.make_mesh()
+  family = families.build(smoke_config, data, 16, mesh, None)
+  train_ = trainer.build(smoke_config, family, 10, mesh, jax.random.key(1))
+  batch = parallel.host_batch_to_global(
+      {'image': data.train.images[:16], 'label': data.train.labels[:16]},
+      parallel.batch_sharding(mesh),
+  )
+
+  def late_batches():  # each batch 50 ms late, as a slow input pipeline
+    while True:
+      time.sleep(0.05)
+      yield batch
+
+  save = checkpoint.Checkpoints.save
+  saved = []
+
+  def slow_save(self, state, meta, score):
+    saved.append(self.directory)
+    time.sleep(0.3)
+    save(self, state, meta, score)
+
+  monkeypatch.setattr(checkpoint.Checkpoints, 'save', slow_save)
+  workdir = tmp_path / 'run'
+  workdir.mkdir()
+  timings = time_budget.time_steps(
+      train_, jax.random.key(0), late_batches(), lambda p: None, workdir
+  )
+  assert timings.step_seconds >= 0.05
+  assert timings.validation_seconds >= 0.3  # the save is in it
+  assert timings.planning_validation_seconds == timings.validation_seconds
+  # Saved like the run's steps, into a scratch folder that is gone.
+  assert len(saved) == 1 and saved[0].is_relative_to(workdir)
+  assert list(workdir.iterdir()) == []
 
 
 def test_a_budget_without_room_for_a_validation_is_refused(smoke_config):
@@ -186,7 +255,7 @@ def test_a_run_that_slows_down_still_ends_in_its_budget(
   assert elapsed <= budget_minutes * 60
   with checkpoint.Checkpoints(tmp_path) as ckpts:
     meta = ckpts.read_meta('latest')
-  plan = time_budget.Plan(**meta['plan'])
+  plan = trainer.Plan(**meta['plan'])
   # Re-planned after the slow-down began, and the schedule completed on
   # the last step.
   assert slow_from < plan.anchor_step <= meta['step'] == plan.end_step
@@ -241,7 +310,38 @@ def test_a_budgeted_run_resumes_its_plan_with_what_is_left(
   assert len(first) == 1
   with checkpoint.Checkpoints(tmp_path) as ckpts:
     meta = ckpts.read_meta('latest')
-  plan = time_budget.Plan(**meta['plan'])
-  assert plan.horizon == time_budget.Plan(**saved['plan']).horizon == first[0]
+  plan = trainer.Plan(**meta['plan'])
+  assert plan.horizon == trainer.Plan(**saved['plan']).horizon == first[0]
   assert 32 < meta['step'] == plan.end_step
   assert meta['budget_seconds_used'] <= budget_minutes * 60
+
+
+@pytest.mark.slow
+def test_a_run_stopped_with_its_budget_spent_validates_its_last_step(
+    smoke_config, tmp_path, monkeypatch
+):
+  smoke_config.train.time_budget_minutes = 0.5
+  smoke_config.train.final_evaluation = False
+  _, skip = _clock_that_skips(monkeypatch)
+
+  def spent_and_stopped_at_step_20(step, timing):
+    if step == 20 and not timing:
+      skip(60.0)  # the budget is spent ...
+      os.kill(os.getpid(), signal.SIGTERM)  # ... and the run stopped
+
+  _before_each_step(monkeypatch, spent_and_stopped_at_step_20)
+  with pytest.raises(errors.Stopped) as stopped:
+    train.train_and_evaluate(smoke_config, str(tmp_path))
+  step = int(re.search(r'at step (\d+)', str(stopped.value)).group(1))
+  assert step % 16  # saved between validations (16 steps an epoch)
+  monkeypatch.setattr(pipelines, 'make', pipelines.make)
+  # The rerun has no time left: it trains one step, validated and saved,
+  # for the best checkpoint to be chosen from every step trained.
+  train.train_and_evaluate(smoke_config, str(tmp_path))
+  with checkpoint.Checkpoints(tmp_path) as ckpts:
+    assert ckpts.latest_step() == step + 1
+  records = [
+      json.loads(l)
+      for l in (tmp_path / 'metrics.jsonl').read_text().splitlines()
+  ]
+  assert [r['step'] for r in records if r['split'] == 'val'] == [16, step + 1]

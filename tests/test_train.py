@@ -240,9 +240,10 @@ def test_a_late_divergence_says_how_to_continue_from_the_last_checkpoint(
     family = build(*args, **kwargs)
     objective = family.objective
 
-    def nan_later(params, images, targets, step, rngs):
-      loss, aux = objective(params, images, targets, step, rngs)
-      return jnp.where(step >= 18, jnp.nan, loss), aux
+    # A run of fixed length: the schedule position is the step.
+    def nan_later(params, images, targets, position, rngs):
+      loss, aux = objective(params, images, targets, position, rngs)
+      return jnp.where(position >= 18, jnp.nan, loss), aux
 
     nan_later.extra_metrics = objective.extra_metrics
     return dataclasses.replace(family, objective=nan_later)
@@ -255,6 +256,43 @@ def test_a_late_divergence_says_how_to_continue_from_the_last_checkpoint(
   assert f"--config.train.resume_from='{tmp_path / 'run'}'" in message
   with checkpoint.Checkpoints(tmp_path / 'run') as ckpts:
     assert ckpts.latest_step() == 16  # no NaN state was saved
+
+
+def test_deferred_reweighting_follows_the_schedule_position(smoke_config):
+  # Under a time budget the position runs ahead of (or behind) the step
+  # count: class weights switch on where the learning rate is.
+  smoke_config.loss.class_weights = 'inverse'
+  smoke_config.loss.reweight_from_epoch = 1.0  # position 10 below
+  data = sources.load(smoke_config.data, 0)
+  batch = {'image': data.train.images[:16], 'label': data.train.labels[:16]}
+  mesh = parallel.make_mesh(jax.devices()[:1])
+  family = families.build(smoke_config, data, 10, mesh, None)
+  train_ = trainer.build(smoke_config, family, 10, mesh, jax.random.key(1))
+  rates = train_.rates_along(100)(5.0)
+  batch = parallel.host_batch_to_global(batch, parallel.batch_sharding(mesh))
+
+  def fresh_state():  # with a head that tells the images' losses apart
+    state = train_.init(jax.random.key(0))
+    params = jax.tree.map(lambda x: x, state.params)
+    kernel = params['head']['kernel']
+    params['head']['kernel'] = jax.random.normal(
+        jax.random.key(2), kernel.shape
+    )
+    return state.replace(params=params)
+
+  loss = {}
+  for position in (0.0, 9.5, 10.0):
+    # Step 0 of the same state each time: only the position differs.
+    _, metrics = train_.step(
+        fresh_state(),
+        batch,
+        train_.metrics.empty(),
+        rates,
+        position,
+    )
+    loss[position] = float(metrics.compute()['loss'])
+  assert loss[9.5] == loss[0.0]
+  assert abs(loss[10.0] - loss[0.0]) > 0.01
 
 
 @pytest.mark.slow
@@ -275,6 +313,7 @@ def test_two_devices_give_the_same_loss_as_one(smoke_config):
           parallel.host_batch_to_global(batch, parallel.batch_sharding(mesh)),
           metrics,
           rates,
+          50.0,
       )
     losses.append(float(metrics.compute()['loss']))
   np.testing.assert_allclose(losses[0], losses[1], rtol=1e-5)

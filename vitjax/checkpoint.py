@@ -11,16 +11,20 @@ killed mid-save leaves the earlier steps intact.
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any
+import shutil
+from typing import Any, Callable, Iterator
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from vitjax import errors
+from vitjax import errors, parallel
 
 STEPS_DIR = 'steps'
+# Where a time budget's planning times a save (scratch_saver).
+_SCRATCH_DIR = 'planning_save'
 _SCORE = 'val_balanced_accuracy'
 
 
@@ -58,6 +62,27 @@ def saved_steps(workdir: Path) -> list[int]:
 
 def has_steps(workdir: Path) -> bool:
   return bool(saved_steps(workdir))
+
+
+@contextlib.contextmanager
+def scratch_saver(workdir: Path) -> Iterator[Callable[[Any], None]]:
+  """save(state): saves as a run saves its steps, into a folder of workdir
+  that is removed on exit (what a time budget's planning times). Every
+  process of the run enters it."""
+  directory = Path(workdir) / _SCRATCH_DIR
+
+  def remove(when: str):  # also what a killed run left
+    parallel.barrier(f'scratch_saver_{when}')
+    if jax.process_index() == 0:
+      shutil.rmtree(directory, ignore_errors=True)
+    parallel.barrier(f'scratch_saver_{when}_removed')
+
+  remove('enter')
+  try:
+    with Checkpoints(directory, keep=1) as ckpts:
+      yield lambda state: ckpts.save(state, {'step': 0}, None)
+  finally:
+    remove('exit')
 
 
 class Checkpoints:

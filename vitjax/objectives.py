@@ -13,7 +13,9 @@ combines with each weighting scheme and each sampling mode:
 
 Weighted losses are normalised by the total target weight, as PyTorch's
 CrossEntropyLoss(weight=...) does, so their scale matches the unweighted
-loss. Deferred re-weighting (Cao et al. 2019) keeps w = 1 until a step.
+loss. Deferred re-weighting (Cao et al. 2019) keeps w = 1 until a position
+along the schedules (`loss.reweight_from_epoch` of them): in a run of fixed
+length the step, under a time budget where the learning rate is then.
 
 With soft targets a weight applies to each class's share of the target: a
 mixup of 0.7 cat and 0.3 truck counts its cat term w_cat * 0.7 and its
@@ -26,10 +28,11 @@ the training split's counts: under balanced sampling every class is drawn
 equally, so 'inverse' weights are all 1 and logit adjustment is plain
 cross-entropy, rather than correcting the imbalance a second time.
 
-An objective maps (params, images, soft targets, step, rngs) to the total
-loss and (logits, named extra scalars). The train step averages the extras
-into the logged metrics, so a model's own loss terms (DynamicViT's ratio
-loss, A-ViT's ponder loss) show up in the logs without touching the loop.
+An objective maps (params, images, soft targets, schedule position, rngs)
+to the total loss and (logits, named extra scalars). The train step
+averages the extras into the logged metrics, so a model's own loss terms
+(DynamicViT's ratio loss, A-ViT's ponder loss) show up in the logs without
+touching the loop.
 """
 
 from __future__ import annotations
@@ -112,7 +115,7 @@ def make_classification_loss(
     steps_per_epoch: int,
     sampling_mode: str = 'natural',
 ) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
-  """Returns loss(logits, targets, step) for config.loss, its corrections
+  """Returns loss(logits, targets, position) for config.loss, its corrections
   fitted to what `sampling_mode` draws from `train_counts`."""
   if loss_cfg.name not in BASE_LOSSES:
     raise errors.ConfigError(
@@ -124,10 +127,11 @@ def make_classification_loss(
   )
   prior = drawn / drawn.sum()
   log_prior = jnp.asarray(np.log(prior), jnp.float32)
-  reweight_step = int(round(loss_cfg.reweight_from_epoch * steps_per_epoch))
+  # A position along the schedules, as warmup's length is.
+  reweight_at = int(round(loss_cfg.reweight_from_epoch * steps_per_epoch))
 
-  def loss_fn(logits, targets, step):
-    w = jnp.where(step >= reweight_step, weights, jnp.ones_like(weights))
+  def loss_fn(logits, targets, position):
+    w = jnp.where(position >= reweight_at, weights, jnp.ones_like(weights))
     return weighted_loss(
         logits,
         targets,
@@ -167,13 +171,13 @@ class Classification:
       params: Any,
       images: jax.Array,
       targets: jax.Array,
-      step: jax.Array,
+      position: jax.Array,
       rngs: dict[str, jax.Array],
   ) -> tuple[jax.Array, tuple[jax.Array, dict[str, jax.Array]]]:
     logits, _ = self.model.apply(
         {'params': params}, images, train=True, rngs=rngs
     )
-    return self.loss_fn(logits, targets, step), (logits, {})
+    return self.loss_fn(logits, targets, position), (logits, {})
 
 
 def token_distillation(
@@ -227,11 +231,11 @@ class DynamicViTObjective:
         + tuple(f'keep_{s}' for s in range(stages))
     )
 
-  def __call__(self, params, images, targets, step, rngs):
+  def __call__(self, params, images, targets, position, rngs):
     logits, aux = self.model.apply(
         {'params': params}, images, train=True, rngs=rngs
     )
-    cls_loss = self.loss_fn(logits, targets, step)
+    cls_loss = self.loss_fn(logits, targets, position)
     loss, extras = cls_loss, {'cls_loss': cls_loss}
     keep = jnp.ones(aux['tokens'].shape[:2], jnp.float32)  # dense: all
     if len(self.targets):
@@ -317,11 +321,11 @@ class AViTObjective:
       h = aux['halting'].mean(axis=2).mean(axis=1)
     return jnp.clip(h / jnp.sum(h), 0.01, 0.99)
 
-  def __call__(self, params, images, targets, step, rngs):
+  def __call__(self, params, images, targets, position, rngs):
     logits, aux = self.model.apply(
         {'params': params}, images, train=True, rngs=rngs
     )
-    cls_loss = self.loss_fn(logits, targets, step)
+    cls_loss = self.loss_fn(logits, targets, position)
     ponder = aux['ponder'].mean()
     h = self.halting_distribution(aux)
     t = self.prior

@@ -2,12 +2,13 @@
 steps (`train.epochs`), or a deadline (`train.time_budget_minutes`) for the
 whole command, from the process's start to the final report written.
 
-The schedules are functions of a position along them (vitjax/trainer.py),
-and a `Plan` says at which position each step runs: a run of fixed length
-runs step s at position s. A budgeted run first times a few steps and a
-validation on a throwaway state (`time_steps`): the steps that fit,
-leaving room for the validations and for the final evaluation's expected
-time (evaluate.expected_seconds), are the schedules' horizon and the first
+The schedules are functions of a position along them, and a `Plan` says
+at which position each step runs (vitjax/trainer.py): a run of fixed
+length runs step s at position s. A budgeted run first times a few steps
+(each with its batch), a validation and a checkpoint save on a throwaway
+state (`time_steps`): the steps that fit, leaving room for the
+validations and for the final evaluation's expected time
+(evaluate.expected_seconds), are the schedules' horizon and the first
 plan. At every log step it re-plans (`Budget.observe_window`) from the
 measured time of its recent steps and validations: it moves its last step
 and spaces the positions of the steps left evenly from where it is to the
@@ -15,6 +16,8 @@ horizon, so the learning rate goes on from its current value and ends
 where the schedule ends, on a machine that slows down or speeds up midway.
 Every checkpoint keeps the plan, the timings and the budget used
 (`Budget.meta`): a resumed run continues with what the budget has left.
+One whose budget is spent still trains one step, so that its last step is
+validated (a stop saves its step unvalidated).
 
 How many steps a budgeted run takes depends on the machine and on what else
 runs on it; a run of fixed length is the reproducible one. With several
@@ -27,6 +30,7 @@ import collections
 import dataclasses
 import functools
 import math
+from pathlib import Path
 import time
 from typing import Any, Callable, Iterator
 
@@ -36,7 +40,7 @@ from ml_collections import ConfigDict
 import numpy as np
 import psutil
 
-from vitjax import errors, evaluate, parallel, trainer
+from vitjax import checkpoint, errors, evaluate, parallel, trainer
 from vitjax.data import sources
 
 # tf.data's autotuning settles over the first steps; time after it does.
@@ -60,49 +64,15 @@ def process_start() -> float:
   return time.monotonic() - max(age, 0.0)
 
 
-@dataclasses.dataclass(frozen=True)
-class Plan:
-  """Steps anchor_step .. end_step run at positions evenly spaced from
-  anchor_position to `horizon`, the schedules' length."""
-
-  horizon: int
-  end_step: int
-  anchor_step: int = 0
-  anchor_position: float = 0.0
-
-  @classmethod
-  def fixed(cls, steps: int) -> Plan:
-    """Step s at position s."""
-    return cls(steps, steps)
-
-  def position(self, step: int) -> float:
-    """The schedule position of the update that step `step` + 1 makes
-    (optax's convention: the first update is at position 0)."""
-    if step >= self.end_step:  # exactly, whatever the rounding on the way
-      return float(self.horizon)
-    if step < self.anchor_step:
-      raise ValueError(
-          f'Step {step} ran under an earlier plan: this one starts at step '
-          f'{self.anchor_step}.'
-      )
-    pace = (self.horizon - self.anchor_position) / (
-        self.end_step - self.anchor_step
-    )
-    return self.anchor_position + (step - self.anchor_step) * pace
-
-  def ending_at(self, step: int, end_step: int) -> Plan:
-    """The same schedule, from where step `step` is, ending at end_step."""
-    return Plan(self.horizon, end_step, step, self.position(step))
-
-
 @dataclasses.dataclass
 class Timings:
   """What a budgeted run measures of itself."""
 
-  step_seconds: float
+  step_seconds: float  # a training step, with its batch
   # One validation pass and its checkpoint save. Until the run times one,
-  # the planning's validation, which compiled too, stands in.
+  # the planning's, whose validation compiled too, stands in.
   validation_seconds: float
+  # The first validation and save of a process: compilation included.
   planning_validation_seconds: float
   validations_timed: int = 0
 
@@ -144,19 +114,25 @@ def time_steps(
     key: jax.Array,
     batches: Iterator[dict[str, jax.Array]],
     validate: Callable[[Any], Any],
+    workdir: Path,
 ) -> Timings:
-  """Times STEPS_TIMED steps of `batches` and a validation (params ->
-  metrics) on a throwaway state; every process times the same steps."""
-  rates = train.rates_along(1)(0.0)  # any rates cost the same
+  """Times STEPS_TIMED steps of `batches` (each with its batch's wait, as
+  the run's windows count it), a validation (params -> metrics) and a
+  checkpoint save (into a scratch folder of workdir) on a throwaway state;
+  every process times the same steps."""
+  rates = train.rates_along(1)(0.0)  # any position costs the same
   state, window, times = train.init(key), train.metrics.empty(), []
-  for _, batch in zip(range(STEPS_TIMED), batches):
+  batches = iter(batches)
+  for _ in range(STEPS_TIMED):
     t = time.monotonic()
-    state, window = train.step(state, batch, window, rates)
+    state, window = train.step(state, next(batches), window, rates, 0.0)
     jax.block_until_ready(state.step)
     times.append(time.monotonic() - t)
-  t = time.monotonic()
-  validate(state.params)
-  t_validate = time.monotonic() - t
+  with checkpoint.scratch_saver(workdir) as save:
+    t = time.monotonic()
+    validate(state.params)
+    save(state)
+    t_validate = time.monotonic() - t
   # A busy moment on the host only slows some steps: the median estimates
   # the step itself; the re-planning corrects the rest as the run goes.
   return Timings(
@@ -177,15 +153,16 @@ class Budget:
 
   def __init__(
       self,
-      plan: Plan,
+      plan: trainer.Plan,
       *,
       ends_at: float | None = None,
       budget_seconds: float = 0.0,
       timings: Timings | None = None,
-      eval_every: int = 1,
+      eval_every: int,
       final_seconds: Callable[[Timings], float] | None = None,
       t_start: float = 0.0,
       used_before: float = 0.0,
+      resumed: bool = False,
   ):
     self.plan, self.ends_at, self.timings = plan, ends_at, timings
     self._eval_every, self._final_seconds = eval_every, final_seconds
@@ -193,6 +170,9 @@ class Budget:
     self._windows = collections.deque()  # (steps, seconds), latest last
     self._first_window = True
     self._validations = collections.deque(maxlen=3)  # the latest
+    # A resumed process compiles at its first validation; a fresh one did
+    # in time_steps.
+    self._first_validation_compiles = resumed
     self._logged = plan  # the plan last logged
     # The budget used: used_before, and this process's time since t_start.
     self._t_start, self._used_before = t_start, used_before
@@ -208,6 +188,11 @@ class Budget:
 
   def position(self, step: int) -> float:
     return self.plan.position(step)
+
+  def validates(self, step: int) -> bool:
+    """Whether step `step` is validated (and saved): every eval_every-th
+    and the last."""
+    return step % self._eval_every == 0 or step == self.end_step
 
   def observe_window(
       self, step: int, steps: int, seconds: float, *, validating: bool
@@ -235,7 +220,12 @@ class Budget:
 
   def observe_validation(self, seconds: float) -> None:
     """A validation's seconds, with its checkpoint save."""
-    if self.replans:
+    if not self.replans:
+      return
+    if self._first_validation_compiles:
+      self._first_validation_compiles = False
+      self.timings.planning_validation_seconds = seconds
+    else:
       self._validations.append(seconds)
       self.timings.validation_seconds = float(np.median(self._validations))
       self.timings.validations_timed += 1
@@ -282,12 +272,22 @@ class Budget:
     """The plan that ends in time from `step` (validating: the step's own
     validation is still to run), by process 0's clock. A plan at its end
     stays there."""
-    if step < self.plan.end_step:
-      end_step = parallel.from_process_0(
-          self.last_step(step, validating=validating)
+    if step >= self.plan.end_step:
+      return
+    end_step = parallel.from_process_0(
+        self.last_step(step, validating=validating)
+    )
+    if end_step == step and not validating:
+      # Every plan reserves its last step's validation; this one has no
+      # room left even for one more step with it.
+      logging.warning(
+          'The time budget ran short at step %d: the run ends there, and '
+          'its validation (%.1f s) runs past the plan.',
+          step,
+          self.timings.validation_seconds,
       )
-      if end_step != self.plan.end_step:
-        self.plan = self.plan.ending_at(step, end_step)
+    if end_step != self.plan.end_step:
+      self.plan = self.plan.ending_at(step, end_step)
 
   def _log_move(self, step: int) -> None:
     """Logs a plan that moved the end by over _LOGGED_MOVE since the last
@@ -331,12 +331,14 @@ def start(
   minutes = config.train.time_budget_minutes
   if minutes <= 0:
     if saved is not None:
-      return Budget(Plan(**saved['plan']))
+      return Budget(trainer.Plan(**saved['plan']), eval_every=eval_every)
     steps = config.train.epochs * len(data.train) / config.train.batch_size
-    return Budget(Plan.fixed(math.ceil(steps)))
+    return Budget(trainer.Plan.fixed(math.ceil(steps)), eval_every=eval_every)
   used = float(saved['budget_seconds_used']) if saved is not None else 0.0
   budget = Budget(
-      Plan(**saved['plan']) if saved is not None else Plan.fixed(0),
+      trainer.Plan(**saved['plan'])
+      if saved is not None
+      else trainer.Plan.fixed(0),
       ends_at=t_start + 60 * minutes - used,
       budget_seconds=60 * minutes,
       timings=Timings(**saved['timings']) if saved is not None else timed(),
@@ -346,9 +348,16 @@ def start(
       ),
       t_start=t_start,
       used_before=used,
+      resumed=saved is not None,
   )
   if saved is not None:
-    budget._replan(int(saved['step']), validating=False)  # pylint: disable=protected-access
+    step = int(saved['step'])
+    validated = budget.validates(step)  # by the plan it was saved under
+    budget._replan(step, validating=False)  # pylint: disable=protected-access
+    if budget.end_step <= step and not validated:
+      # A stop saved it unvalidated: one more step, validated and saved,
+      # rather than a final evaluation that never sees the last steps.
+      budget.plan = budget.plan.ending_at(step, step + 1)
     logging.info(
         'The time budget has %.0f s left of %.0f: the run goes on to step %d.',
         budget.ends_at - time.monotonic(),
@@ -368,7 +377,7 @@ def start(
         f'({budget.reserved_seconds():.0f} s with slack); raise it.'
     )
   parallel.raise_together(error, 'the time budget is too short (process 0).')
-  budget.plan = budget._logged = Plan.fixed(parallel.from_process_0(end_step))  # pylint: disable=protected-access
+  budget.plan = budget._logged = trainer.Plan.fixed(parallel.from_process_0(end_step))  # pylint: disable=protected-access
   logging.info(
       'Time budget %g min: %.3f s/step, validation %.1f s every %d steps, '
       '%.0f s left, %.0f s of it kept for the final evaluation -> %d steps, '

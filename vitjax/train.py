@@ -90,6 +90,7 @@ def train_and_evaluate(
             init_key,
             pipeline.batches(0, time_budget.STEPS_TIMED),
             validate,
+            workdir,
         ),
     )
     rates_at = train.rates_along(budget.plan.horizon)
@@ -103,11 +104,8 @@ def train_and_evaluate(
     )
     run.callback(writer.close)
     # A window: the steps between two log lines, whose metrics accumulate.
-    window, window_start, t_window = (
-        train.metrics.empty(),
-        start,
-        time.monotonic(),
-    )
+    window, window_start = train.metrics.empty(), start
+    t_window = time.monotonic()
     # Several processes agree on a stop at log steps only: asking the others
     # waits for the step, which one process need not do.
     stop_every_step = jax.process_count() == 1
@@ -116,11 +114,13 @@ def train_and_evaluate(
     )
     step = start
     while step < budget.end_step:
-      rates = rates_at(budget.position(step))
-      state, window = train.step(state, next(batches), window, rates)
+      position = budget.position(step)
+      state, window = train.step(
+          state, next(batches), window, rates_at(position), position
+      )
       step += 1
       log_now = step % log_every == 0
-      validate_now = step % eval_every == 0 or step == budget.end_step
+      validate_now = budget.validates(step)
       stop_now = (
           stop.agreed() if stop_every_step or log_now or validate_now else None
       )
@@ -143,7 +143,7 @@ def train_and_evaluate(
           budget.observe_window(
               step, step - window_start, seconds, validating=validate_now
           )
-          validate_now = step % eval_every == 0 or step == budget.end_step
+          validate_now = budget.validates(step)
         # The windows tile the clock: logging and re-planning count as
         # training time.
         window, window_start = train.metrics.empty(), step
@@ -380,18 +380,15 @@ def _stop_if_diverged(
     return
   lr, clip = config.optim.lr, config.optim.grad_clip_norm
   last = ckpts.latest_step()
-  where = (
-      f'The last good checkpoint, step {last}, is kept in '
-      f'{str(ckpts.directory)!r}. A rerun of this config diverges again; '
-      'continue from that checkpoint in a new workdir'
-      if last is not None
-      else 'No checkpoint was saved before; start again'
-  )
-  resume = (
-      f' --config.train.resume_from={str(ckpts.directory.parent)!r}'
-      if last is not None
-      else ''
-  )
+  if last is None:
+    where, resume = 'No checkpoint was saved before; start again', ''
+  else:
+    where = (
+        f'The last good checkpoint, step {last}, is kept in '
+        f'{str(ckpts.directory)!r}. A rerun of this config diverges again; '
+        'continue from that checkpoint in a new workdir'
+    )
+    resume = f' --config.train.resume_from={str(ckpts.directory.parent)!r}'
   raise errors.DivergedError(
       f'training diverged: loss {scalars["loss"]} over steps '
       f'{window_start + 1}-{step}. {where} with a lower peak learning rate '

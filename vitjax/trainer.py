@@ -13,7 +13,8 @@ of the update count: a time-budgeted run moves along its schedule at the
 pace its clock allows (time_budget.py). The rates reach the optimizer
 through optax.inject_hyperparams: the train step takes the rates at its
 position as an input and sets them in the optimizer's state before the
-update, so one compiled step serves every plan.
+update, so one compiled step serves every plan. A `Plan` says at which
+position each step runs.
 """
 
 from __future__ import annotations
@@ -48,6 +49,41 @@ class Optimizer:
 
   tx: optax.GradientTransformation
   schedules: Callable[[int], Callable[[Any], Rates]]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """Steps anchor_step .. end_step run at positions evenly spaced from
+  anchor_position to `horizon`, the schedules' length."""
+
+  horizon: int
+  end_step: int
+  anchor_step: int = 0
+  anchor_position: float = 0.0
+
+  @classmethod
+  def fixed(cls, steps: int) -> Plan:
+    """Step s at position s."""
+    return cls(steps, steps)
+
+  def position(self, step: int) -> float:
+    """The schedule position of the update that step `step` + 1 makes
+    (optax's convention: the first update is at position 0)."""
+    if step >= self.end_step:  # exactly, whatever the rounding on the way
+      return float(self.horizon)
+    if step < self.anchor_step:
+      raise ValueError(
+          f'Step {step} ran under an earlier plan: this one starts at step '
+          f'{self.anchor_step}.'
+      )
+    pace = (self.horizon - self.anchor_position) / (
+        self.end_step - self.anchor_step
+    )
+    return self.anchor_position + (step - self.anchor_step) * pace
+
+  def ending_at(self, step: int, end_step: int) -> Plan:
+    """The same schedule, from where step `step` is, ending at end_step."""
+    return Plan(self.horizon, end_step, step, self.position(step))
 
 
 def learning_rate_schedule(
@@ -236,8 +272,10 @@ class Trainer:
 
   init(key): a fresh state (the family's first weights), replicated.
   abstract(): the state's shapes and dtypes, replicated, to restore onto.
-  step(state, batch, metrics, rates) -> (state, metrics): one update at
-    the given learning rates; the metrics accumulate over a log window.
+  step(state, batch, metrics, rates, position) -> (state, metrics): one
+    update at the learning rates of that schedule position (which the
+    objective also reads: deferred re-weighting); the metrics accumulate
+    over a log window.
   rates_along(horizon): position -> the learning rates there, jitted.
   """
 
@@ -260,7 +298,7 @@ def build(
   objective, tx = family.objective, family.optimizer.tx
   collection = metrics_collection(objective.extra_metrics)
 
-  def step(state: TrainState, batch, metrics_acc, rates):
+  def step(state: TrainState, batch, metrics_acc, rates, position):
     k_mix, k_dropout, k_model = jax.random.split(
         jax.random.fold_in(base_key, state.step), 3
     )
@@ -272,7 +310,7 @@ def build(
     rngs = {'dropout': k_dropout, 'gumbel': k_model}
 
     def loss_of(params):
-      return objective(params, images, targets, state.step, rngs)
+      return objective(params, images, targets, position, rngs)
 
     (loss, (logits, extras)), grads = jax.value_and_grad(loss_of, has_aux=True)(
         state.params
@@ -305,7 +343,7 @@ def build(
       step=jax.jit(
           step,
           donate_argnums=(0, 2),
-          in_shardings=(repl, data, repl, repl),
+          in_shardings=(repl, data, repl, repl, repl),
           out_shardings=(repl, repl),
       ),
       rates_along=lambda horizon: jax.jit(
