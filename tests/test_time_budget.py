@@ -95,15 +95,22 @@ def test_the_step_time_follows_the_recent_windows():
 
 
 def test_a_resumed_run_takes_its_first_validation_as_compilation():
-  deadline = time_budget.Budget(
-      trainer.Plan.fixed(10_000),
-      ends_at=time.monotonic() + 1000.0,
-      budget_seconds=1000.0,
-      timings=time_budget.Timings(0.1, 1.0, 3.0, validations_timed=4),
-      eval_every=10,
-      final_seconds=lambda t: 0.0,
-      resumed=True,
-  )
+  def budget(resumed):
+    return time_budget.Budget(
+        trainer.Plan.fixed(10_000),
+        ends_at=100.0,
+        budget_seconds=100.0,
+        timings=time_budget.Timings(0.1, 1.0, 3.0, validations_timed=4),
+        eval_every=10,
+        final_seconds=lambda t: 0.0,
+        resumed=resumed,
+    )
+
+  deadline = budget(resumed=True)
+  # 95 s after the slack: 2 s for each 10 steps with their validation; the
+  # resumed run keeps 2 s (3 s less a validation's 1) for compiling it.
+  assert budget(resumed=False).last_step(0, validating=False, now=0.0) == 470
+  assert deadline.last_step(0, validating=False, now=0.0) == 460
   deadline.observe_validation(4.0)  # compiled the evaluator, then ran
   assert deadline.timings.validation_seconds == 1.0
   assert deadline.timings.compile_seconds == 3.0

@@ -16,8 +16,8 @@ horizon, so the learning rate goes on from its current value and ends
 where the schedule ends, on a machine that slows down or speeds up midway.
 Every checkpoint keeps the plan, the timings and the budget used
 (`Budget.meta`): a resumed run continues with what the budget has left.
-One whose budget is spent still trains one step, so that its last step is
-validated (a stop saves its step unvalidated).
+One stopped between validations (a stop saves its step unvalidated) and
+resumed with its budget spent trains one more step, to validate it.
 
 How many steps a budgeted run takes depends on the machine and on what else
 runs on it; a run of fixed length is the reproducible one. With several
@@ -215,7 +215,17 @@ class Budget:
       self.timings.step_seconds = sum(s for _, s in self._windows) / sum(
           n for n, _ in self._windows
       )
+    end_step = self.plan.end_step
     self._replan(step, validating=validating)
+    if self.plan.end_step == step != end_step and not validating:
+      # Every plan reserves its last step's validation; this one found no
+      # room left even for one more step with it.
+      logging.warning(
+          'The time budget ran short at step %d: the run ends there, and '
+          'its validation (%.1f s) runs past the plan.',
+          step,
+          self.timings.validation_seconds,
+      )
     self._log_move(step)
 
   def observe_validation(self, seconds: float) -> None:
@@ -243,6 +253,8 @@ class Budget:
     seconds = self.ends_at - now - self.reserved_seconds()
     if validating:
       seconds -= self.timings.validation_seconds
+    if self._first_validation_compiles:
+      seconds -= self.timings.compile_seconds
     return step + steps_that_fit(seconds, self.timings, self._eval_every, step)
 
   def meta(self) -> dict[str, Any]:
@@ -277,15 +289,6 @@ class Budget:
     end_step = parallel.from_process_0(
         self.last_step(step, validating=validating)
     )
-    if end_step == step and not validating:
-      # Every plan reserves its last step's validation; this one has no
-      # room left even for one more step with it.
-      logging.warning(
-          'The time budget ran short at step %d: the run ends there, and '
-          'its validation (%.1f s) runs past the plan.',
-          step,
-          self.timings.validation_seconds,
-      )
     if end_step != self.plan.end_step:
       self.plan = self.plan.ending_at(step, end_step)
 

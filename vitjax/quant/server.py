@@ -263,6 +263,7 @@ def source_file(directory: Path) -> Path:
 def conversion_source(step: int, quant_cfg, ema: bool) -> dict[str, Any]:
   """What a frozen int8 model depends on: the step and weights it was
   converted from, and the int8 settings."""
+  static = quant_cfg.quant_activations == 'static'
   return {
       'step': int(step),
       'ema': bool(ema),
@@ -270,10 +271,10 @@ def conversion_source(step: int, quant_cfg, ema: bool) -> dict[str, Any]:
       'attention_einsums': bool(quant_cfg.quant_attention),
       'activations': quant_cfg.quant_activations,
       'calibration_images': (
-          int(quant_cfg.quant_calibration_images)
-          if quant_cfg.quant_activations == 'static'
-          else 0
+          int(quant_cfg.quant_calibration_images) if static else 0
       ),
+      # Earlier saves calibrated on batches of one or two classes.
+      'calibration_batches': 'class-mixed' if static else '',
       'fold_block_norms': bool(quant_cfg.quant_fold_norms),
   }
 
