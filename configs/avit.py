@@ -7,9 +7,9 @@ Train the ViT first, then (GPU recipe, 100 epochs):
   point of the ViT at about 0.7x its MACs.
 CPU, 10 minutes after the ViT's CPU run in checkpoints/vit_cpu:
   python -m vitjax.main --config=configs/avit.py:cpu --workdir=checkpoints/avit_cpu
-  From the 69.65% ViT on a 2-core AMD EPYC Zen 4 (bfloat16): 67.60%
-  balanced test accuracy, 2.45 of 4 blocks per token, 0.628x the ViT's
-  MACs (docs/results.md).
+  From the main job's 72.36% ViT on a 2-core AMD EPYC Zen 4 (bfloat16):
+  72.34% balanced test accuracy, 2.45 of 4 blocks per token, 0.630x the
+  ViT's MACs counted per image (docs/results.md).
 `sparse.ponder_weight` (alpha_p) is the sparsity knob; `sparse.faithful`
 switches between the corrected halting prior and the official code's
 computation of it. The gate's beta is calibrated on a class-stratified
