@@ -189,7 +189,7 @@ def _candidates(config, label: str) -> tuple[dict, dict, str]:
   # The optimised HLO of what each candidate runs, for --profile.
   programs = {
       f'{label} train': lambda: train.step.lower(
-          state, next(stream), metrics, rates
+          state, next(stream), metrics, rates, position
       )
   }
   for what, predictor in inference.items():
