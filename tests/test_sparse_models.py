@@ -308,6 +308,7 @@ def test_masked_and_token_removal_paths_agree():
   np.testing.assert_array_equal(a1['depth'], a2['depth'])
 
 
+@pytest.mark.slow  # compiles token removal's blocks
 def test_avit_macs_are_the_mean_of_each_images_cost():
   model, params, _, _ = _calibrated(2.0)
   images = np.asarray(_images(16, seed=7))

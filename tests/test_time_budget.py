@@ -126,6 +126,7 @@ def test_a_plan_cut_to_a_step_that_was_not_validating_says_so(caplog):
   assert 'ran short at step 305' in caplog.text
 
 
+@pytest.mark.slow  # compiles a train step, saves a checkpoint
 def test_planning_times_each_step_with_its_batch_and_a_save(
     smoke_config, tmp_path, monkeypatch
 ):
