@@ -168,6 +168,25 @@ def smoke(data_root: Path, cache_dir: Path) -> ConfigDict:
   return c
 
 
+def smoke_trainer(config: ConfigDict, devices=None):
+  """The trainer of `config` (10 steps an epoch) on a mesh of `devices`
+  (all by default), and its data's first 16 training images as a batch on
+  that mesh."""
+  # pylint: disable=g-import-not-at-top
+  from vitjax import families, parallel, trainer
+  from vitjax.data import sources
+
+  data = sources.load(config.data, 0)
+  mesh = parallel.make_mesh(devices)
+  family = families.build(config, data, 10, mesh, None)
+  train = trainer.build(config, family, 10, mesh, jax.random.key(1))
+  batch = parallel.host_batch_to_global(
+      {'image': data.train.images[:16], 'label': data.train.labels[:16]},
+      parallel.batch_sharding(mesh),
+  )
+  return train, batch
+
+
 @pytest.fixture
 def smoke_config(tiny_data_root, tmp_path) -> ConfigDict:
   return smoke(tiny_data_root, tmp_path / 'cache')

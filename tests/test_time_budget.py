@@ -11,9 +11,10 @@ import jax
 import numpy as np
 import pytest
 
-from vitjax import checkpoint, errors, families, parallel, time_budget, train
-from vitjax import trainer
-from vitjax.data import pipelines, sources
+from vitjax import checkpoint, errors, time_budget, train, trainer
+from vitjax.data import pipelines
+
+from tests.conftest import smoke_trainer
 
 
 def test_a_fixed_plan_runs_step_s_at_position_s():
@@ -130,14 +131,7 @@ def test_a_plan_cut_to_a_step_that_was_not_validating_says_so(caplog):
 def test_planning_times_each_step_with_its_batch_and_a_save(
     smoke_config, tmp_path, monkeypatch
 ):
-  data = sources.load(smoke_config.data, 0)
-  mesh = parallel.make_mesh()
-  family = families.build(smoke_config, data, 16, mesh, None)
-  train_ = trainer.build(smoke_config, family, 10, mesh, jax.random.key(1))
-  batch = parallel.host_batch_to_global(
-      {'image': data.train.images[:16], 'label': data.train.labels[:16]},
-      parallel.batch_sharding(mesh),
-  )
+  train_, batch = smoke_trainer(smoke_config)
 
   def late_batches():  # each batch 50 ms late, as a slow input pipeline
     while True:

@@ -14,8 +14,10 @@ import pytest
 
 from configs import avit as avit_config
 from vitjax import checkpoint, errors, evaluate, families, main, models
-from vitjax import parallel, train, trainer, workdir as workdir_lib
+from vitjax import train, trainer, workdir as workdir_lib
 from vitjax.data import pipelines, sources
+
+from tests.conftest import smoke_trainer
 
 
 def _run(config, workdir):
@@ -263,13 +265,8 @@ def test_deferred_reweighting_follows_the_schedule_position(smoke_config):
   # count: class weights switch on where the learning rate is.
   smoke_config.loss.class_weights = 'inverse'
   smoke_config.loss.reweight_from_epoch = 1.0  # position 10 below
-  data = sources.load(smoke_config.data, 0)
-  batch = {'image': data.train.images[:16], 'label': data.train.labels[:16]}
-  mesh = parallel.make_mesh(jax.devices()[:1])
-  family = families.build(smoke_config, data, 10, mesh, None)
-  train_ = trainer.build(smoke_config, family, 10, mesh, jax.random.key(1))
+  train_, batch = smoke_trainer(smoke_config, jax.devices()[:1])
   rates = train_.rates_along(100)(5.0)
-  batch = parallel.host_batch_to_global(batch, parallel.batch_sharding(mesh))
 
   def fresh_state():  # with a head that tells the images' losses apart
     state = train_.init(jax.random.key(0))
@@ -298,19 +295,15 @@ def test_deferred_reweighting_follows_the_schedule_position(smoke_config):
 @pytest.mark.slow
 def test_two_devices_give_the_same_loss_as_one(smoke_config):
   assert jax.device_count() == 2
-  data = sources.load(smoke_config.data, 0)
-  batch = {'image': data.train.images[:16], 'label': data.train.labels[:16]}
   losses = []
   for devices in (jax.devices()[:1], jax.devices()):
-    mesh = parallel.make_mesh(devices)
-    family = families.build(smoke_config, data, 10, mesh, None)
-    train_ = trainer.build(smoke_config, family, 10, mesh, jax.random.key(1))
+    train_, batch = smoke_trainer(smoke_config, devices)
     state, metrics = train_.init(jax.random.key(0)), train_.metrics.empty()
     rates = train_.rates_along(100)(50.0)
     for _ in range(2):
       state, metrics = train_.step(
           state,
-          parallel.host_batch_to_global(batch, parallel.batch_sharding(mesh)),
+          batch,
           metrics,
           rates,
           50.0,
